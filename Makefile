@@ -1,0 +1,71 @@
+# notify-ws: one entry point for running, testing and measuring the gateway.
+#   make test    install everything, start Kafka and PostgreSQL, lint, type-check, run every test
+#   make run     start Kafka and PostgreSQL, migrate, run the gateway on :8001
+#   make demo    the platform's scenario end to end on this machine, then stop everything
+#   make up / make down    start / stop the local Kafka and PostgreSQL
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LOCAL_DATABASE_URL := postgresql://notify:notify@127.0.0.1:$(or $(PG_PORT),5432)/notify
+LOCAL_KAFKA := 127.0.0.1:$(or $(KAFKA_PORT),9092)
+
+.PHONY: help venv up down migrate lint test test-unit test-integration run demo bench reliability lock clean
+
+help:
+	@sed -n '2,6p' Makefile
+
+$(BIN)/.installed: requirements-dev.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(BIN)/.installed
+
+up:
+	scripts/postgres.sh start
+	scripts/kafka.sh start
+
+down:
+	-scripts/kafka.sh stop
+	-scripts/postgres.sh stop
+
+migrate: venv
+	DATABASE_URL=$${DATABASE_URL:-$(LOCAL_DATABASE_URL)} $(BIN)/alembic upgrade head
+
+lint: venv
+	$(BIN)/ruff check service migrations tests dev bench
+	$(BIN)/ruff format --check service migrations tests dev bench
+	$(BIN)/mypy service
+
+test: venv up lint
+	$(BIN)/pytest -q tests
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test-integration: venv up
+	$(BIN)/pytest -q tests/integration
+
+run: venv up migrate
+	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$(LOCAL_KAFKA)} \
+	DATABASE_URL=$${DATABASE_URL:-$(LOCAL_DATABASE_URL)} \
+	AUTH_VERIFY_URL=$${AUTH_VERIFY_URL:-http://127.0.0.1:8000/api/v1/users/me} \
+	$(BIN)/python -m service
+
+demo: venv
+	$(BIN)/python dev/demo.py
+
+lock:
+	rm -rf .cache/lock && $(PYTHON) -m venv .cache/lock/rt && .cache/lock/rt/bin/pip install -q .
+	(echo "# Runtime dependencies, pinned: what the image installs. Regenerate with 'make lock'."; \
+	 .cache/lock/rt/bin/pip freeze --exclude notify-ws) > requirements.lock
+	$(PYTHON) -m venv .cache/lock/dev && .cache/lock/dev/bin/pip install -q '.[dev]'
+	(echo "# Runtime and development dependencies, pinned: what 'make test' installs. Regenerate with 'make lock'."; \
+	 .cache/lock/dev/bin/pip freeze --exclude notify-ws) > requirements-dev.lock
+
+clean: down
+	rm -rf $(VENV) .cache

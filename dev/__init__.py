@@ -1,0 +1,1 @@
+"""Development stand-ins. Never part of the production image."""

@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# Local single-node Apache Kafka (KRaft, broker+controller in one JVM) for
+# development and tests. No Docker, no tarball: the jars come from Maven Central
+# through scripts/kafka/pom.xml and are cached under .cache/kafka/<version>/libs.
+#
+# Usage: scripts/kafka.sh start|stop|restart|status|reset
+#        scripts/kafka.sh topics [TopicCommand args]
+#        scripts/kafka.sh produce <topic> [console-producer args]   (lines from stdin)
+#        scripts/kafka.sh consume <topic> [console-consumer args]
+#
+# Environment knobs:
+#   KAFKA_PORT (9092)  KAFKA_CONTROLLER_PORT (9093)  KAFKA_VERSION (4.1.1)
+#   KAFKA_HOME_CACHE (<repo>/.cache/kafka)  KAFKA_BOOTSTRAP_SERVERS (127.0.0.1:$KAFKA_PORT)
+#   KAFKA_HEAP_OPTS (-Xms512m -Xmx512m, broker)  JAVA (java)
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
+
+KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_HOME_CACHE="${KAFKA_HOME_CACHE:-$REPO_ROOT/.cache/kafka}"
+BOOTSTRAP="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$KAFKA_PORT}"
+JAVA="${JAVA:-java}"
+
+POM="$SCRIPT_DIR/kafka/pom.xml"
+LIBS="$KAFKA_HOME_CACHE/$KAFKA_VERSION/libs"
+LIBS_MARKER="$KAFKA_HOME_CACHE/$KAFKA_VERSION/libs.complete"
+RUN_DIR="$KAFKA_HOME_CACHE/run"
+DATA_DIR="$RUN_DIR/data"
+SERVER_PROPS="$RUN_DIR/server.properties"
+SERVER_LOG4J="$RUN_DIR/log4j2-server.properties"
+TOOLS_LOG4J="$RUN_DIR/log4j2-tools.properties"
+PROBE_PROPS="$RUN_DIR/probe-admin.properties"
+LOG_FILE="$RUN_DIR/kafka.log"
+PID_FILE="$RUN_DIR/kafka.pid"
+
+START_TIMEOUT_S=90
+EXISTING_TOPICS=""  # filled by wait_until_ready
+STOP_TIMEOUT_S=30
+
+# Topics the gateway needs: name:partitions.
+TOPICS=("notification.send:3" "notification.send.dlq:1")
+
+# Main classes (what bin/kafka-*.sh run in a Kafka 4.x distribution).
+MAIN_BROKER="kafka.Kafka"
+MAIN_STORAGE="kafka.tools.StorageTool"
+MAIN_TOPICS="org.apache.kafka.tools.TopicCommand"
+MAIN_PRODUCER="org.apache.kafka.tools.ConsoleProducer"
+MAIN_CONSUMER="org.apache.kafka.tools.consumer.ConsoleConsumer"
+
+usage() {
+  echo "usage: $(basename "$0") start|stop|restart|status|reset|topics [args]|produce <topic> [args]|consume <topic> [args]" >&2
+  exit 2
+}
+
+log() { echo "kafka.sh: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- jars -------------------------------------------------------------------
+
+# The marker holds the pom's hash, so editing the pom (new dependency) refetches
+# while a plain re-run skips mvn entirely.
+pom_hash() { sha256sum "$POM" | cut -d' ' -f1; }
+
+fetch_jars() {
+  if [[ -f "$LIBS_MARKER" && "$(cat "$LIBS_MARKER")" == "$(pom_hash)" ]]; then
+    return 0
+  fi
+  command -v mvn >/dev/null || die "mvn not found (needed once to fetch Kafka $KAFKA_VERSION jars)"
+  log "fetching Kafka $KAFKA_VERSION jars from Maven Central into $LIBS"
+  # Start from an empty folder so jars of an older dependency set don't linger.
+  rm -rf "$LIBS" "$LIBS_MARKER"
+  mkdir -p "$LIBS"
+  # Output goes to a file and is shown only on failure: Debian's mvn prints
+  # stray ANSI reset codes even with -q -B.
+  local mvn_log="$KAFKA_HOME_CACHE/$KAFKA_VERSION/mvn.log"
+  if ! mvn -B -f "$POM" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DoutputDirectory="$LIBS" >"$mvn_log" 2>&1; then
+    tail -n 40 "$mvn_log" >&2
+    die "mvn failed to fetch Kafka $KAFKA_VERSION (full log: $mvn_log)"
+  fi
+  pom_hash >"$LIBS_MARKER"
+}
+
+# --- configuration ------------------------------------------------------------
+
+write_log4j_configs() {
+  mkdir -p "$RUN_DIR"
+  # Broker: INFO to stdout, which nohup sends to kafka.log.
+  cat >"$SERVER_LOG4J" <<'EOF'
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = STDOUT
+# Per-request and state-change chatter is useless for local dev.
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+logger.state.name = state.change.logger
+logger.state.level = warn
+logger.authorizer.name = kafka.authorizer.logger
+logger.authorizer.level = warn
+EOF
+  # CLI tools: errors only, on stderr, so stdout carries just the data.
+  cat >"$TOOLS_LOG4J" <<'EOF'
+status = error
+appender.err.type = Console
+appender.err.name = STDERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = error
+rootLogger.appenderRef.err.ref = STDERR
+EOF
+}
+
+write_server_properties() {
+  mkdir -p "$RUN_DIR"
+  # Static voter set (controller.quorum.voters) rather than a dynamic quorum
+  # formatted with --standalone: the dynamic one records the controller
+  # endpoint in the data dir at format time, so a later KAFKA_CONTROLLER_PORT
+  # change would break the existing data; the static one is read on every start.
+  cat >"$SERVER_PROPS" <<EOF
+# Generated by scripts/kafka.sh; rewritten on every start.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+# Bind to loopback only: this is a dev broker with no auth.
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$DATA_DIR
+num.partitions=3
+# A single node cannot hold more than one replica of internal topics.
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Consumers in tests should get partitions at once, not after 3 s.
+group.initial.rebalance.delay.ms=0
+EOF
+  # Readiness probe: fail fast instead of the admin client's 60 s default, so
+  # the start timeout is honoured.
+  printf '%s\n' 'request.timeout.ms=5000' 'default.api.timeout.ms=10000' >"$PROBE_PROPS"
+}
+
+# --- java helpers ---------------------------------------------------------------
+
+# Short-lived CLI JVM: small heap, C1 only and serial GC for a fast start.
+run_tool() {
+  local main="$1"; shift
+  "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$TOOLS_LOG4J" \
+    -cp "$LIBS/*" "$main" "$@"
+}
+
+# Prepare everything a CLI command needs (jars + quiet log4j config).
+prepare_tools() {
+  fetch_jars
+  [[ -f "$TOOLS_LOG4J" ]] || write_log4j_configs
+}
+
+format_storage_once() {
+  if [[ -f "$DATA_DIR/meta.properties" ]]; then
+    return 0
+  fi
+  local cluster_id
+  cluster_id="$(run_tool "$MAIN_STORAGE" random-uuid)"
+  log "formatting storage in $DATA_DIR (cluster id $cluster_id)"
+  run_tool "$MAIN_STORAGE" format -t "$cluster_id" -c "$SERVER_PROPS" >&2
+}
+
+# --- process state ----------------------------------------------------------------
+
+# Echo the broker pid if the pid file points at a live Kafka broker JVM.
+# Checking the command line guards against a recycled pid after a reboot/crash.
+running_pid() {
+  [[ -f "$PID_FILE" ]] || return 1
+  local pid
+  pid="$(cat "$PID_FILE")"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q " $MAIN_BROKER " || return 1
+  echo "$pid"
+}
+
+# Serialise start/stop/reset so two shells (or test runners) starting the
+# broker at once don't launch two JVMs on the same data dir.
+lock_run_dir() {
+  mkdir -p "$RUN_DIR"
+  exec 9>"$RUN_DIR/lock"
+  flock -w "$((START_TIMEOUT_S + STOP_TIMEOUT_S))" 9 || die "could not lock $RUN_DIR/lock"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_until_ready() {
+  local pid="$1" deadline=$((SECONDS + START_TIMEOUT_S))
+  while ((SECONDS < deadline)); do
+    kill -0 "$pid" 2>/dev/null || {
+      tail -n 40 "$LOG_FILE" >&2 || true
+      rm -f "$PID_FILE"
+      die "broker exited during startup (log: $LOG_FILE)"
+    }
+    # Cheap port probe first; only then pay for a JVM doing a real metadata call.
+    # The topic list it returns is kept so create_topics can skip existing ones.
+    if port_open "$KAFKA_PORT" \
+      && EXISTING_TOPICS="$(run_tool "$MAIN_TOPICS" --bootstrap-server "$BOOTSTRAP" \
+        --command-config "$PROBE_PROPS" --list 2>/dev/null)"; then
+      return 0
+    fi
+    sleep 1
+  done
+  die "broker not ready after ${START_TIMEOUT_S}s (log: $LOG_FILE)"
+}
+
+create_topics() {
+  local spec name partitions
+  # One JVM per topic costs ~1 s, so only touch topics that are missing.
+  for spec in "${TOPICS[@]}"; do
+    name="${spec%%:*}" partitions="${spec##*:}"
+    if grep -qxF "$name" <<<"$EXISTING_TOPICS"; then continue; fi
+    run_tool "$MAIN_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists \
+      --topic "$name" --partitions "$partitions" --replication-factor 1 >/dev/null
+  done
+}
+
+# --- commands ---------------------------------------------------------------------
+
+cmd_start() {
+  local pid port
+  if pid="$(running_pid)"; then
+    echo "kafka already running (pid $pid), bootstrap $BOOTSTRAP"
+    return 0
+  fi
+  for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+    if port_open "$port"; then die "port $port is already in use by another process"; fi
+  done
+  local t0=$SECONDS
+  fetch_jars
+  write_log4j_configs
+  write_server_properties
+  format_storage_once
+  if [[ -f "$LOG_FILE" ]]; then mv -f "$LOG_FILE" "$LOG_FILE.1"; fi
+  # nohup + setsid: the broker outlives this shell and its terminal; 9>&- so
+  # it does not inherit (and hold forever) the start lock.
+  nohup setsid "$JAVA" ${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$SERVER_LOG4J" \
+    -cp "$LIBS/*" "$MAIN_BROKER" "$SERVER_PROPS" >"$LOG_FILE" 2>&1 </dev/null 9>&- &
+  pid=$!
+  echo "$pid" >"$PID_FILE"
+  wait_until_ready "$pid"
+  create_topics
+  echo "kafka $KAFKA_VERSION started (pid $pid) in $((SECONDS - t0))s, bootstrap $BOOTSTRAP"
+}
+
+cmd_stop() {
+  local pid
+  if ! pid="$(running_pid)"; then
+    rm -f "$PID_FILE"
+    echo "kafka not running"
+    return 0
+  fi
+  kill -TERM "$pid"
+  local deadline=$((SECONDS + STOP_TIMEOUT_S))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "broker did not stop within ${STOP_TIMEOUT_S}s, sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+  fi
+  rm -f "$PID_FILE"
+  echo "kafka stopped (pid $pid)"
+}
+
+cmd_status() {
+  local pid
+  if pid="$(running_pid)"; then
+    echo "running (pid $pid), bootstrap $BOOTSTRAP"
+  else
+    echo "stopped"
+    return 1
+  fi
+}
+
+cmd_reset() {
+  cmd_stop
+  rm -rf "$DATA_DIR"
+  echo "kafka data deleted ($DATA_DIR)"
+}
+
+main() {
+  [[ $# -ge 1 ]] || usage
+  local cmd="$1"; shift
+  case "$cmd" in
+    start)   lock_run_dir; cmd_start ;;
+    stop)    lock_run_dir; cmd_stop ;;
+    restart) lock_run_dir; cmd_stop; cmd_start ;;
+    status)  cmd_status ;;
+    reset)   lock_run_dir; cmd_reset ;;
+    topics)
+      prepare_tools
+      run_tool "$MAIN_TOPICS" --bootstrap-server "$BOOTSTRAP" "$@" ;;
+    produce)
+      [[ $# -ge 1 ]] || usage
+      local topic="$1"; shift
+      prepare_tools
+      run_tool "$MAIN_PRODUCER" --bootstrap-server "$BOOTSTRAP" --topic "$topic" "$@" ;;
+    consume)
+      [[ $# -ge 1 ]] || usage
+      local topic="$1"; shift
+      prepare_tools
+      run_tool "$MAIN_CONSUMER" --bootstrap-server "$BOOTSTRAP" --topic "$topic" "$@" ;;
+    -h|--help|help) usage ;;
+    *) usage ;;
+  esac
+}
+
+main "$@"

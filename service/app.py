@@ -1,0 +1,202 @@
+"""The Sanic application: the WebSocket endpoint, health, metrics, and the node's lifecycle.
+
+The endpoint only checks the client and plugs its connection into the node;
+everything else (routing, storing, flushing) lives in the node's parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from sanic import Request, Sanic, Websocket
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse, json, raw
+
+from .auth import AuthUnavailable, InvalidToken
+from .config import Settings
+from .connection import (
+    AUTH_UNAVAILABLE,
+    FORBIDDEN,
+    GOING_AWAY,
+    TOO_MANY,
+    UNAUTHORIZED,
+    Connection,
+)
+from .hub import Rejected
+from .node import Node
+
+log = logging.getLogger("notify.app")
+access = logging.getLogger("notify.access")
+
+WS_PATH = "/api/v1/notify/ws"
+
+
+def token_of(request: Request) -> str | None:
+    """The client's token: ``?token=`` first, else ``Authorization: Bearer``."""
+    token = request.args.get("token")
+    if token:
+        return str(token)
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def create_app(
+    settings: Settings, *, node: Node | None = None, name: str = "notify_ws"
+) -> Sanic[Any, Any]:
+    """Build the application around a node (a new one from ``settings`` by default)."""
+    app: Sanic[Any, Any] = Sanic(name, configure_logging=False)
+    app.config.update(
+        {
+            "WEBSOCKET_MAX_SIZE": settings.max_client_frame,
+            "WEBSOCKET_PING_INTERVAL": settings.ping_interval,
+            "WEBSOCKET_PING_TIMEOUT": settings.ping_timeout,
+            "GRACEFUL_SHUTDOWN_TIMEOUT": settings.shutdown_timeout,
+            "ACCESS_LOG": False,
+            "MOTD": False,
+            "KEEP_ALIVE_TIMEOUT": 5,
+            "REQUEST_MAX_SIZE": 64 * 1024,
+        }
+    )
+    gateway = node or Node(settings)
+    app.ctx.node = gateway
+
+    @app.before_server_start
+    async def start_node(app: Sanic[Any, Any], _: Any) -> None:
+        gateway.on_fatal = app.stop
+        await gateway.start()
+
+    @app.before_server_stop
+    async def stop_node(app: Sanic[Any, Any], _: Any) -> None:
+        await gateway.stop()
+
+    @app.on_response  # type: ignore[untyped-decorator]
+    async def log_request(request: Request, response: HTTPResponse) -> None:
+        # request.path carries no query string, so no token can reach this line.
+        access.info(
+            "http_request",
+            extra={"method": request.method, "path": request.path, "status": response.status},
+        )
+
+    @app.exception(SanicException)
+    async def http_error(request: Request, exc: SanicException) -> HTTPResponse:
+        # A fixed, short body: never echo the URL (it may hold a token).
+        status = getattr(exc, "status_code", 500)
+        return json({"error": _STATUS_TEXT.get(status, "error")}, status=status)
+
+    @app.get("/health/live")
+    async def live(request: Request) -> HTTPResponse:
+        return json({"status": "ok"})
+
+    @app.get("/health/ready")
+    async def ready(request: Request) -> HTTPResponse:
+        checks = await gateway.readiness()
+        ok = all(checks.values())
+        return json(
+            {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+        )
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> HTTPResponse:
+        gateway.metrics.connections.set(len(gateway.hub))
+        return raw(gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.websocket(WS_PATH)  # type: ignore[untyped-decorator]
+    async def notify(request: Request, ws: Websocket) -> None:
+        await serve_client(gateway, request, ws)
+
+    return app
+
+
+async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str) -> None:
+    node.metrics.connections_rejected.labels(label).inc()
+    access.info("ws_rejected", extra={"code": code, "reason": label})
+    await ws.close(code, reason)
+
+
+async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
+    """Check the client, register its connection, write to it until it goes away.
+
+    Order (DESIGN.md §3): check the token, register, then the writer flushes the
+    stored backlog before any live frame.
+    """
+    settings = node.settings
+    if node.stopping:
+        await _reject(node, ws, GOING_AWAY, "server shutting down", "shutting_down")
+        return
+    if settings.allowed_origins:
+        origin = (request.headers.get("origin") or "").rstrip("/")
+        # Browsers always send Origin; a client without one is not a browser page.
+        if origin and origin not in settings.allowed_origins:
+            await _reject(node, ws, FORBIDDEN, "origin not allowed", "origin")
+            return
+    token = token_of(request)
+    if token is None:
+        await _reject(node, ws, UNAUTHORIZED, "missing token", "missing_token")
+        return
+    try:
+        identity = await node.auth.identify(token)
+    except InvalidToken as exc:
+        await _reject(node, ws, UNAUTHORIZED, exc.reason[:100], "invalid_token")
+        return
+    except AuthUnavailable as exc:
+        log.warning("auth_unavailable", extra={"error": exc.reason})
+        await _reject(
+            node, ws, AUTH_UNAVAILABLE, "auth service unavailable, retry later", "auth_unavailable"
+        )
+        return
+    if identity.expires_at is not None and identity.expires_at <= time.time():
+        await _reject(node, ws, UNAUTHORIZED, "token expired", "invalid_token")
+        return
+
+    connection = Connection(ws, identity, node.metrics, queue_size=settings.send_queue_size)
+    try:
+        node.hub.register(connection)
+    except Rejected as exc:
+        await _reject(node, ws, TOO_MANY, exc.reason, "too_many")
+        return
+    node.metrics.connections_opened.inc()
+    node.metrics.connections.set(len(node.hub))
+    access.info("ws_open", extra={"connections": len(node.hub)})
+
+    writer = asyncio.create_task(connection.run(node.router.flush_backlog), name="ws-writer")
+    expiry: asyncio.TimerHandle | None = None
+    if settings.auth_close_on_expiry and identity.expires_at is not None:
+        expiry = asyncio.get_running_loop().call_later(
+            identity.expires_at - time.time(), connection.abort, UNAUTHORIZED, "token expired"
+        )
+    try:
+        # The server only sends; client frames are read and dropped (the size
+        # limit closes with 1009 inside Sanic).
+        while not connection.closed:
+            if await ws.recv() is None:
+                break
+    except Exception as exc:
+        log.debug("ws_read_stopped", extra={"error": type(exc).__name__})
+    finally:
+        node.hub.unregister(connection)
+        node.metrics.connections.set(len(node.hub))
+        if expiry is not None:
+            expiry.cancel()
+        await connection.close(GOING_AWAY, "")
+        if not writer.done():
+            writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        access.info("ws_close", extra={"connections": len(node.hub)})
+
+
+_STATUS_TEXT = {
+    400: "bad request",
+    404: "not found",
+    405: "method not allowed",
+    413: "request too large",
+    426: "upgrade required",
+    500: "internal error",
+    503: "unavailable",
+}

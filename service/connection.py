@@ -1,0 +1,214 @@
+"""One client WebSocket: a bounded send queue drained by a single writer task.
+
+The connection is the only place that writes to its socket. Frames reach it as
+:class:`~service.router.Delivery` objects; each is settled exactly once, as
+written or not, so the router knows what still has to be stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol
+
+from .auth import Identity
+from .metrics import Metrics
+from .router import Delivery
+
+log = logging.getLogger("notify.connection")
+
+# Close codes of the wire contract (DESIGN.md §2).
+GOING_AWAY: Final = 1001
+MESSAGE_TOO_BIG: Final = 1009
+TRY_AGAIN_LATER: Final = 1013
+UNAUTHORIZED: Final = 4401
+FORBIDDEN: Final = 4403
+TOO_MANY: Final = 4429
+AUTH_UNAVAILABLE: Final = 4503
+
+_SEEN_LIMIT: Final = 512
+
+
+class Socket(Protocol):
+    """The WebSocket as the connection uses it (Sanic's implementation in production)."""
+
+    async def send(self, message: str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+    def fail_connection(self, code: int = 1006, reason: str = "") -> bool: ...
+
+
+class _Flush:
+    """Queue marker: re-read the store before the next live frame."""
+
+
+_FLUSH: Final = _Flush()
+
+
+class Connection:
+    """A registered client connection of one user.
+
+    ``offer`` and ``close`` may be called from any task on the loop; only
+    :meth:`run` (the writer) writes frames.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_flush_pending",
+        "_metrics",
+        "_queue",
+        "_queue_size",
+        "_seen",
+        "_seen_order",
+        "_socket",
+        "_wakeup",
+        "identity",
+        "write_started",
+    )
+
+    def __init__(
+        self, socket: Socket, identity: Identity, metrics: Metrics, *, queue_size: int
+    ) -> None:
+        self._socket = socket
+        self.identity = identity
+        self._metrics = metrics
+        self._queue: deque[Delivery | _Flush] = deque()
+        self._queue_size = queue_size
+        self._wakeup: asyncio.Future[None] | None = None
+        self._closed = False
+        self._flush_pending = False
+        self._seen: set[str] | None = None
+        self._seen_order: deque[str] | None = None
+        self.write_started: float | None = None
+
+    @property
+    def user_id(self) -> str:
+        return self.identity.user_id
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def offer(self, delivery: Delivery) -> bool:
+        """Queue a delivery for the writer.
+
+        Returns False, without queueing, if the connection is closed. If the queue
+        is full the connection is closed with 1013 (too slow to keep up), its queued
+        deliveries are settled as not written, and False is returned.
+        """
+        if self._closed:
+            return False
+        if len(self._queue) >= self._queue_size:
+            log.warning("connection_overflow", extra={"queued": len(self._queue)})
+            self._metrics.slow_closed.inc()
+            self.abort(TRY_AGAIN_LATER, "too slow to keep up")
+            return False
+        self._queue.append(delivery)
+        self._wake()
+        return True
+
+    def request_flush(self) -> None:
+        """Ask the writer to re-read the user's stored notifications."""
+        if self._closed or self._flush_pending:
+            return
+        self._flush_pending = True
+        self._queue.append(_FLUSH)
+        self._wake()
+
+    def seen(self, message_id: str) -> bool:
+        return self._seen is not None and message_id in self._seen
+
+    def mark_written(self, message_id: str) -> None:
+        """Remember a written message id, so a redelivery is not sent twice here."""
+        if self._seen is None or self._seen_order is None:
+            self._seen = set()
+            self._seen_order = deque()
+        self._seen.add(message_id)
+        self._seen_order.append(message_id)
+        if len(self._seen_order) > _SEEN_LIMIT:
+            self._seen.discard(self._seen_order.popleft())
+
+    async def write(self, frame: str) -> None:
+        """Send one text frame; the watchdog closes the socket if it takes too long."""
+        self.write_started = asyncio.get_running_loop().time()
+        try:
+            await self._socket.send(frame)
+        finally:
+            self.write_started = None
+
+    async def run(self, flush_backlog: Callable[[Connection], Awaitable[int]]) -> None:
+        """The writer: the stored backlog first, then live deliveries in order.
+
+        Runs until the connection closes or the socket fails; on exit every
+        delivery still queued is settled as not written. Never raises for a
+        failed socket.
+        """
+        try:
+            await flush_backlog(self)
+            while not self._closed:
+                if not self._queue:
+                    self._wakeup = asyncio.get_running_loop().create_future()
+                    await self._wakeup
+                    continue
+                item = self._queue.popleft()
+                if isinstance(item, _Flush):
+                    self._flush_pending = False
+                    await flush_backlog(self)
+                    continue
+                notification = item.notification
+                if self.seen(notification.message_id):
+                    item.settle(True)
+                    continue
+                try:
+                    await self.write(notification.frame)
+                except BaseException:
+                    item.settle(False)
+                    raise
+                self.mark_written(notification.message_id)
+                item.settle(True)
+                self._metrics.observe_delivery(notification.created_ms)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the socket failed: the client went away
+            log.debug("writer_stopped", extra={"error": type(exc).__name__})
+        finally:
+            self._closed = True
+            self._abandon()
+
+    def _wake(self) -> None:
+        waiter = self._wakeup
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _abandon(self) -> None:
+        while self._queue:
+            item = self._queue.popleft()
+            if not isinstance(item, _Flush):
+                item.settle(False)
+        self._wake()
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close at once, without waiting for the socket: for a peer that is too slow.
+
+        Idempotent. Queued deliveries are settled as not written.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._abandon()
+        self._socket.fail_connection(code, reason)
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with the closing handshake (e.g. 1001 on shutdown). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._abandon()
+        try:
+            await self._socket.close(code, reason)
+        except Exception as exc:
+            log.debug("close_failed", extra={"error": type(exc).__name__})

@@ -1,0 +1,71 @@
+"""JSON-lines logging with secrets scrubbed from every line.
+
+One object per line on stdout: ``time``, ``level``, ``logger``, ``event`` and
+the ``extra`` fields of the call. A filter on the handler removes anything that
+looks like a token (``token=...`` in a query string, ``Bearer ...``, a JWT) from
+the message and from every string field, so no logger, ours or a library's, can
+leak one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+_SECRETS = (
+    (re.compile(r"(?i)(token=)[^&\s\"']+"), r"\1[redacted]"),
+    (re.compile(r"(?i)(bearer\s+)[^\s\"',]+"), r"\1[redacted]"),
+    (re.compile(r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*"), "[redacted-jwt]"),
+)
+
+_STANDARD = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "taskName"}
+)
+
+
+def redact(text: str) -> str:
+    """Replace anything token-like in ``text``."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object, secrets removed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": redact(record.getMessage()),
+        }
+        for key, value in vars(record).items():
+            if key in _STANDARD or key.startswith("_"):
+                continue
+            entry[key] = redact(value) if isinstance(value, str) else value
+        if record.exc_info:
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(entry, default=lambda v: redact(str(v))).decode()
+
+
+def configure(level: str) -> None:
+    """Send every logger's records to stdout as JSON lines at ``level``."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("sanic.root", "sanic.error", "sanic.server", "sanic.websockets", "sanic.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    # Sanic's access log prints the query string, which holds the token: ours replaces it.
+    logging.getLogger("sanic.access").disabled = True
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,108 @@
+"""Prometheus metrics of one gateway process.
+
+Labels never carry a token, a user id or message text: only fixed reasons,
+outcomes and Kafka partition numbers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """All counters of the gateway, in a registry of their own (one per process or test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("notify_connections", "Open WebSocket connections.", registry=r)
+        self.connections_opened = Counter(
+            "notify_connections_opened", "Connections accepted after the token check.", registry=r
+        )
+        self.connections_rejected = Counter(
+            "notify_connections_rejected",
+            "Connections refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.consumed = Counter(
+            "notify_notifications_consumed", "Kafka records read from the topic.", registry=r
+        )
+        self.delivered = Counter(
+            "notify_notifications_delivered",
+            "Frames written live to a socket (one per connection).",
+            registry=r,
+        )
+        self.stored = Counter(
+            "notify_notifications_stored", "Notifications saved for offline users.", registry=r
+        )
+        self.flushed = Counter(
+            "notify_notifications_flushed", "Stored notifications written on connect.", registry=r
+        )
+        self.expired = Counter(
+            "notify_notifications_expired",
+            "Notifications dropped by retention, by cause.",
+            ["cause"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "notify_notifications_dead_lettered",
+            "Poison messages copied to the dead-letter topic (or dropped when it is disabled).",
+            ["reason"],
+            registry=r,
+        )
+        self.skipped = Counter(
+            "notify_notifications_skipped",
+            "Valid messages for another delivery method.",
+            registry=r,
+        )
+        self.slow_closed = Counter(
+            "notify_slow_connections_closed",
+            "Connections closed with 1013 because they could not keep up.",
+            registry=r,
+        )
+        self.latency = Histogram(
+            "notify_delivery_latency_seconds",
+            "From the Kafka record timestamp to the socket write.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth_seconds = Histogram(
+            "notify_auth_seconds",
+            "Time to check a token (cache hits included).",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth_cache_hits = Counter(
+            "notify_auth_cache_hits", "Token checks answered from the cache.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "notify_consumer_lag",
+            "Records behind the end of each assigned partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.store_batch_seconds = Histogram(
+            "notify_store_batch_seconds",
+            "Time to save one batch of undelivered notifications.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_failures = Counter(
+            "notify_store_failures", "Failed attempts to save to PostgreSQL.", registry=r
+        )
+
+    def observe_delivery(self, created_ms: int) -> None:
+        """Count one live frame written and its end-to-end latency."""
+        self.delivered.inc()
+        if created_ms > 0:
+            self.latency.observe(max(0.0, time.time() - created_ms / 1000))
+
+    def render(self) -> bytes:
+        """The text exposition format for ``GET /metrics``."""
+        return generate_latest(self.registry)

@@ -1,0 +1,158 @@
+"""The node: one gateway process, owning its parts and running startup and shutdown.
+
+Startup order:  store pool -> authenticator -> hub/router -> consumer -> background loops.
+Shutdown order (``stop``), under ``SHUTDOWN_TIMEOUT``:
+
+1. readiness turns false and new WebSockets are refused with 1001;
+2. the consumer finishes the batch in hand (its frames written or stored),
+   commits, and closes;
+3. every open connection is closed with 1001 (going away: reconnect elsewhere);
+4. background loops stop, the auth client and the store pool close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .auth import Authenticator, build_authenticator
+from .config import Settings
+from .connection import GOING_AWAY, TRY_AGAIN_LATER, Connection
+from .consumer import Consumer
+from .hub import Hub
+from .metrics import Metrics
+from .router import Router, StoreUnavailable
+from .store import Store
+
+log = logging.getLogger("notify.node")
+
+
+class Node:
+    """Everything one gateway process runs. ``start()`` once; ``stop()`` is idempotent."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.store = Store(settings.database_url, pool_size=settings.database_pool_size)
+        self.auth = authenticator or build_authenticator(settings, self.metrics)
+        self.hub: Hub[Connection] = Hub(
+            max_per_user=settings.max_connections_per_user, max_total=settings.max_connections
+        )
+        self.router = Router(
+            self.hub,  # type: ignore[arg-type]  # Hub is invariant; Connection is an Outlet
+            self.store,
+            self.metrics,
+            flush_batch=settings.flush_batch,
+        )
+        self.consumer = Consumer(settings, self.router, self.metrics)
+        self.stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self.on_fatal: Callable[[], None] | None = None
+
+    async def start(self) -> None:
+        await self.store.start()
+        self.consumer.start()
+        self._supervise(self.consumer.task)
+        self._spawn("backlog-retention", self._retention_loop)
+        self._spawn("write-watchdog", self._watchdog_loop)
+        log.info("node_started", extra={"port": self.settings.port})
+
+    def _spawn(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.create_task(loop(), name=name)
+        self._tasks.append(task)
+        self._supervise(task)
+
+    def _supervise(self, task: asyncio.Task[None] | None) -> None:
+        """A background loop that dies unexpectedly stops the process: never a silent half-node."""
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if finished.cancelled() or self.stopping:
+                return
+            exc = finished.exception()
+            log.critical(
+                "background_task_died",
+                extra={"task": finished.get_name(), "error": repr(exc)},
+                exc_info=exc,
+            )
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+        if task is not None:
+            task.add_done_callback(done)
+
+    async def readiness(self) -> dict[str, bool]:
+        """Each readiness check by name; the node is ready when all are true."""
+        try:
+            await asyncio.wait_for(self.store.ping(), timeout=2.0)
+            store_ok = True
+        except (StoreUnavailable, TimeoutError):
+            store_ok = False
+        return {
+            "kafka": self.consumer.assigned,
+            "postgres": store_ok and self.router.store_healthy,
+            "accepting": not self.stopping,
+        }
+
+    async def stop(self) -> None:
+        """Drain and stop, in the order of the module docstring, within SHUTDOWN_TIMEOUT."""
+        if self.stopping:
+            await self._stopped.wait()
+            return
+        self.stopping = True
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        log.info("node_stopping", extra={"connections": len(self.hub)})
+        await self.consumer.stop(grace=max(0.1, deadline - time.monotonic() - 1.0))
+        closing = [c.close(GOING_AWAY, "server shutting down") for c in self.hub]
+        if closing:
+            done = asyncio.gather(*closing, return_exceptions=True)
+            try:
+                await asyncio.wait_for(done, timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                log.warning("close_timeout", extra={"left": len(self.hub)})
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.auth.close()
+        await self.store.close()
+        self._stopped.set()
+        log.info("node_stopped")
+
+    async def _retention_loop(self) -> None:
+        """Expire stored rows past the TTL and cap each user's backlog, periodically."""
+        s = self.settings
+        while True:
+            try:
+                expired = await self.store.expire(s.backlog_ttl)
+                capped = await self.store.cap(s.backlog_max_per_user)
+            except StoreUnavailable as exc:
+                log.warning("retention_skipped", extra={"error": str(exc)})
+            else:
+                self.metrics.expired.labels("ttl").inc(expired)
+                self.metrics.expired.labels("per_user_cap").inc(capped)
+                if expired or capped:
+                    log.info("retention", extra={"expired": expired, "capped": capped})
+            await asyncio.sleep(s.backlog_cleanup_interval)
+
+    async def _watchdog_loop(self) -> None:
+        """Close connections whose socket write has been stuck past WRITE_TIMEOUT (1013)."""
+        loop = asyncio.get_running_loop()
+        limit = self.settings.write_timeout
+        while True:
+            await asyncio.sleep(min(1.0, limit / 2))
+            now = loop.time()
+            for connection in self.hub:
+                started = connection.write_started
+                if started is not None and now - started > limit:
+                    log.warning("connection_write_timeout", extra={"seconds": limit})
+                    self.metrics.slow_closed.inc()
+                    connection.abort(TRY_AGAIN_LATER, "too slow to keep up")

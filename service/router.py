@@ -1,0 +1,261 @@
+"""Routing: each notification goes to every live connection of its user, or to the store.
+
+The router is where the delivery guarantee is kept. :meth:`Router.deliver`
+returns only when every notification it was given has been written to at least
+one socket or saved in the backlog store; the consumer commits Kafka offsets
+after that and never before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from .hub import Hub
+from .metrics import Metrics
+from .notification import Notification
+
+log = logging.getLogger("notify.router")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A notification read back from the store, with its place in the user's backlog."""
+
+    notification: Notification
+    cursor: tuple[datetime, int]
+
+
+class StoreUnavailable(Exception):
+    """The backlog store could not be reached; the operation may be retried."""
+
+
+class Backlog(Protocol):
+    """What the router needs of the persistent store of undelivered notifications."""
+
+    async def save(self, notifications: Sequence[Notification]) -> int:
+        """Store notifications; ones already stored (same message_id) are ignored.
+
+        Returns how many rows were new. Raises StoreUnavailable.
+        """
+        ...
+
+    async def fetch(
+        self, user_id: str, after: tuple[datetime, int] | None, limit: int
+    ) -> list[Stored]:
+        """The user's stored rows after ``after``, oldest first. Raises StoreUnavailable."""
+        ...
+
+    async def delete(self, message_ids: Sequence[str]) -> None:
+        """Remove delivered notifications. Raises StoreUnavailable."""
+        ...
+
+
+class Outlet(Protocol):
+    """What the router needs of one live connection."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    def offer(self, delivery: Delivery) -> bool:
+        """Queue a delivery; False if the connection is closed or just overflowed."""
+        ...
+
+    def request_flush(self) -> None:
+        """Ask the connection to re-read the store at its next turn."""
+        ...
+
+    def seen(self, message_id: str) -> bool:
+        """Whether this connection already wrote ``message_id``."""
+        ...
+
+    async def write(self, frame: str) -> None:
+        """Write one frame now (only from the connection's own writer)."""
+        ...
+
+    def mark_written(self, message_id: str) -> None: ...
+
+
+class Batch:
+    """Tracks the live deliveries of one consumer batch until each is settled.
+
+    Settled means written to a socket, or given up by every connection it was
+    queued on (closed, overflowed, too slow); the latter are collected in
+    ``unwritten`` to be stored.
+    """
+
+    __slots__ = ("_done", "_pending", "unwritten")
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._done: asyncio.Future[None] | None = None
+        self.unwritten: list[Notification] = []
+
+    def _add(self) -> None:
+        self._pending += 1
+
+    def _settle(self, notification: Notification, written: bool) -> None:
+        if not written:
+            self.unwritten.append(notification)
+        self._pending -= 1
+        if self._pending == 0 and self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def wait(self) -> None:
+        """Return when every delivery of the batch is settled."""
+        if self._pending == 0:
+            return
+        self._done = asyncio.get_running_loop().create_future()
+        await self._done
+
+
+class Delivery:
+    """One notification on its way to the live connections of its user.
+
+    Each connection it is queued on settles it exactly once; when the last one
+    has, the batch learns whether any of them wrote it.
+    """
+
+    __slots__ = ("_batch", "_remaining", "_written", "notification")
+
+    def __init__(self, notification: Notification, batch: Batch, fanout: int) -> None:
+        self.notification = notification
+        self._batch = batch
+        self._remaining = fanout
+        self._written = False
+
+    def settle(self, written: bool) -> None:
+        """Record the outcome on one connection. Safe to call once per connection."""
+        self._written = self._written or written
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._batch._settle(self.notification, self._written)
+
+
+class Router:
+    """Sends notifications to live connections and keeps the rest in the backlog.
+
+    ``deliver`` is called by one consumer at a time; ``flush_backlog`` by each
+    connection's writer.
+    """
+
+    def __init__(
+        self,
+        hub: Hub[Outlet],
+        backlog: Backlog,
+        metrics: Metrics,
+        *,
+        flush_batch: int = 200,
+        retry_initial: float = 0.2,
+        retry_max: float = 5.0,
+    ) -> None:
+        self._hub = hub
+        self._backlog = backlog
+        self._metrics = metrics
+        self._flush_batch = flush_batch
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self.store_healthy = True
+
+    async def deliver(self, notifications: Sequence[Notification]) -> None:
+        """Write each notification to every live connection of its user, or store it.
+
+        Returns when each one was written to at least one socket or is in the
+        store. While the store is down it retries with backoff and does not
+        return: the caller must not commit past these notifications, and
+        cancelling it is safe (nothing is acknowledged).
+        """
+        batch = Batch()
+        offline: list[Notification] = []
+        for notification in notifications:
+            outlets = self._hub.connections(notification.user_id)
+            if not outlets:
+                offline.append(notification)
+                continue
+            delivery = Delivery(notification, batch, len(outlets))
+            batch._add()
+            for outlet in outlets:
+                if not outlet.offer(delivery):
+                    delivery.settle(False)
+        await batch.wait()
+        unwritten = offline + batch.unwritten
+        if unwritten:
+            await self.store(unwritten)
+
+    async def store(self, notifications: Sequence[Notification]) -> None:
+        """Save notifications that reached no socket, retrying until the store takes them.
+
+        Afterwards, users who connected meanwhile are told to re-read the store,
+        so a notification stored just after its user connected is not left behind.
+        """
+        delay = self._retry_initial
+        while True:
+            try:
+                with self._metrics.store_batch_seconds.time():
+                    added = await self._backlog.save(notifications)
+            except StoreUnavailable as exc:
+                if self.store_healthy:
+                    log.error("store_unavailable", extra={"error": str(exc)})
+                self.store_healthy = False
+                self._metrics.store_failures.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            break
+        if not self.store_healthy:
+            log.info("store_recovered")
+        self.store_healthy = True
+        self._metrics.stored.inc(added)
+        for user_id in {n.user_id for n in notifications}:
+            for outlet in self._hub.connections(user_id):
+                outlet.request_flush()
+
+    async def flush_backlog(self, outlet: Outlet) -> int:
+        """Write the user's stored notifications to ``outlet``, oldest first.
+
+        A row is deleted only after its frame was written; a notification this
+        connection already wrote is deleted without being sent again. Called from
+        the connection's writer, so frames of one connection never interleave.
+        Returns how many frames were written. If the store is unavailable it logs,
+        stops and leaves the rows for a later connection.
+
+        Raises whatever ``outlet.write`` raises when the connection fails.
+        """
+        written = 0
+        cursor: tuple[datetime, int] | None = None
+        while True:
+            try:
+                page = await self._backlog.fetch(outlet.user_id, cursor, self._flush_batch)
+            except StoreUnavailable as exc:
+                log.warning("flush_store_unavailable", extra={"error": str(exc)})
+                return written
+            if not page:
+                return written
+            done: list[str] = []
+            try:
+                for stored in page:
+                    notification = stored.notification
+                    if not outlet.seen(notification.message_id):
+                        await outlet.write(notification.frame)
+                        outlet.mark_written(notification.message_id)
+                        written += 1
+                        self._metrics.flushed.inc()
+                    done.append(notification.message_id)
+            finally:
+                if done:
+                    await self._delete_quietly(done)
+            if len(page) < self._flush_batch:
+                return written
+            cursor = page[-1].cursor
+
+    async def _delete_quietly(self, message_ids: list[str]) -> None:
+        try:
+            await self._backlog.delete(message_ids)
+        except StoreUnavailable as exc:
+            # The frames were written; the rows will be sent again on a later
+            # connection. At least once, never silently lost.
+            log.warning("flush_delete_failed", extra={"error": str(exc), "rows": len(message_ids)})
