@@ -68,12 +68,12 @@ def create_app(
     app.ctx.node = gateway
 
     @app.before_server_start
-    async def start_node(app: Sanic[Any, Any], _: Any) -> None:
+    async def start_node(app: Sanic[Any, Any]) -> None:
         gateway.on_fatal = app.stop
         await gateway.start()
 
     @app.before_server_stop
-    async def stop_node(app: Sanic[Any, Any], _: Any) -> None:
+    async def stop_node(app: Sanic[Any, Any]) -> None:
         await gateway.stop()
 
     @app.on_response  # type: ignore[untyped-decorator]
@@ -180,14 +180,14 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
     except Exception as exc:
         log.debug("ws_read_stopped", extra={"error": type(exc).__name__})
     finally:
+        # Synchronous on purpose: Sanic may cancel this task when the client
+        # leaves, and the connection must still leave the hub and settle its queue.
         node.hub.unregister(connection)
         node.metrics.connections.set(len(node.hub))
         if expiry is not None:
             expiry.cancel()
-        await connection.close(GOING_AWAY, "")
-        if not writer.done():
-            writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        connection.detach()
+        writer.cancel()
         access.info("ws_close", extra={"connections": len(node.hub)})
 
 

@@ -191,6 +191,14 @@ class Connection:
                 item.settle(False)
         self._wake()
 
+    def detach(self) -> None:
+        """Stop using the socket (the client is gone): settle what is queued as not written.
+
+        Synchronous, so it completes even in a task being cancelled. Idempotent.
+        """
+        self._closed = True
+        self._abandon()
+
     def abort(self, code: int, reason: str) -> None:
         """Close at once, without waiting for the socket: for a peer that is too slow.
 

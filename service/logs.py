@@ -68,4 +68,6 @@ def configure(level: str) -> None:
     # Sanic's access log prints the query string, which holds the token: ours replaces it.
     logging.getLogger("sanic.access").disabled = True
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # httpx logs request URLs, which may carry a token in the query.
+    for noisy in ("httpx", "httpcore", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,62 @@
+"""Helpers of the integration tests: real WebSocket clients and Kafka messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+
+def message(user_id: str, subject: str = "s", content: str = "c", **extra: Any) -> dict[str, Any]:
+    return {
+        "message_id": str(uuid.uuid4()),
+        "delivery_method": "push",
+        "user_id": user_id,
+        "subject": subject,
+        "content": content,
+        **extra,
+    }
+
+
+async def produce(producer: AIOKafkaProducer, topic: str, *values: dict[str, Any] | bytes) -> None:
+    futures = []
+    for value in values:
+        raw = value if isinstance(value, bytes) else json.dumps(value, ensure_ascii=False).encode()
+        futures.append(await producer.send(topic, raw))
+    await asyncio.gather(*futures)
+
+
+async def receive(ws: ClientConnection, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+    """The next ``count`` frames, decoded; fails if they do not all come within ``timeout``."""
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while len(frames) < count:
+            raw = await ws.recv()
+            assert isinstance(raw, str), "frames are text"
+            frames.append(json.loads(raw))
+    return frames
+
+
+async def silent(ws: ClientConnection, seconds: float = 1.0) -> bool:
+    """True if no frame arrives within ``seconds``."""
+    try:
+        await asyncio.wait_for(ws.recv(), seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def close_code(url: str, **kwargs: Any) -> tuple[int | None, str]:
+    """Connect and return the close code and reason the server ends the connection with."""
+    async with connect(url, open_timeout=15, **kwargs) as ws:
+        try:
+            await asyncio.wait_for(ws.recv(), 15)
+        except ConnectionClosed:
+            pass
+        assert ws.close_code is not None, "server did not close"
+        return ws.close_code, ws.close_reason or ""

@@ -1,0 +1,130 @@
+"""The gateway end to end: real Kafka, PostgreSQL, auth server and WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from websockets.asyncio.client import connect
+
+from dev.auth_server import AuthStandIn
+
+from .clients import close_code, message, produce, receive, silent
+from .conftest import GatewayFactory
+from .gateway import ROOT, Gateway
+
+SEED_LINE = (
+    '{"message_id": "123e4567-e89b-12d3-a456-426614174000","delivery_method": "push",'
+    '"user_id": "b1fe6a68-f7b5-4c2c-a52b-97494403d2ce","subject":"Новый фильм", '
+    '"content": "Фильм \'Как закалялась сталь\' теперь доступен для просмотра"}'
+)
+SEED_USER = "b1fe6a68-f7b5-4c2c-a52b-97494403d2ce"
+
+
+async def test_platform_scenario_with_console_producer(
+    gateway: Gateway, auth_server: AuthStandIn, topics: tuple[str, str], kafka_bootstrap: str
+) -> None:
+    """The seed's line, produced with Kafka's own console producer, reaches the client as-is."""
+    token = auth_server.issue(SEED_USER)
+    async with connect(gateway.ws_url(token)) as ws:
+        await asyncio.to_thread(
+            subprocess.run,
+            ["scripts/kafka.sh", "produce", topics[0]],
+            input=SEED_LINE + "\n",
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
+            check=True,
+            timeout=60,
+        )
+        raw = await asyncio.wait_for(ws.recv(), 30)
+    assert json.loads(raw) == {
+        "title": "Новый фильм",
+        "body": "Фильм 'Как закалялась сталь' теперь доступен для просмотра",
+    }
+    assert "Новый фильм" in raw, "frames are UTF-8, not ASCII-escaped"
+    assert token not in gateway.logs()
+
+
+async def test_offline_user_gets_backlog_in_order_once(
+    gateway: Gateway,
+    auth_server: AuthStandIn,
+    topics: tuple[str, str],
+    producer: AIOKafkaProducer,
+    db: asyncpg.Connection,
+) -> None:
+    """Messages for a disconnected user arrive in order on connect, and only once."""
+    user = "offline-user"
+    sent = [message(user, subject=f"n{i}") for i in range(5)]
+    # One partition key keeps Kafka's order, which the backlog must preserve.
+    for value in sent:
+        await producer.send_and_wait(topics[0], json.dumps(value).encode(), key=b"k")
+    async with asyncio.timeout(20):
+        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < 5:
+            await asyncio.sleep(0.1)
+
+    token = auth_server.issue(user)
+    async with connect(gateway.ws_url(token)) as ws:
+        frames = await receive(ws, 5)
+        assert [f["title"] for f in frames] == [f"n{i}" for i in range(5)]
+        assert await silent(ws, 0.5)
+    assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 0
+    async with connect(gateway.ws_url(token)) as ws:
+        assert await silent(ws, 1.0), "a second connection does not get them again"
+
+
+async def test_all_connections_of_a_user_receive_and_no_one_else(
+    gateway: Gateway, auth_server: AuthStandIn, topics: tuple[str, str], producer: AIOKafkaProducer
+) -> None:
+    """Both connections of a user get a live message; another user's connection gets nothing."""
+    async with (
+        connect(gateway.ws_url(auth_server.issue("alice"))) as phone,
+        connect(gateway.ws_url(auth_server.issue("alice"))) as laptop,
+        connect(gateway.ws_url(auth_server.issue("bob"))) as bob,
+    ):
+        await produce(producer, topics[0], message("alice", "hi", "there"))
+        assert await receive(phone, 1) == [{"title": "hi", "body": "there"}]
+        assert await receive(laptop, 1) == [{"title": "hi", "body": "there"}]
+        assert await silent(bob, 1.0)
+
+
+async def test_bearer_header_is_accepted(
+    gateway: Gateway, auth_server: AuthStandIn, topics: tuple[str, str], producer: AIOKafkaProducer
+) -> None:
+    """A client may send its token as ``Authorization: Bearer`` instead of the query."""
+    token = auth_server.issue("carol")
+    async with connect(
+        gateway.ws_url(), additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
+        await produce(producer, topics[0], message("CAROL".lower(), "x", "y"))
+        assert await receive(ws, 1) == [{"title": "x", "body": "y"}]
+
+
+async def test_token_failures_close_with_readable_codes(
+    gateway: Gateway, auth_server: AuthStandIn
+) -> None:
+    """No token or a bad one closes with 4401; a failing auth service with 4503."""
+    assert (await close_code(gateway.ws_url()))[0] == 4401
+    assert (await close_code(gateway.ws_url("not-a-token")))[0] == 4401
+    assert (await close_code(gateway.ws_url(auth_server.issue("dave", ttl=-10))))[0] == 4401
+    auth_server.fail_status = 500
+    code, reason = await close_code(gateway.ws_url(auth_server.issue("dave")))
+    assert code == 4503 and "retry" in reason
+    auth_server.fail_status = None
+    auth_server.delay = 2.0
+    code, _ = await close_code(gateway.ws_url(auth_server.issue("erin")))
+    assert code == 4503, "an auth service slower than AUTH_TIMEOUT is unavailable, not invalid"
+
+
+async def test_auth_service_down_is_unavailable(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn
+) -> None:
+    """An auth service that refuses connections gives 4503, never 4401."""
+    from .gateway import free_port
+
+    gateway = gateway_factory(AUTH_VERIFY_URL=f"http://127.0.0.1:{free_port()}/api/v1/users/me")
+    assert (await close_code(gateway.ws_url(auth_server.issue("frank"))))[0] == 4503
