@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -54,9 +55,7 @@ async def silent(ws: ClientConnection, seconds: float = 1.0) -> bool:
 async def close_code(url: str, **kwargs: Any) -> tuple[int | None, str]:
     """Connect and return the close code and reason the server ends the connection with."""
     async with connect(url, open_timeout=15, **kwargs) as ws:
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 15)
-        except ConnectionClosed:
-            pass
         assert ws.close_code is not None, "server did not close"
         return ws.close_code, ws.close_reason or ""
