@@ -72,10 +72,6 @@ def create_app(
         gateway.on_fatal = app.stop
         await gateway.start()
 
-    @app.before_server_stop
-    async def stop_node(app: Sanic[Any, Any]) -> None:
-        await gateway.stop()
-
     @app.on_response  # type: ignore[untyped-decorator]
     async def log_request(request: Request, response: HTTPResponse) -> None:
         # request.path carries no query string, so no token can reach this line.
@@ -110,6 +106,13 @@ def create_app(
     @app.websocket(WS_PATH)  # type: ignore[untyped-decorator]
     async def notify(request: Request, ws: Websocket) -> None:
         await serve_client(gateway, request, ws)
+
+    # Registered after the WebSocket route on purpose: Sanic runs stop listeners in
+    # reverse order, so the node drains and closes sockets with 1001 before Sanic
+    # cancels the handlers of whatever is left.
+    @app.before_server_stop
+    async def stop_node(app: Sanic[Any, Any]) -> None:
+        await gateway.stop()
 
     return app
 

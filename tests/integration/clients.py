@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import uuid
 from typing import Any
 
+import httpx
 from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -59,3 +61,14 @@ async def close_code(url: str, **kwargs: Any) -> tuple[int | None, str]:
             await asyncio.wait_for(ws.recv(), 15)
         assert ws.close_code is not None, "server did not close"
         return ws.close_code, ws.close_reason or ""
+
+
+async def wait_connections(base_url: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until the gateway at ``base_url`` has registered exactly ``count`` connections."""
+    async with httpx.AsyncClient() as client, asyncio.timeout(timeout):
+        while True:
+            text = (await client.get(f"{base_url}/metrics")).text
+            match = re.search(r"^notify_connections (\S+)", text, re.M)
+            if match is not None and float(match.group(1)) == count:
+                return
+            await asyncio.sleep(0.05)

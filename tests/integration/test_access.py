@@ -1,0 +1,86 @@
+"""Who may connect: JWT mode, connection limits, origins, tokens that expire while connected."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+from aiokafka import AIOKafkaProducer
+from websockets.asyncio.client import connect
+
+from dev.auth_server import AuthStandIn
+
+from .clients import close_code, message, produce, receive, silent
+from .conftest import GatewayFactory
+
+SECRET = "integration-secret-of-32-bytes-at-least"
+
+
+def _token(sub: str, ttl: float, secret: str = SECRET, **claims: object) -> str:
+    now = time.time()
+    return jwt.encode({"sub": sub, "iat": int(now), "exp": now + ttl, **claims}, secret, "HS256")
+
+
+async def test_jwt_mode_checks_signature_and_expiry_locally(
+    gateway_factory: GatewayFactory, topics: tuple[str, str], producer: AIOKafkaProducer
+) -> None:
+    """In jwt mode a valid token connects and receives; expired or forged ones get 4401."""
+    gateway = gateway_factory(
+        AUTH_MODE="jwt",
+        AUTH_JWT_SECRET=SECRET,
+        AUTH_VERIFY_URL="http://127.0.0.1:9/unused",
+    )
+    async with connect(gateway.ws_url(_token("jwt-user", 60))) as ws:
+        await produce(producer, topics[0], message("jwt-user", "local", "check"))
+        assert await receive(ws, 1) == [{"title": "local", "body": "check"}]
+    assert (await close_code(gateway.ws_url(_token("jwt-user", -60))))[0] == 4401
+    forged = _token("jwt-user", 60, secret="another-secret-of-32-bytes-at-least")
+    assert (await close_code(gateway.ws_url(forged)))[0] == 4401
+
+
+async def test_per_user_connection_limit(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn
+) -> None:
+    """Past MAX_CONNECTIONS_PER_USER a new connection of that user is closed with 4429."""
+    gateway = gateway_factory(MAX_CONNECTIONS_PER_USER="2")
+    token = auth_server.issue("greedy")
+    async with connect(gateway.ws_url(token)), connect(gateway.ws_url(token)):
+        code, reason = await close_code(gateway.ws_url(token))
+        assert code == 4429 and "user" in reason
+        async with connect(gateway.ws_url(auth_server.issue("other"))) as other:
+            assert other.state.name == "OPEN", "other users are not limited by this one"
+
+
+async def test_disallowed_origin_is_refused(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn
+) -> None:
+    """With ALLOWED_ORIGINS set, a page from another origin gets 4403; a listed one connects."""
+    gateway = gateway_factory(ALLOWED_ORIGINS="https://cinema.example")
+    token = auth_server.issue("viewer")
+    code, _ = await close_code(gateway.ws_url(token), origin="https://evil.example")
+    assert code == 4403
+    async with connect(gateway.ws_url(token), origin="https://cinema.example") as ws:
+        assert ws.state.name == "OPEN"
+
+
+async def test_connection_closes_when_its_token_expires(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn
+) -> None:
+    """A token with an exp closes its connection with 4401 at that moment."""
+    gateway = gateway_factory()
+    started = time.monotonic()
+    code, reason = await close_code(gateway.ws_url(auth_server.issue("short", ttl=2)))
+    assert code == 4401 and "expired" in reason
+    assert 0.5 < time.monotonic() - started < 10
+
+
+async def test_cached_token_checks_spare_the_auth_service(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn
+) -> None:
+    """Reconnecting with the same token does not ask the auth service again."""
+    gateway = gateway_factory()
+    token = auth_server.issue("repeat")
+    for _ in range(5):
+        async with connect(gateway.ws_url(token)) as ws:
+            assert await silent(ws, 0.3), "accepted, not closed"
+    assert auth_server.requests == 1
