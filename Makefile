@@ -37,6 +37,7 @@ migrate: venv
 	DATABASE_URL=$${DATABASE_URL:-$(LOCAL_DATABASE_URL)} $(BIN)/alembic upgrade head
 
 lint: venv
+	scripts/lint-docker.sh
 	$(BIN)/ruff check service migrations tests dev bench
 	$(BIN)/ruff format --check service migrations tests dev bench
 	$(BIN)/mypy service
@@ -62,10 +63,10 @@ demo: venv
 lock:
 	rm -rf .cache/lock && $(PYTHON) -m venv .cache/lock/rt && .cache/lock/rt/bin/pip install -q .
 	(echo "# Runtime dependencies, pinned: what the image installs. Regenerate with 'make lock'."; \
-	 .cache/lock/rt/bin/pip freeze --exclude notify-ws) > requirements.lock
+	 .cache/lock/rt/bin/pip freeze --all --exclude pip --exclude notify-ws) > requirements.lock
 	$(PYTHON) -m venv .cache/lock/dev && .cache/lock/dev/bin/pip install -q '.[dev]'
 	(echo "# Runtime and development dependencies, pinned: what 'make test' installs. Regenerate with 'make lock'."; \
-	 .cache/lock/dev/bin/pip freeze --exclude notify-ws) > requirements-dev.lock
+	 .cache/lock/dev/bin/pip freeze --all --exclude pip --exclude notify-ws) > requirements-dev.lock
 
 clean: down
 	rm -rf $(VENV) .cache
