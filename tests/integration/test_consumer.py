@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
 import asyncpg
+import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from websockets.asyncio.client import connect
 
@@ -151,3 +153,41 @@ async def test_restart_between_produce_and_consume_loses_nothing(
         async with connect(third.ws_url(auth_server.issue(user))) as ws:
             received += [f["title"] for f in await receive(ws, 10)]
     assert sorted(received) == sorted(m["subject"] for m in sent)
+
+
+async def test_backlog_retention_caps_per_user_and_drops_old_records(
+    gateway_factory: GatewayFactory,
+    auth_server: AuthStandIn,
+    topics: tuple[str, str],
+    producer: AIOKafkaProducer,
+    db: asyncpg.Connection,
+) -> None:
+    """Only the newest BACKLOG_MAX_PER_USER rows stay; records older than the TTL are dropped."""
+    gateway = gateway_factory(
+        BACKLOG_MAX_PER_USER="3", BACKLOG_CLEANUP_INTERVAL="200ms", BACKLOG_TTL="1h"
+    )
+    stale_ms = int((time.time() - 2 * 3600) * 1000)
+    await producer.send_and_wait(
+        topics[0], json.dumps(message("hoarder", "stale")).encode(), key=b"k", timestamp_ms=stale_ms
+    )
+    for n in range(6):
+        await producer.send_and_wait(
+            topics[0], json.dumps(message("hoarder", f"n{n}")).encode(), key=b"k"
+        )
+    async with asyncio.timeout(20):
+        while True:
+            titles = [
+                r["title"]
+                for r in await db.fetch(
+                    "SELECT title FROM undelivered_notification ORDER BY created_at, seq"
+                )
+            ]
+            if titles == ["n3", "n4", "n5"]:
+                break
+            await asyncio.sleep(0.1)
+    async with connect(gateway.ws_url(auth_server.issue("hoarder"))) as ws:
+        assert [f["title"] for f in await receive(ws, 3)] == ["n3", "n4", "n5"]
+        assert await silent(ws, 0.5)
+    metrics = httpx.get(f"{gateway.base}/metrics").text
+    assert 'notify_notifications_expired_total{cause="ttl_on_consume"} 1.0' in metrics
+    assert 'notify_notifications_expired_total{cause="per_user_cap"} 3.0' in metrics
