@@ -128,12 +128,19 @@ class Node:
         log.info("node_stopped")
 
     async def _retention_loop(self) -> None:
-        """Expire stored rows past the TTL and cap each user's backlog, periodically."""
+        """Expire stored rows past the TTL and cap each user's backlog, periodically.
+
+        The first pass caps every user; later passes only the users stored to since,
+        so the check does not scan the whole table every interval.
+        """
         s = self.settings
+        users: set[str] | None = None
         while True:
+            if users is not None:
+                users |= self.router.take_stored_users()
             try:
                 expired = await self.store.expire(s.backlog_ttl)
-                capped = await self.store.cap(s.backlog_max_per_user)
+                capped = await self.store.cap(s.backlog_max_per_user, users)
             except StoreUnavailable as exc:
                 log.warning("retention_skipped", extra={"error": str(exc)})
             else:
@@ -141,6 +148,7 @@ class Node:
                 self.metrics.expired.labels("per_user_cap").inc(capped)
                 if expired or capped:
                     log.info("retention", extra={"expired": expired, "capped": capped})
+                users = set()
             await asyncio.sleep(s.backlog_cleanup_interval)
 
     async def _watchdog_loop(self) -> None:

@@ -160,6 +160,12 @@ class Router:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self.store_healthy = True
+        self._stored_users: set[str] = set()
+
+    def take_stored_users(self) -> set[str]:
+        """Users with rows stored since the last call (for the per-user cap)."""
+        users, self._stored_users = self._stored_users, set()
+        return users
 
     async def deliver(self, notifications: Sequence[Notification]) -> None:
         """Write each notification to every live connection of its user, or store it.
@@ -210,7 +216,9 @@ class Router:
             log.info("store_recovered")
         self.store_healthy = True
         self._metrics.stored.inc(added)
-        for user_id in {n.user_id for n in notifications}:
+        users = {n.user_id for n in notifications}
+        self._stored_users |= users
+        for user_id in users:
             for outlet in self._hub.connections(user_id):
                 outlet.request_flush()
 

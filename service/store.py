@@ -47,7 +47,8 @@ _EXPIRE = (
     "DELETE FROM undelivered_notification WHERE created_at < now() - make_interval(secs => $1)"
 )
 
-# Keep the newest $1 rows of each user who has more than that.
+# Keep the newest $1 rows of each user who has more than that; $2 limits the
+# check to some users (NULL: all of them, a full scan).
 _CAP = """
 DELETE FROM undelivered_notification AS t USING (
     SELECT message_id FROM (
@@ -55,7 +56,9 @@ DELETE FROM undelivered_notification AS t USING (
                row_number() OVER (PARTITION BY user_id ORDER BY created_at DESC, seq DESC) AS rank
         FROM undelivered_notification
         WHERE user_id IN (
-            SELECT user_id FROM undelivered_notification GROUP BY user_id HAVING count(*) > $1
+            SELECT user_id FROM undelivered_notification
+            WHERE $2::varchar[] IS NULL OR user_id = ANY($2::varchar[])
+            GROUP BY user_id HAVING count(*) > $1
         )
     ) AS ranked WHERE rank > $1
 ) AS excess
@@ -158,10 +161,14 @@ class Store:
         async with self._connection() as connection:
             return _count(await connection.execute(_EXPIRE, float(ttl_seconds)))
 
-    async def cap(self, max_per_user: int) -> int:
-        """Delete the oldest rows of users over the cap; returns how many."""
+    async def cap(self, max_per_user: int, user_ids: Sequence[str] | None = None) -> int:
+        """Delete the oldest rows of users over the cap; returns how many.
+
+        ``user_ids`` limits the check to those users; None checks everyone.
+        """
+        users = None if user_ids is None else list(user_ids)
         async with self._connection() as connection:
-            return _count(await connection.execute(_CAP, max_per_user))
+            return _count(await connection.execute(_CAP, max_per_user, users))
 
     async def ping(self) -> None:
         """Check that PostgreSQL answers. Raises StoreUnavailable."""
