@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -161,7 +161,7 @@ class Store:
         async with self._connection() as connection:
             return _count(await connection.execute(_EXPIRE, float(ttl_seconds)))
 
-    async def cap(self, max_per_user: int, user_ids: Sequence[str] | None = None) -> int:
+    async def cap(self, max_per_user: int, user_ids: Collection[str] | None = None) -> int:
         """Delete the oldest rows of users over the cap; returns how many.
 
         ``user_ids`` limits the check to those users; None checks everyone.
