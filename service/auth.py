@@ -131,6 +131,9 @@ class RemoteAuthenticator:
 
     async def identify(self, token: str) -> Identity:
         s = self._settings
+        if not (token.isascii() and token.isprintable()):
+            # Tokens are ASCII; anything else cannot even be put in a header.
+            raise InvalidToken("malformed token")
         headers: dict[str, str] = {"Accept": "application/json"}
         params: dict[str, str] = {}
         body: dict[str, str] | None = None
@@ -178,7 +181,10 @@ class RemoteAuthenticator:
         check = self._settings.auth_body_check
         if "==" in check:
             path, expected = (part.strip() for part in check.split("==", 1))
-            return str(_lookup(document, path)) == expected
+            value = _lookup(document, path)
+            # Compare in JSON spelling, so `is_valid==true` matches a JSON true.
+            text = value if isinstance(value, str) else orjson.dumps(value).decode()
+            return text == expected
         return bool(_lookup(document, check))
 
     async def close(self) -> None:

@@ -35,6 +35,19 @@ def redact(text: str) -> str:
     return text
 
 
+def _scrub(value: Any) -> Any:
+    """Redact every string inside ``value``, however deeply nested."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {_scrub(key): _scrub(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub(item) for item in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return redact(str(value))
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object, secrets removed."""
 
@@ -48,10 +61,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key in _STANDARD or key.startswith("_"):
                 continue
-            entry[key] = redact(value) if isinstance(value, str) else value
+            entry[key] = _scrub(value)
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
-        return orjson.dumps(entry, default=lambda v: redact(str(v))).decode()
+        return orjson.dumps(entry).decode()
 
 
 def configure(level: str) -> None:

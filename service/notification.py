@@ -7,6 +7,7 @@ short machine-readable reason. It does no I/O and is safe to call from anywhere.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -60,13 +61,18 @@ class Notification:
         return cls(message_id, user_id, title, body, created_ms, frame)
 
 
+_UUID_FORM = re.compile(r"\{?[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}\}?")
+
+
 def canonical_user_id(user_id: str) -> str:
-    """Return the form user ids are compared in: a UUID in canonical lower case, else as is."""
-    if len(user_id) in (32, 36, 38):
-        try:
-            return str(uuid.UUID(user_id))
-        except ValueError:
-            pass
+    """Return the form user ids are compared in: a UUID in canonical lower case, else as is.
+
+    Only the usual spellings of a UUID (hex, optional dashes and braces) count:
+    ``uuid.UUID`` alone also takes ``0x`` prefixes, underscores and non-ASCII
+    digits, which would fold distinct ids into one user.
+    """
+    if _UUID_FORM.fullmatch(user_id):
+        return str(uuid.UUID(user_id))
     return user_id
 
 

@@ -1,0 +1,187 @@
+"""In-memory stand-ins for what the router and a connection talk to: the store and the socket.
+
+Each fake does just enough to exercise one contract of ``service``: the backlog
+keeps rows in the order PostgreSQL would return them, the socket records frames
+and can be made to hang or to fail like a real peer that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from service.notification import Notification
+from service.router import Delivery, Stored, StoreUnavailable
+
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def notification(user_id: str = "alice", text: str = "", *, created_ms: int = 0) -> Notification:
+    """A push notification for ``user_id`` with a fresh message id."""
+    message_id = str(uuid.uuid4())
+    title = text or f"title {message_id[:8]}"
+    return Notification.build(message_id, user_id, title, f"body of {title}", created_ms)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait until ``condition()`` holds; fail the test after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.001)
+
+
+class FakeBacklog:
+    """The backlog store in memory: rows ordered like ``(created_at, seq)``, deduplicated by id.
+
+    ``unavailable = True`` makes every call raise StoreUnavailable; ``save_gate``,
+    when set to an unset event, makes ``save`` wait for it before storing.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Stored] = {}
+        self._seq = 0
+        self.unavailable = False
+        self.save_gate: asyncio.Event | None = None
+        self.save_attempts = 0
+        self.deleted: list[str] = []
+
+    def _check(self) -> None:
+        if self.unavailable:
+            raise StoreUnavailable("connection refused")
+
+    def put(self, *notifications: Notification) -> None:
+        """Store rows directly, as if saved earlier (test setup)."""
+        for n in notifications:
+            self._seq += 1
+            self.rows[n.message_id] = Stored(n, (EPOCH + timedelta(seconds=self._seq), self._seq))
+
+    @property
+    def stored_ids(self) -> list[str]:
+        return [s.notification.message_id for s in self._ordered()]
+
+    def _ordered(self) -> list[Stored]:
+        return sorted(self.rows.values(), key=lambda s: s.cursor)
+
+    async def save(self, notifications: Sequence[Notification]) -> int:
+        self.save_attempts += 1
+        self._check()
+        if self.save_gate is not None:
+            await self.save_gate.wait()
+            self._check()
+        new = [n for n in notifications if n.message_id not in self.rows]
+        self.put(*new)
+        return len(new)
+
+    async def fetch(
+        self, user_id: str, after: tuple[datetime, int] | None, limit: int
+    ) -> list[Stored]:
+        self._check()
+        rows = [s for s in self._ordered() if s.notification.user_id == user_id]
+        if after is not None:
+            rows = [s for s in rows if s.cursor > after]
+        return rows[:limit]
+
+    async def delete(self, message_ids: Sequence[str]) -> None:
+        self._check()
+        for message_id in message_ids:
+            self.rows.pop(message_id, None)
+            self.deleted.append(message_id)
+
+
+class FakeOutlet:
+    """A live connection as the router sees it, settling each delivery on the next loop turn.
+
+    ``mode`` is ``"write"`` (written), ``"drop"`` (accepted, then given up) or
+    ``"refuse"`` (``offer`` returns False, as a closed connection does).
+    """
+
+    def __init__(self, user_id: str, mode: str = "write") -> None:
+        self._user_id = user_id
+        self.mode = mode
+        self.frames: list[str] = []
+        self.flush_requests = 0
+        self._seen: set[str] = set()
+        self.fail_write_at: int | None = None
+
+    @property
+    def user_id(self) -> str:
+        return self._user_id
+
+    def offer(self, delivery: Delivery) -> bool:
+        if self.mode == "refuse":
+            return False
+        loop = asyncio.get_running_loop()
+        if self.mode == "write":
+            self.frames.append(delivery.notification.frame)
+            self._seen.add(delivery.notification.message_id)
+            loop.call_soon(delivery.settle, True)
+        else:
+            loop.call_soon(delivery.settle, False)
+        return True
+
+    def request_flush(self) -> None:
+        self.flush_requests += 1
+
+    def seen(self, message_id: str) -> bool:
+        return message_id in self._seen
+
+    async def write(self, frame: str) -> None:
+        if self.fail_write_at is not None and len(self.frames) >= self.fail_write_at:
+            raise ConnectionResetError("peer went away")
+        await asyncio.sleep(0)
+        self.frames.append(frame)
+
+    def mark_written(self, message_id: str) -> None:
+        self._seen.add(message_id)
+
+
+class PeerGone(Exception):
+    """What a send on a failed socket raises (websockets' ConnectionClosed in production)."""
+
+
+class FakeSocket:
+    """A WebSocket that records what is sent and how it was closed.
+
+    ``hold()`` makes sends hang until ``release()``; ``fail_sends`` makes every
+    send raise; ``close`` and ``fail_connection`` end hanging sends with an error,
+    as a real WebSocket does once it is closing.
+    """
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.closed_with: tuple[int, str] | None = None
+        self.failed_with: tuple[int, str] | None = None
+        self.fail_sends = False
+        self.sending = 0
+        self._open = asyncio.Event()
+        self._open.set()
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def send(self, message: str) -> None:
+        self.sending += 1
+        try:
+            await self._open.wait()
+        finally:
+            self.sending -= 1
+        if self.fail_sends or self.failed_with is not None or self.closed_with is not None:
+            raise PeerGone("connection lost")
+        self.frames.append(message)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed_with = (code, reason)
+        self.release()
+
+    def fail_connection(self, code: int = 1006, reason: str = "") -> bool:
+        self.failed_with = (code, reason)
+        self.release()
+        return True

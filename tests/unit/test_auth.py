@@ -1,0 +1,550 @@
+"""Token checks: the remote auth service, local JWTs, and the cache in front of either."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import traceback
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+import service.auth
+from service.auth import (
+    AuthUnavailable,
+    CachedAuthenticator,
+    Identity,
+    InvalidToken,
+    JwtAuthenticator,
+    RemoteAuthenticator,
+)
+from service.config import Settings
+from service.metrics import Metrics
+
+USER = "b1fe6a68-f7b5-4c2c-a52b-97494403d2ce"
+TOKEN = "opaque-token-Zq8xv3Kp0wQz"
+SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def answer(status: int = 200, body: Any = None) -> Handler:
+    """A stand-in auth service that always gives the same answer."""
+    payload = {"id": USER} if body is None else body
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=payload)
+
+    return handle
+
+
+async def identify(handler: Handler, token: str = TOKEN, **env: str) -> Identity:
+    """Check ``token`` against the stand-in with settings from ``env``."""
+    settings = Settings.from_env(env)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    authenticator = RemoteAuthenticator(settings, client)
+    try:
+        return await authenticator.identify(token)
+    finally:
+        await authenticator.close()
+
+
+def assert_secret_free(exc: BaseException, token: str = TOKEN) -> None:
+    """Neither the message nor a printed traceback of ``exc`` holds the token."""
+    assert token not in str(exc)
+    assert token not in repr(exc)
+    assert token not in "".join(traceback.format_exception(exc))
+
+
+# --- remote: statuses --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 202])
+async def test_remote_success_statuses_accept_the_token(status: int) -> None:
+    """The auth service answering 200 or 202 lets the client in as the user it names."""
+    assert await identify(answer(status)) == Identity(USER, None)
+
+
+@pytest.mark.parametrize("status", [401, 403, 422])
+async def test_remote_refusals_mean_invalid_token(status: int) -> None:
+    """401, 403 and 422 tell the client to get a new token (4401), not to retry."""
+    with pytest.raises(InvalidToken) as raised:
+        await identify(answer(status, {"detail": "Could not validate credentials"}))
+    assert_secret_free(raised.value)
+
+
+@pytest.mark.parametrize("status", [500, 503, 404, 302])
+async def test_remote_other_statuses_mean_unavailable(status: int) -> None:
+    """Any other answer means "retry later" (4503), never "your token is bad"."""
+    with pytest.raises(AuthUnavailable) as raised:
+        await identify(answer(status, {"detail": "oops"}))
+    assert_secret_free(raised.value)
+
+
+def raising(exc_type: type[httpx.TransportError]) -> Handler:
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise exc_type(f"failed talking to {request.url} with {request.headers}", request=request)
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    "exc_type", [httpx.ReadTimeout, httpx.ConnectTimeout, httpx.ConnectError, httpx.ReadError]
+)
+@pytest.mark.parametrize("placement", ["bearer", "query"])
+async def test_remote_timeout_or_refused_connection_means_unavailable(
+    exc_type: type[httpx.TransportError], placement: str
+) -> None:
+    """An auth service that times out or cannot be reached is "retry later", token not leaked."""
+    with pytest.raises(AuthUnavailable) as raised:
+        await identify(raising(exc_type), AUTH_TOKEN_IN=placement, AUTH_TOKEN_NAME="token")
+    assert_secret_free(raised.value)
+
+
+async def test_remote_answer_that_is_not_json_means_unavailable() -> None:
+    """A 200 with an HTML page (a misrouted proxy, say) is "retry later", not a login."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="<html>hello</html>")
+
+    with pytest.raises(AuthUnavailable):
+        await identify(handle)
+
+
+async def test_remote_answer_without_user_id_means_unavailable() -> None:
+    """A success answer that names no user lets nobody in."""
+    with pytest.raises(AuthUnavailable):
+        await identify(answer(200, {"email": "a@example.com"}))
+
+
+async def test_configured_valid_statuses_are_honoured() -> None:
+    """With AUTH_VALID_STATUSES=200 a 202 no longer counts as a valid token."""
+    assert await identify(answer(200), AUTH_VALID_STATUSES="200") == Identity(USER)
+    with pytest.raises(AuthUnavailable):
+        await identify(answer(202), AUTH_VALID_STATUSES="200")
+
+
+# --- remote: user id ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"id": USER},
+        {"user_id": USER},
+        {"uuid": USER},
+        {"sub": USER},
+        {"claims": {"sub": USER}},
+        {"user": {"id": USER}},
+        {"user": {"id": USER.upper()}, "email": "a@example.com"},
+    ],
+)
+async def test_user_id_is_found_in_common_answer_shapes(body: dict[str, Any]) -> None:
+    """The user id is found whichever common field the auth service puts it in."""
+    assert (await identify(answer(200, body))).user_id == USER
+
+
+async def test_user_id_fields_are_tried_in_documented_order() -> None:
+    """When several fields are present, ``id`` wins over ``sub``."""
+    body = {"sub": "from-sub", "claims": {"sub": "from-claims"}, "id": USER}
+    assert (await identify(answer(200, body))).user_id == USER
+
+
+async def test_numeric_user_id_becomes_text() -> None:
+    """A numeric user id is accepted and compared as text."""
+    assert (await identify(answer(200, {"id": 42}))).user_id == "42"
+
+
+async def test_configured_user_id_field_is_used_alone() -> None:
+    """AUTH_USER_ID_FIELD picks the field; the common ones are then ignored."""
+    body = {"id": "row-7", "data": {"account_id": USER}}
+    identity = await identify(answer(200, body), AUTH_USER_ID_FIELD="data.account_id")
+    assert identity.user_id == USER
+    with pytest.raises(AuthUnavailable):
+        await identify(answer(200, {"id": USER}), AUTH_USER_ID_FIELD="data.account_id")
+
+
+# --- remote: body check ------------------------------------------------------------------------
+
+
+async def test_body_check_is_valid_field() -> None:
+    """With AUTH_BODY_CHECK=is_valid a 200 that says is_valid=false is an invalid token."""
+    ok = await identify(answer(200, {"is_valid": True, "id": USER}), AUTH_BODY_CHECK="is_valid")
+    assert ok.user_id == USER
+    for body in ({"is_valid": False, "id": USER}, {"id": USER}):
+        with pytest.raises(InvalidToken):
+            await identify(answer(200, body), AUTH_BODY_CHECK="is_valid")
+
+
+async def test_body_check_status_equals_valid() -> None:
+    """With AUTH_BODY_CHECK=status==valid only an answer saying "valid" lets the client in."""
+    good = {"status": "valid", "user_id": USER}
+    assert (await identify(answer(200, good), AUTH_BODY_CHECK="status==valid")).user_id == USER
+    with pytest.raises(InvalidToken):
+        await identify(
+            answer(200, {"status": "expired", "user_id": USER}), AUTH_BODY_CHECK="status==valid"
+        )
+
+
+async def test_body_check_against_a_json_boolean() -> None:
+    """AUTH_BODY_CHECK=is_valid==true accepts an answer whose is_valid is JSON true."""
+    identity = await identify(
+        answer(200, {"is_valid": True, "id": USER}), AUTH_BODY_CHECK="is_valid==true"
+    )
+    assert identity.user_id == USER
+
+
+# --- remote: where the token goes ----------------------------------------------------------------
+
+
+def recording(seen: list[httpx.Request]) -> Handler:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"id": USER})
+
+    return handle
+
+
+async def test_token_goes_in_the_bearer_header_by_default() -> None:
+    """By default the auth service gets ``GET`` on its URL with ``Authorization: Bearer``."""
+    seen: list[httpx.Request] = []
+    await identify(recording(seen))
+    (request,) = seen
+    assert request.method == "GET"
+    assert str(request.url) == "http://auth_service_api:8000/api/v1/users/me"
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_token_in_another_header() -> None:
+    """AUTH_TOKEN_IN=header sends the bare token in the named header."""
+    seen: list[httpx.Request] = []
+    await identify(recording(seen), AUTH_TOKEN_IN="header", AUTH_TOKEN_NAME="X-Auth-Token")
+    assert seen[0].headers["x-auth-token"] == TOKEN
+    assert "authorization" not in seen[0].headers
+
+
+async def test_token_in_a_cookie() -> None:
+    """AUTH_TOKEN_IN=cookie sends the token as the named cookie."""
+    seen: list[httpx.Request] = []
+    await identify(recording(seen), AUTH_TOKEN_IN="cookie", AUTH_TOKEN_NAME="access_token")
+    assert seen[0].headers["cookie"] == f"access_token={TOKEN}"
+
+
+async def test_token_in_a_json_body() -> None:
+    """AUTH_TOKEN_IN=json with POST sends ``{"<name>": token}`` to the configured URL."""
+    seen: list[httpx.Request] = []
+    await identify(
+        recording(seen),
+        AUTH_TOKEN_IN="json",
+        AUTH_TOKEN_NAME="token",
+        AUTH_METHOD="POST",
+        AUTH_VERIFY_URL="http://auth.local:9000/api/v1/auth/verify",
+    )
+    (request,) = seen
+    assert request.method == "POST"
+    assert str(request.url) == "http://auth.local:9000/api/v1/auth/verify"
+    assert json.loads(request.content) == {"token": TOKEN}
+
+
+async def test_token_in_the_query() -> None:
+    """AUTH_TOKEN_IN=query sends the token as the named query parameter."""
+    seen: list[httpx.Request] = []
+    await identify(recording(seen), AUTH_TOKEN_IN="query", AUTH_TOKEN_NAME="access_token")
+    assert seen[0].url.params["access_token"] == TOKEN
+
+
+async def test_jwt_shaped_token_carries_its_expiry() -> None:
+    """A JWT checked remotely still ends the connection at its ``exp``."""
+    exp = int(time.time()) + 600
+    token = jwt.encode({"sub": USER, "exp": exp}, SECRET, algorithm="HS256")
+    assert await identify(answer(200), token) == Identity(USER, float(exp))
+
+
+async def test_token_with_non_ascii_characters_is_invalid() -> None:
+    """A token with characters no header can carry is refused as invalid (4401)."""
+    with pytest.raises(InvalidToken):
+        await identify(answer(200), "tökén-ü")
+
+
+# --- jwt -------------------------------------------------------------------------------------
+
+
+def jwt_auth(**env: str) -> JwtAuthenticator:
+    return JwtAuthenticator(Settings.from_env({"AUTH_MODE": "jwt", **env}))
+
+
+def hs_token(claims: dict[str, Any], secret: str = SECRET) -> str:
+    return jwt.encode({"exp": int(time.time()) + 600, **claims}, secret, algorithm="HS256")
+
+
+async def assert_refused(authenticator: JwtAuthenticator, token: str) -> InvalidToken:
+    with pytest.raises(InvalidToken) as raised:
+        await authenticator.identify(token)
+    assert_secret_free(raised.value, token)
+    return raised.value
+
+
+async def test_jwt_valid_hs256_token() -> None:
+    """A correctly signed, unexpired HS256 token identifies its ``sub`` until its ``exp``."""
+    exp = int(time.time()) + 600
+    token = hs_token({"sub": USER.upper(), "exp": exp})
+    assert await jwt_auth(AUTH_JWT_SECRET=SECRET).identify(token) == Identity(USER, float(exp))
+
+
+async def test_jwt_expired_token_is_refused() -> None:
+    """An expired token is refused so the client knows to refresh it."""
+    token = hs_token({"sub": USER, "exp": int(time.time()) - 60})
+    error = await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), token)
+    assert error.reason == "token expired"
+
+
+async def test_jwt_token_without_expiry_is_refused() -> None:
+    """A token that never expires is not accepted."""
+    token = jwt.encode({"sub": USER}, SECRET, algorithm="HS256")
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), token)
+
+
+async def test_jwt_wrong_signature_is_refused() -> None:
+    """A token signed with another key is refused."""
+    token = hs_token({"sub": USER}, secret="another-secret-that-is-also-long-enough")
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), token)
+
+
+@pytest.mark.parametrize("token", ["not-a-jwt", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.bm90LWpzb24.c2ln"])
+async def test_jwt_garbage_is_refused(token: str) -> None:
+    """Something that is not a JWT at all is an invalid token, not a crash."""
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), token)
+
+
+async def test_jwt_unsigned_token_is_refused() -> None:
+    """A token with ``alg: none`` is refused."""
+    token = jwt.encode({"sub": USER, "exp": int(time.time()) + 600}, None, algorithm="none")
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), token)
+
+
+async def test_jwt_issuer_is_checked_when_configured() -> None:
+    """With AUTH_JWT_ISSUER set, a token from another issuer (or none) is refused."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET, AUTH_JWT_ISSUER="auth-service")
+    assert (await auth.identify(hs_token({"sub": USER, "iss": "auth-service"}))).user_id == USER
+    await assert_refused(auth, hs_token({"sub": USER, "iss": "someone-else"}))
+    await assert_refused(auth, hs_token({"sub": USER}))
+
+
+async def test_jwt_audience_is_checked_when_configured() -> None:
+    """With AUTH_JWT_AUDIENCE set, a token for another audience is refused."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET, AUTH_JWT_AUDIENCE="notify")
+    assert (await auth.identify(hs_token({"sub": USER, "aud": "notify"}))).user_id == USER
+    await assert_refused(auth, hs_token({"sub": USER, "aud": "billing"}))
+
+
+async def test_jwt_without_user_claim_is_refused() -> None:
+    """A token that names no user is refused."""
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), hs_token({"name": "alice"}))
+
+
+async def test_jwt_custom_user_claim() -> None:
+    """AUTH_JWT_USER_ID_CLAIM picks which claim holds the user id."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET, AUTH_JWT_USER_ID_CLAIM="user_id")
+    assert (await auth.identify(hs_token({"user_id": USER, "sub": "x"}))).user_id == USER
+
+
+async def test_jwt_access_type_is_required_when_configured() -> None:
+    """With AUTH_JWT_REQUIRE_ACCESS_TYPE a refresh token cannot open a connection."""
+    strict = jwt_auth(AUTH_JWT_SECRET=SECRET, AUTH_JWT_REQUIRE_ACCESS_TYPE="true")
+    assert (await strict.identify(hs_token({"sub": USER, "type": "access"}))).user_id == USER
+    await assert_refused(strict, hs_token({"sub": USER, "type": "refresh"}))
+    await assert_refused(strict, hs_token({"sub": USER}))
+    lenient = jwt_auth(AUTH_JWT_SECRET=SECRET)
+    assert (await lenient.identify(hs_token({"sub": USER, "type": "refresh"}))).user_id == USER
+
+
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def public_pem(key: rsa.RSAPrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+async def test_jwt_rs256_with_a_public_key() -> None:
+    """An RS256 token signed by the auth service's key is accepted; one by another key is not."""
+    key, other = rsa_key(), rsa_key()
+    auth = jwt_auth(AUTH_JWT_PUBLIC_KEY=public_pem(key), AUTH_JWT_ALGORITHMS="RS256")
+    claims = {"sub": USER, "exp": int(time.time()) + 600}
+    assert (await auth.identify(jwt.encode(claims, key, algorithm="RS256"))).user_id == USER
+    await assert_refused(auth, jwt.encode(claims, other, algorithm="RS256"))
+    await assert_refused(auth, hs_token({"sub": USER}))
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(
+        service.auth, "time", SimpleNamespace(time=fake.time, perf_counter=fake.perf_counter)
+    )
+    return fake
+
+
+class Inner:
+    """An authenticator that counts its calls and gives a fixed answer, optionally held."""
+
+    def __init__(self, result: Identity | Exception) -> None:
+        self.result = result
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+        self.closed = False
+
+    async def identify(self, token: str) -> Identity:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def cached(inner: Inner, *, ttl: float = 30.0, size: int = 100) -> CachedAuthenticator:
+    return CachedAuthenticator(inner, Metrics(), ttl=ttl, size=size)
+
+
+async def test_cache_answers_a_repeated_check(clock: FakeClock) -> None:
+    """A reconnect with the same token does not ask the auth service again."""
+    inner = Inner(Identity(USER))
+    auth = cached(inner)
+    assert await auth.identify(TOKEN) == Identity(USER)
+    assert await auth.identify(TOKEN) == Identity(USER)
+    assert inner.calls == 1
+    await auth.identify("another-token")
+    assert inner.calls == 2
+
+
+async def test_cache_remembers_invalid_tokens(clock: FakeClock) -> None:
+    """A client retrying a bad token is refused without hammering the auth service."""
+    inner = Inner(InvalidToken("refused by auth service (401)"))
+    auth = cached(inner)
+    for _ in range(3):
+        with pytest.raises(InvalidToken):
+            await auth.identify(TOKEN)
+    assert inner.calls == 1
+
+
+async def test_cache_never_remembers_unavailable(clock: FakeClock) -> None:
+    """After an auth outage the next attempt asks again, so clients get in once it is back."""
+    inner = Inner(AuthUnavailable("timeout"))
+    auth = cached(inner)
+    for _ in range(2):
+        with pytest.raises(AuthUnavailable):
+            await auth.identify(TOKEN)
+    assert inner.calls == 2
+    inner.result = Identity(USER)
+    assert await auth.identify(TOKEN) == Identity(USER)
+
+
+async def test_cache_entry_expires_after_ttl(clock: FakeClock) -> None:
+    """A cached answer is re-checked after the cache TTL."""
+    inner = Inner(Identity(USER))
+    auth = cached(inner, ttl=30)
+    await auth.identify(TOKEN)
+    clock.now += 29
+    await auth.identify(TOKEN)
+    assert inner.calls == 1
+    clock.now += 2
+    await auth.identify(TOKEN)
+    assert inner.calls == 2
+
+
+async def test_cache_entry_never_outlives_the_token(clock: FakeClock) -> None:
+    """A token about to expire is not accepted from the cache after its ``exp``."""
+    inner = Inner(Identity(USER, expires_at=clock.now + 5))
+    auth = cached(inner, ttl=30)
+    await auth.identify(TOKEN)
+    clock.now += 4
+    await auth.identify(TOKEN)
+    assert inner.calls == 1
+    clock.now += 2
+    inner.result = InvalidToken("token expired")
+    with pytest.raises(InvalidToken):
+        await auth.identify(TOKEN)
+    assert inner.calls == 2
+
+
+async def test_cache_is_bounded(clock: FakeClock) -> None:
+    """The cache forgets the least recently used token once it is full."""
+    inner = Inner(Identity(USER))
+    auth = cached(inner, size=1)
+    await auth.identify("token-a")
+    await auth.identify("token-b")
+    await auth.identify("token-a")
+    assert inner.calls == 3
+
+
+async def test_cache_can_be_disabled(clock: FakeClock) -> None:
+    """AUTH_CACHE_TTL=0 checks every connection with the auth service."""
+    inner = Inner(Identity(USER))
+    auth = cached(inner, ttl=0)
+    await auth.identify(TOKEN)
+    await auth.identify(TOKEN)
+    assert inner.calls == 2
+
+
+async def test_concurrent_checks_of_one_token_share_one_call() -> None:
+    """A reconnect storm with one token becomes one auth request, and everyone gets its answer."""
+    inner = Inner(Identity(USER))
+    inner.gate = asyncio.Event()
+    auth = cached(inner)
+    checks = [asyncio.create_task(auth.identify(TOKEN)) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    inner.gate.set()
+    assert await asyncio.gather(*checks) == [Identity(USER)] * 20
+    assert inner.calls == 1
+
+
+@pytest.mark.parametrize("error", [InvalidToken("refused"), AuthUnavailable("timeout")])
+async def test_concurrent_checks_share_a_failure(error: Exception) -> None:
+    """When the shared check fails, every waiting client gets the same kind of answer."""
+    inner = Inner(error)
+    inner.gate = asyncio.Event()
+    auth = cached(inner)
+    checks = [asyncio.create_task(auth.identify(TOKEN)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    inner.gate.set()
+    results = await asyncio.gather(*checks, return_exceptions=True)
+    assert all(type(result) is type(error) for result in results)
+    assert inner.calls == 1
+
+
+async def test_cache_close_closes_the_inner_authenticator() -> None:
+    """Closing the cached authenticator releases the auth client; closing twice is harmless."""
+    inner = Inner(Identity(USER))
+    auth = cached(inner)
+    await auth.close()
+    await auth.close()
+    assert inner.closed

@@ -1,0 +1,448 @@
+"""Routing: live delivery to every connection of a user, the backlog for the rest, flush on connect.
+
+The first half drives the router with fake outlets; the second with real
+``Connection`` objects over a fake socket, so the writer, the bounded queue and
+the settle-once bookkeeping are exercised as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from service.auth import Identity
+from service.connection import Connection
+from service.hub import Hub
+from service.metrics import Metrics
+from service.notification import Notification
+from service.router import Outlet, Router, StoreUnavailable
+
+from .fakes import FakeBacklog, FakeOutlet, FakeSocket, notification, until
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def hub() -> Hub[Outlet]:
+    return Hub(max_per_user=10, max_total=100)
+
+
+@pytest.fixture
+def backlog() -> FakeBacklog:
+    return FakeBacklog()
+
+
+@pytest.fixture
+def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
+    return Router(hub, backlog, metrics, flush_batch=2, retry_initial=0.005, retry_max=0.02)
+
+
+def count(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name) or 0.0
+
+
+def outlet(hub: Hub[Outlet], user_id: str, mode: str = "write") -> FakeOutlet:
+    fake = FakeOutlet(user_id, mode)
+    hub.register(fake)
+    return fake
+
+
+# --- deliver, with fake outlets -------------------------------------------------------------
+
+
+async def test_offline_notification_is_stored(
+    router: Router, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A notification for a user with no open connection is kept for their next visit."""
+    n = notification("alice")
+    await router.deliver([n])
+    assert backlog.stored_ids == [n.message_id]
+    assert count(metrics, "notify_notifications_stored_total") == 1
+
+
+async def test_live_notification_reaches_every_connection_and_is_not_stored(
+    router: Router, hub: Hub[Outlet], backlog: FakeBacklog
+) -> None:
+    """Every open tab of the user receives the frame, and it is not sent again later."""
+    tab1, tab2 = outlet(hub, "alice"), outlet(hub, "alice")
+    n = notification("alice")
+    await router.deliver([n])
+    assert tab1.frames == [n.frame]
+    assert tab2.frames == [n.frame]
+    assert backlog.rows == {}
+
+
+async def test_other_users_receive_nothing(
+    router: Router, hub: Hub[Outlet], backlog: FakeBacklog
+) -> None:
+    """A notification for one user never shows up on another user's connection."""
+    alice, bob = outlet(hub, "alice"), outlet(hub, "bob")
+    for_alice, for_carol = notification("alice"), notification("carol")
+    await router.deliver([for_alice, for_carol])
+    assert alice.frames == [for_alice.frame]
+    assert bob.frames == []
+    assert backlog.stored_ids == [for_carol.message_id]
+
+
+async def test_notification_no_connection_accepted_is_stored(
+    router: Router, hub: Hub[Outlet], backlog: FakeBacklog
+) -> None:
+    """If every connection of the user is already closing, the notification is stored."""
+    outlet(hub, "alice", "refuse")
+    outlet(hub, "alice", "drop")
+    n = notification("alice")
+    await router.deliver([n])
+    assert backlog.stored_ids == [n.message_id]
+
+
+async def test_written_on_one_connection_is_enough(
+    router: Router, hub: Hub[Outlet], backlog: FakeBacklog
+) -> None:
+    """A notification written to one tab is not stored even if another tab dropped it."""
+    outlet(hub, "alice", "drop")
+    good = outlet(hub, "alice")
+    n = notification("alice")
+    await router.deliver([n])
+    assert good.frames == [n.frame]
+    assert backlog.rows == {}
+
+
+async def test_connection_of_the_user_is_asked_to_reread_the_store(
+    router: Router, hub: Hub[Outlet], backlog: FakeBacklog
+) -> None:
+    """After storing a user's notification, their open connections are told to flush it."""
+    tab = outlet(hub, "alice", "drop")
+    bob = outlet(hub, "bob")
+    await router.deliver([notification("alice")])
+    assert len(backlog.rows) == 1
+    assert tab.flush_requests == 1
+    assert bob.flush_requests == 0
+
+
+async def test_deliver_waits_for_the_store_and_loses_nothing(
+    router: Router, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """While PostgreSQL is down nothing is acknowledged; once it is back every message is stored."""
+    backlog.unavailable = True
+    batch = [notification("alice"), notification("bob")]
+    task = asyncio.create_task(router.deliver(batch))
+    await until(lambda: backlog.save_attempts >= 3)
+    assert not task.done()
+    assert router.store_healthy is False
+    assert count(metrics, "notify_store_failures_total") >= 3
+    backlog.unavailable = False
+    await asyncio.wait_for(task, 1.0)
+    assert sorted(backlog.stored_ids) == sorted(n.message_id for n in batch)
+    assert router.store_healthy is True
+
+
+async def test_deliver_while_store_is_down_can_be_cancelled(
+    router: Router, backlog: FakeBacklog
+) -> None:
+    """Shutting down while the store is down stops the retry without storing anything half-way."""
+    backlog.unavailable = True
+    task = asyncio.create_task(router.deliver([notification("alice")]))
+    await until(lambda: backlog.save_attempts >= 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backlog.rows == {}
+
+
+async def test_redelivered_offline_notification_is_stored_once(
+    router: Router, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A Kafka redelivery of a stored notification does not make it arrive twice later."""
+    n = notification("alice")
+    await router.deliver([n])
+    await router.deliver([n])
+    assert backlog.stored_ids == [n.message_id]
+    assert count(metrics, "notify_notifications_stored_total") == 1
+
+
+# --- flush_backlog, with fake outlets ----------------------------------------------------------
+
+
+async def test_flush_sends_oldest_first_and_empties_the_backlog(
+    router: Router, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """On connect a user receives every stored notification, oldest first, each once."""
+    stored = [notification("alice", f"n{i}") for i in range(5)]
+    backlog.put(*stored)
+    tab = FakeOutlet("alice")
+    assert await router.flush_backlog(tab) == 5
+    assert tab.frames == [n.frame for n in stored]
+    assert backlog.rows == {}
+    assert count(metrics, "notify_notifications_flushed_total") == 5
+
+
+async def test_flush_leaves_other_users_rows_alone(router: Router, backlog: FakeBacklog) -> None:
+    """Connecting as one user never sends or removes another user's stored notifications."""
+    bobs = notification("bob")
+    backlog.put(notification("alice"), bobs, notification("alice"))
+    tab = FakeOutlet("alice")
+    assert await router.flush_backlog(tab) == 2
+    assert bobs.frame not in tab.frames
+    assert backlog.stored_ids == [bobs.message_id]
+
+
+async def test_flush_deletes_a_row_only_after_its_frame_was_written(
+    router: Router, backlog: FakeBacklog
+) -> None:
+    """A stored notification is still in the store at the moment its frame is being written."""
+    stored = [notification("alice", f"n{i}") for i in range(3)]
+    backlog.put(*stored)
+    by_frame = {n.frame: n.message_id for n in stored}
+    present_while_writing: list[bool] = []
+
+    class Checking(FakeOutlet):
+        async def write(self, frame: str) -> None:
+            present_while_writing.append(by_frame[frame] in backlog.rows)
+            await super().write(frame)
+
+    await router.flush_backlog(Checking("alice"))
+    assert present_while_writing == [True, True, True]
+    assert backlog.rows == {}
+
+
+async def test_flush_interrupted_by_a_dead_socket_keeps_the_unsent_rows(
+    router: Router, backlog: FakeBacklog
+) -> None:
+    """If the connection dies mid-flush, what it did not receive waits for the next connection."""
+    stored = [notification("alice", f"n{i}") for i in range(5)]
+    backlog.put(*stored)
+    tab = FakeOutlet("alice")
+    tab.fail_write_at = 3
+    with pytest.raises(ConnectionResetError):
+        await router.flush_backlog(tab)
+    assert tab.frames == [n.frame for n in stored[:3]]
+    assert backlog.stored_ids == [n.message_id for n in stored[3:]]
+
+
+async def test_flush_skips_what_this_connection_already_wrote(
+    router: Router, backlog: FakeBacklog
+) -> None:
+    """A notification already shown on this connection is removed from the store, not resent."""
+    already, fresh = notification("alice"), notification("alice")
+    backlog.put(already, fresh)
+    tab = FakeOutlet("alice")
+    tab.mark_written(already.message_id)
+    assert await router.flush_backlog(tab) == 1
+    assert tab.frames == [fresh.frame]
+    assert backlog.rows == {}
+
+
+async def test_flush_with_the_store_down_sends_nothing_and_keeps_rows(
+    router: Router, backlog: FakeBacklog
+) -> None:
+    """A connection opened while PostgreSQL is down stays open; its backlog waits."""
+    n = notification("alice")
+    backlog.put(n)
+    backlog.unavailable = True
+    tab = FakeOutlet("alice")
+    assert await router.flush_backlog(tab) == 0
+    assert tab.frames == []
+    backlog.unavailable = False
+    assert backlog.stored_ids == [n.message_id]
+
+
+async def test_flush_survives_a_failed_delete(router: Router, backlog: FakeBacklog) -> None:
+    """If removing flushed rows fails, the frames are still delivered and the rows kept."""
+    n = notification("alice")
+    backlog.put(n)
+    tab = FakeOutlet("alice")
+
+    async def refuse(message_ids: object) -> None:
+        raise StoreUnavailable("gone")
+
+    backlog.delete = refuse  # type: ignore[method-assign]
+    assert await router.flush_backlog(tab) == 1
+    assert tab.frames == [n.frame]
+    assert backlog.stored_ids == [n.message_id]
+
+
+# --- with real connections over a fake socket -----------------------------------------------
+
+
+class Clients:
+    """Opens real connections on the hub and runs their writers; closes them all at the end."""
+
+    def __init__(self, hub: Hub[Outlet], router: Router, metrics: Metrics) -> None:
+        self._hub = hub
+        self._router = router
+        self._metrics = metrics
+        self._writers: list[asyncio.Task[None]] = []
+
+    def open(
+        self, user_id: str, *, queue_size: int = 100, start: bool = True
+    ) -> tuple[Connection, FakeSocket]:
+        socket = FakeSocket()
+        connection = Connection(socket, Identity(user_id), self._metrics, queue_size=queue_size)
+        self._hub.register(connection)
+        if start:
+            self.start(connection)
+        return connection, socket
+
+    def start(self, connection: Connection) -> asyncio.Task[None]:
+        writer = asyncio.create_task(connection.run(self._router.flush_backlog))
+        self._writers.append(writer)
+        return writer
+
+    async def close_all(self) -> None:
+        for writer in self._writers:
+            writer.cancel()
+        await asyncio.gather(*self._writers, return_exceptions=True)
+
+
+@pytest.fixture
+async def clients(hub: Hub[Outlet], router: Router, metrics: Metrics) -> AsyncIterator[Clients]:
+    opened = Clients(hub, router, metrics)
+    yield opened
+    await opened.close_all()
+
+
+async def test_live_frames_reach_every_socket_of_the_user(
+    router: Router, clients: Clients, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """Two open sockets of a user both show the notification; another user's socket does not."""
+    _, tab1 = clients.open("alice")
+    _, tab2 = clients.open("alice")
+    _, bob = clients.open("bob")
+    n = notification("alice")
+    await router.deliver([n])
+    assert tab1.frames == [n.frame]
+    assert tab2.frames == [n.frame]
+    assert bob.frames == []
+    assert backlog.rows == {}
+    assert count(metrics, "notify_notifications_delivered_total") == 2
+
+
+async def test_socket_failing_mid_write_gets_its_notification_stored(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """A notification that could not be written because the socket broke arrives on reconnect."""
+    connection, socket = clients.open("alice")
+    socket.fail_sends = True
+    n = notification("alice")
+    await asyncio.wait_for(router.deliver([n]), 1.0)
+    assert socket.frames == []
+    assert connection.closed
+    assert backlog.stored_ids == [n.message_id]
+
+
+async def test_queue_overflow_closes_with_1013_and_stores_what_was_queued(
+    router: Router, clients: Clients, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A client too slow to keep up is closed with 1013 and loses nothing: it is all stored."""
+    earlier = notification("alice", "earlier")
+    backlog.put(earlier)
+    connection, socket = clients.open("alice", queue_size=2)
+    socket.hold()
+    await until(lambda: socket.sending == 1)  # the writer is stuck flushing ``earlier``
+    burst = [notification("alice", f"live {i}") for i in range(4)]
+    await asyncio.wait_for(router.deliver(burst), 1.0)
+    assert socket.failed_with is not None
+    assert socket.failed_with[0] == 1013
+    assert connection.closed
+    assert socket.frames == []
+    assert sorted(backlog.stored_ids) == sorted(
+        [earlier.message_id, *(n.message_id for n in burst)]
+    )
+    assert count(metrics, "notify_slow_connections_closed_total") == 1
+
+
+async def test_closing_a_connection_stores_what_it_had_not_written(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """On shutdown (close 1001) notifications still queued for the socket are stored, not lost."""
+    connection, socket = clients.open("alice")
+    socket.hold()
+    batch = [notification("alice", "a"), notification("alice", "b")]
+    delivering = asyncio.create_task(router.deliver(batch))
+    await until(lambda: socket.sending == 1)
+    await connection.close(1001, "server shutting down")
+    await connection.close(1001, "server shutting down")
+    await asyncio.wait_for(delivering, 1.0)
+    assert socket.closed_with == (1001, "server shutting down")
+    assert socket.frames == []
+    assert sorted(backlog.stored_ids) == sorted(n.message_id for n in batch)
+
+
+async def test_stored_notifications_come_before_live_ones(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """On connect the user sees the backlog oldest first, then what arrives live."""
+    old = [notification("alice", f"old {i}") for i in range(3)]
+    backlog.put(*old)
+    connection, socket = clients.open("alice", start=False)
+    socket.hold()
+    clients.start(connection)
+    await until(lambda: socket.sending == 1)
+    live = notification("alice", "live")
+    delivering = asyncio.create_task(router.deliver([live]))
+    await asyncio.sleep(0.01)
+    socket.release()
+    await asyncio.wait_for(delivering, 1.0)
+    assert socket.frames == [n.frame for n in [*old, live]]
+    assert backlog.rows == {}
+
+
+async def test_redelivery_of_a_flushed_notification_is_not_shown_twice(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """A notification flushed on connect and then redelivered by Kafka appears once."""
+    n = notification("alice")
+    backlog.put(n)
+    _, socket = clients.open("alice")
+    await until(lambda: socket.frames == [n.frame])
+    await asyncio.wait_for(router.deliver([n]), 1.0)
+    await router.deliver([notification("alice", "marker")])
+    assert socket.frames.count(n.frame) == 1
+    assert n.message_id not in backlog.rows
+
+
+async def test_live_notification_later_found_in_the_store_is_not_resent(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """A notification written live and also stored is deleted on the next flush, not shown again."""
+    _, socket = clients.open("alice")
+    n = notification("alice")
+    await router.deliver([n])
+    await router.store([n])
+    await until(lambda: backlog.rows == {})
+    assert socket.frames == [n.frame]
+
+
+async def test_connection_opened_during_the_store_write_receives_the_notification(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """A user who connects while their notification is being stored still receives it at once."""
+    backlog.save_gate = asyncio.Event()
+    n = notification("alice")
+    delivering = asyncio.create_task(router.deliver([n]))
+    await until(lambda: backlog.save_attempts == 1)
+    _, socket = clients.open("alice")  # registered, flushes an empty backlog
+    await asyncio.sleep(0.01)
+    assert socket.frames == []
+    backlog.save_gate.set()
+    await asyncio.wait_for(delivering, 1.0)
+    await until(lambda: socket.frames == [n.frame])
+    await until(lambda: backlog.rows == {})
+
+
+def _frames(notifications: list[Notification]) -> list[str]:
+    return [n.frame for n in notifications]
+
+
+async def test_many_notifications_arrive_in_order(router: Router, clients: Clients) -> None:
+    """Notifications for one user are shown in the order they were produced."""
+    _, socket = clients.open("alice")
+    batch = [notification("alice", f"n{i}") for i in range(50)]
+    await router.deliver(batch[:20])
+    await router.deliver(batch[20:])
+    assert socket.frames == _frames(batch)
