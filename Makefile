@@ -2,7 +2,7 @@
 #   make test    install everything, start Kafka and PostgreSQL, lint, type-check, run every test
 #   make run     start Kafka and PostgreSQL, migrate, run the gateway on :8001
 #   make demo    the platform's scenario end to end on this machine, then stop everything
-#   make up / make down    start / stop the local Kafka and PostgreSQL
+#   make up / make down    start / stop the local Kafka, PostgreSQL and Redis
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -27,10 +27,12 @@ venv: $(BIN)/.installed
 
 up:
 	scripts/postgres.sh start
+	scripts/redis.sh start
 	scripts/kafka.sh start
 
 down:
 	-scripts/kafka.sh stop
+	-scripts/redis.sh stop
 	-scripts/postgres.sh stop
 
 migrate: venv

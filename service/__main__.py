@@ -12,7 +12,7 @@ from .config import ConfigError, Settings
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument(
-        "--workers", type=int, default=None, help="worker processes (only 1 is supported yet)"
+        "--workers", type=int, default=None, help="worker processes (more than 1 needs REDIS_URL)"
     )
     args = parser.parse_args(argv)
     env = dict(os.environ)
@@ -24,19 +24,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"notify-ws: configuration error: {exc}", file=sys.stderr)
         return 2
 
-    from . import logs
-    from .app import create_app
+    if settings.workers == 1:
+        from . import logs
+        from .app import create_app
 
+        logs.configure(settings.log_level)
+        create_app(settings).run(
+            host=settings.host,
+            port=settings.port,
+            single_process=True,
+            access_log=False,
+            motd=False,
+        )
+    else:
+        _serve_workers(settings, env)
+    return 0
+
+
+def _serve_workers(settings: Settings, env: dict[str, str]) -> None:
+    """Several worker processes behind one port, each a whole node, routed through Redis."""
+    from sanic import Sanic
+    from sanic.worker.loader import AppLoader
+
+    from . import logs
+    from .app import app_from_environment
+
+    # Workers read their settings from the environment they inherit.
+    os.environ.update(env)
     logs.configure(settings.log_level)
-    app = create_app(settings)
-    app.run(
+    loader = AppLoader(factory=app_from_environment)
+    app = loader.load()
+    app.prepare(
         host=settings.host,
         port=settings.port,
-        single_process=True,
+        workers=settings.workers,
         access_log=False,
         motd=False,
     )
-    return 0
+    Sanic.serve(primary=app, app_loader=loader)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,16 @@ from sanic.response import HTTPResponse, json, raw
 from .auth import AuthUnavailable, InvalidToken
 from .config import Settings
 from .connection import (
-    AUTH_UNAVAILABLE,
     FORBIDDEN,
     GOING_AWAY,
     TOO_MANY,
     UNAUTHORIZED,
+    UNAVAILABLE,
     Connection,
 )
 from .hub import Rejected
 from .node import Node
+from .router import BrokerUnavailable
 
 log = logging.getLogger("notify.app")
 access = logging.getLogger("notify.access")
@@ -151,7 +152,7 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
     except AuthUnavailable as exc:
         log.warning("auth_unavailable", extra={"error": exc.reason})
         await _reject(
-            node, ws, AUTH_UNAVAILABLE, "auth service unavailable, retry later", "auth_unavailable"
+            node, ws, UNAVAILABLE, "auth service unavailable, retry later", "auth_unavailable"
         )
         return
     if identity.expires_at is not None and identity.expires_at <= time.time():
@@ -159,9 +160,20 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
         return
 
     connection = Connection(ws, identity, node.metrics, queue_size=settings.send_queue_size)
+    broker = node.broker
+    if broker is not None:
+        # Subscribe before registering and flushing: a message published from now
+        # on reaches this process, and one published before is in the store.
+        try:
+            await broker.subscribe(identity.user_id)
+        except BrokerUnavailable:
+            await _reject(node, ws, UNAVAILABLE, "service unavailable, retry later", "broker")
+            return
     try:
         node.hub.register(connection)
     except Rejected as exc:
+        if broker is not None:
+            broker.unsubscribe(identity.user_id)
         await _reject(node, ws, TOO_MANY, exc.reason, "too_many")
         return
     node.metrics.connections_opened.inc()
@@ -186,6 +198,8 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
         # Synchronous on purpose: Sanic may cancel this task when the client
         # leaves, and the connection must still leave the hub and settle its queue.
         node.hub.unregister(connection)
+        if broker is not None:
+            broker.unsubscribe(identity.user_id)
         node.metrics.connections.set(len(node.hub))
         if expiry is not None:
             expiry.cancel()
@@ -203,3 +217,18 @@ _STATUS_TEXT = {
     500: "internal error",
     503: "unavailable",
 }
+
+
+def app_from_environment() -> Sanic[Any, Any]:
+    """The application of one worker process, configured from its environment.
+
+    Used by ``python -m service`` when it runs several workers: each process
+    builds its own node (consumer, hub, broker) from the same variables.
+    """
+    import os
+
+    from . import logs
+
+    settings = Settings.from_env(os.environ)
+    logs.configure(settings.log_level)
+    return create_app(settings)

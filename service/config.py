@@ -77,6 +77,9 @@ class Settings:
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
 
+    redis_url: str = ""
+    redis_channel_prefix: str = "user:"
+
     @property
     def user_id_fields(self) -> tuple[str, ...]:
         """Where the remote auth answer holds the user id, in the order tried."""
@@ -145,15 +148,18 @@ class Settings:
             ping_timeout=r.seconds("PING_TIMEOUT", d.ping_timeout, minimum=0.1),
             shutdown_timeout=r.seconds("SHUTDOWN_TIMEOUT", d.shutdown_timeout, minimum=0.1),
             log_level=r.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
+            redis_url=r.redis("REDIS_URL"),
+            redis_channel_prefix=r.text("REDIS_CHANNEL_PREFIX", d.redis_channel_prefix),
         )
         settings._check_combinations()
         return settings
 
     def _check_combinations(self) -> None:
-        if self.workers != 1:
+        if self.workers != 1 and not self.redis_url:
             raise ConfigError(
-                "NOTIFY_WORKERS: only 1 is supported; routing across several processes "
-                "needs the Redis fan-out that is not built yet (see README, 'Scaling')"
+                "NOTIFY_WORKERS: more than 1 needs REDIS_URL; without Redis a message "
+                "consumed by one process cannot reach a user connected to another "
+                "(see README, 'Scaling')"
             )
         if self.auth_mode == "jwt":
             keys = [self.auth_jwt_secret, self.auth_jwt_public_key, self.auth_jwt_jwks_url]
@@ -264,6 +270,15 @@ class _Reader:
             return raw
 
         return self._parse(name, default, parse)
+
+    def redis(self, name: str) -> str:
+        def parse(raw: str) -> str:
+            if not re.match(r"rediss?://|unix://", raw):
+                # The URL may hold a password: never echo it.
+                raise ConfigError(f"{name}: expected a redis://, rediss:// or unix:// URL")
+            return raw
+
+        return self._parse(name, "", parse)
 
     def statuses(self, name: str) -> frozenset[int]:
         def parse(raw: str) -> frozenset[int]:

@@ -1,13 +1,16 @@
 """The node: one gateway process, owning its parts and running startup and shutdown.
 
-Startup order:  store pool -> authenticator -> hub/router -> consumer -> background loops.
+Startup order:  store pool -> authenticator -> hub/router -> broker -> consumer -> loops.
 Shutdown order (``stop``), under ``SHUTDOWN_TIMEOUT``:
 
 1. readiness turns false and new WebSockets are refused with 1001;
-2. the consumer finishes the batch in hand (its frames written or stored),
-   commits, and closes;
-3. every open connection is closed with 1001 (going away: reconnect elsewhere);
-4. background loops stop, the auth client and the store pool close.
+2. the consumer finishes the batch in hand (its frames written, published or
+   stored), commits, and closes;
+3. with Redis: the process leaves every channel and delivers what was already
+   published to it;
+4. every open connection is closed with 1001 (going away: reconnect elsewhere),
+   and what their queues still held is stored;
+5. background loops stop, the broker, the auth client and the store pool close.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .auth import Authenticator, build_authenticator
+from .broker import RedisBroker
 from .config import Settings
 from .connection import GOING_AWAY, TRY_AGAIN_LATER, Connection
 from .consumer import Consumer
@@ -47,10 +51,16 @@ class Node:
         self.hub: Hub[Connection] = Hub(
             max_per_user=settings.max_connections_per_user, max_total=settings.max_connections
         )
+        self.broker = (
+            RedisBroker(settings.redis_url, settings.redis_channel_prefix)
+            if settings.redis_url
+            else None
+        )
         self.router = Router(
             self.hub,  # type: ignore[arg-type]  # Hub is invariant; Connection is an Outlet
             self.store,
             self.metrics,
+            broker=self.broker,
             flush_batch=settings.flush_batch,
         )
         self.consumer = Consumer(settings, self.router, self.metrics)
@@ -61,6 +71,9 @@ class Node:
 
     async def start(self) -> None:
         await self.store.start()
+        if self.broker is not None:
+            await self.broker.start(self.router)
+            self._supervise(self.broker.task)
         self.consumer.start()
         self._supervise(self.consumer.task)
         self._spawn("backlog-retention", self._retention_loop)
@@ -97,11 +110,16 @@ class Node:
             store_ok = True
         except (StoreUnavailable, TimeoutError):
             store_ok = False
-        return {
+        checks = {
             "kafka": self.consumer.assigned,
             "postgres": store_ok and self.router.store_healthy,
             "accepting": not self.stopping,
         }
+        if self.broker is not None:
+            checks["redis"] = (
+                self.broker.healthy and self.router.broker_healthy and await self.broker.ping()
+            )
+        return checks
 
     async def stop(self) -> None:
         """Drain and stop, in the order of the module docstring, within SHUTDOWN_TIMEOUT."""
@@ -112,6 +130,10 @@ class Node:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         log.info("node_stopping", extra={"connections": len(self.hub)})
         await self.consumer.stop(grace=max(0.1, deadline - time.monotonic() - 1.0))
+        if self.broker is not None:
+            # Leave every channel first, so no other process counts this one as a
+            # receiver any more; what arrived before that is delivered or stored.
+            await self.broker.drain(grace=max(0.1, deadline - time.monotonic() - 0.5))
         closing = [c.close(GOING_AWAY, "server shutting down") for c in self.hub]
         if closing:
             done = asyncio.gather(*closing, return_exceptions=True)
@@ -119,9 +141,16 @@ class Node:
                 await asyncio.wait_for(done, timeout=max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 log.warning("close_timeout", extra={"left": len(self.hub)})
+        try:
+            # Frames the closed sockets did not take are stored now.
+            await asyncio.wait_for(self.router.drain(), max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("receive_drain_timeout")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.broker is not None:
+            await self.broker.close()
         await self.auth.close()
         await self.store.close()
         self._stopped.set()

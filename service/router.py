@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .hub import Hub
 from .metrics import Metrics
 from .notification import Notification
 
 log = logging.getLogger("notify.router")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,25 @@ class Stored:
 
 class StoreUnavailable(Exception):
     """The backlog store could not be reached; the operation may be retried."""
+
+
+class BrokerUnavailable(Exception):
+    """The cross-process broker (Redis) could not be reached; the operation may be retried."""
+
+
+class Broker(Protocol):
+    """What the router needs of the fan-out between processes (``service.broker``)."""
+
+    async def publish(self, notifications: Sequence[Notification]) -> list[int]:
+        """Publish each to its user's channel; how many processes received each.
+
+        Raises BrokerUnavailable.
+        """
+        ...
+
+    async def publish_flush(self, user_ids: Iterable[str]) -> None:
+        """Ask the processes holding these users to re-read the store. Raises BrokerUnavailable."""
+        ...
 
 
 class Backlog(Protocol):
@@ -139,8 +160,12 @@ class Delivery:
 class Router:
     """Sends notifications to live connections and keeps the rest in the backlog.
 
+    Without a broker, "live connections" are this process's. With one (Redis),
+    every notification is published to its user's channel and each process that
+    holds a connection of the user delivers it through :meth:`receive`.
+
     ``deliver`` is called by one consumer at a time; ``flush_backlog`` by each
-    connection's writer.
+    connection's writer; ``receive``, ``flush_hint`` and ``resync`` by the broker.
     """
 
     def __init__(
@@ -149,6 +174,7 @@ class Router:
         backlog: Backlog,
         metrics: Metrics,
         *,
+        broker: Broker | None = None,
         flush_batch: int = 200,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
@@ -156,11 +182,14 @@ class Router:
         self._hub = hub
         self._backlog = backlog
         self._metrics = metrics
+        self._broker = broker
         self._flush_batch = flush_batch
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self.store_healthy = True
+        self.broker_healthy = True
         self._stored_users: set[str] = set()
+        self._receiving: set[asyncio.Task[None]] = set()
 
     def take_stored_users(self) -> set[str]:
         """Users with rows stored since the last call (for the per-user cap)."""
@@ -168,12 +197,27 @@ class Router:
         return users
 
     async def deliver(self, notifications: Sequence[Notification]) -> None:
-        """Write each notification to every live connection of its user, or store it.
+        """Deliver each notification live, or store it.
 
-        Returns when each one was written to at least one socket or is in the
-        store. While the store is down it retries with backoff and does not
-        return: the caller must not commit past these notifications, and
-        cancelling it is safe (nothing is acknowledged).
+        Returns when each one was written to at least one socket here, or handed
+        to at least one process through the broker, or is in the store. While the
+        store or the broker is down it retries with backoff and does not return:
+        the caller must not commit past these notifications, and cancelling it is
+        safe (nothing is acknowledged).
+        """
+        if self._broker is None:
+            unwritten = await self._deliver_here(notifications)
+        else:
+            broker = self._broker
+            counts = await self._retry("broker", lambda: broker.publish(notifications))
+            unwritten = [n for n, count in zip(notifications, counts, strict=True) if count == 0]
+        if unwritten:
+            await self.store(unwritten)
+
+    async def _deliver_here(self, notifications: Sequence[Notification]) -> list[Notification]:
+        """Offer each notification to this process's connections of its user.
+
+        Returns, once every offer is settled, the notifications no socket took.
         """
         batch = Batch()
         offline: list[Notification] = []
@@ -188,39 +232,80 @@ class Router:
                 if not outlet.offer(delivery):
                     delivery.settle(False)
         await batch.wait()
-        unwritten = offline + batch.unwritten
+        return offline + batch.unwritten
+
+    def receive(self, notifications: list[Notification]) -> None:
+        """Deliver notifications the broker handed to this process; store what no socket took.
+
+        Runs in the background (the broker's reader must not wait on sockets);
+        :meth:`drain` waits for these deliveries at shutdown.
+        """
+        task = asyncio.get_running_loop().create_task(self._receive(notifications))
+        self._receiving.add(task)
+        task.add_done_callback(self._receiving.discard)
+
+    async def _receive(self, notifications: list[Notification]) -> None:
+        unwritten = await self._deliver_here(notifications)
         if unwritten:
             await self.store(unwritten)
+
+    async def drain(self) -> None:
+        """Wait until every received delivery was written or stored."""
+        while self._receiving:
+            await asyncio.gather(*list(self._receiving), return_exceptions=True)
+
+    def flush_hint(self, user_ids: Iterable[str]) -> None:
+        """Local connections of these users re-read the store (a row was stored for them)."""
+        for user_id in user_ids:
+            for outlet in self._hub.connections(user_id):
+                outlet.request_flush()
+
+    def resync(self) -> None:
+        """Every local connection re-reads the store (the broker may have missed messages)."""
+        for outlet in self._hub:
+            outlet.request_flush()
 
     async def store(self, notifications: Sequence[Notification]) -> None:
         """Save notifications that reached no socket, retrying until the store takes them.
 
-        Afterwards, users who connected meanwhile are told to re-read the store,
-        so a notification stored just after its user connected is not left behind.
+        Afterwards, users who connected meanwhile are told to re-read the store
+        (here, or through the broker on whichever process holds them), so a
+        notification stored just after its user connected is not left behind.
         """
-        delay = self._retry_initial
-        while True:
-            try:
-                with self._metrics.store_batch_seconds.time():
-                    added = await self._backlog.save(notifications)
-            except StoreUnavailable as exc:
-                if self.store_healthy:
-                    log.error("store_unavailable", extra={"error": str(exc)})
-                self.store_healthy = False
-                self._metrics.store_failures.inc()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max)
-                continue
-            break
-        if not self.store_healthy:
-            log.info("store_recovered")
-        self.store_healthy = True
+
+        async def save() -> int:
+            with self._metrics.store_batch_seconds.time():
+                return await self._backlog.save(notifications)
+
+        added = await self._retry("store", save)
         self._metrics.stored.inc(added)
         users = {n.user_id for n in notifications}
         self._stored_users |= users
-        for user_id in users:
-            for outlet in self._hub.connections(user_id):
-                outlet.request_flush()
+        if self._broker is None:
+            self.flush_hint(users)
+        else:
+            broker = self._broker
+            await self._retry("broker", lambda: broker.publish_flush(users))
+
+    async def _retry(self, part: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation`` until it succeeds, backing off while ``part`` is unavailable."""
+        delay = self._retry_initial
+        while True:
+            try:
+                result = await operation()
+            except (StoreUnavailable, BrokerUnavailable) as exc:
+                if getattr(self, f"{part}_healthy"):
+                    log.error(f"{part}_unavailable", extra={"error": str(exc)})
+                setattr(self, f"{part}_healthy", False)
+                if part == "store":
+                    self._metrics.store_failures.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            if not getattr(self, f"{part}_healthy"):
+                log.info(f"{part}_recovered")
+                setattr(self, f"{part}_healthy", True)
+            return result
 
     async def flush_backlog(self, outlet: Outlet) -> int:
         """Write the user's stored notifications to ``outlet``, oldest first.

@@ -26,6 +26,7 @@ from .gateway import ROOT, Gateway
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://notify:notify@127.0.0.1:5432/notify")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def _reachable(address: str) -> bool:
@@ -42,6 +43,14 @@ def kafka_bootstrap() -> str:
     if not _reachable(KAFKA):
         pytest.fail(f"Kafka is not reachable at {KAFKA}: run `make up` first")
     return KAFKA
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    address = REDIS_URL.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    if not _reachable(address):
+        pytest.fail(f"Redis is not reachable at {address}: run `make up` first")
+    return REDIS_URL
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,133 @@
+"""Several gateway processes behind Redis: every connection of a user, wherever it is."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+import httpx
+from aiokafka import AIOKafkaProducer
+from websockets.asyncio.client import connect
+
+from dev.auth_server import AuthStandIn
+
+from .clients import close_code, message, produce, receive, silent, wait_connections
+from .conftest import GatewayFactory
+
+
+async def test_two_processes_deliver_to_every_connection_of_a_user(
+    gateway_factory: GatewayFactory,
+    auth_server: AuthStandIn,
+    topics: tuple[str, str],
+    producer: AIOKafkaProducer,
+    redis_url: str,
+    db: asyncpg.Connection,
+) -> None:
+    """Users on either process, and one on both, get exactly their messages, none stored."""
+    prefix = f"test-{uuid.uuid4().hex[:6]}:"
+    env = {"REDIS_URL": redis_url, "REDIS_CHANNEL_PREFIX": prefix}
+    a = gateway_factory(**env)
+    b = gateway_factory(KAFKA_GROUP_ID=a.env["KAFKA_GROUP_ID"], **env)
+    async with (
+        connect(a.ws_url(auth_server.issue("on-a"))) as on_a,
+        connect(b.ws_url(auth_server.issue("on-b"))) as on_b,
+        connect(a.ws_url(auth_server.issue("both"))) as both_a,
+        connect(b.ws_url(auth_server.issue("both"))) as both_b,
+    ):
+        await wait_connections(a.base, 2)
+        await wait_connections(b.base, 2)
+        sent = [
+            message(user, subject=f"{user}-{n}")
+            for n in range(30)
+            for user in ("on-a", "on-b", "both")
+        ]
+        await produce(producer, topics[0], *sent)
+        expected = {
+            u: sorted(m["subject"] for m in sent if m["user_id"] == u)
+            for u in ("on-a", "on-b", "both")
+        }
+        assert sorted(f["title"] for f in await receive(on_a, 30)) == expected["on-a"]
+        assert sorted(f["title"] for f in await receive(on_b, 30)) == expected["on-b"]
+        assert sorted(f["title"] for f in await receive(both_a, 30)) == expected["both"]
+        assert sorted(f["title"] for f in await receive(both_b, 30)) == expected["both"]
+        for ws in (on_a, on_b, both_a, both_b):
+            assert await silent(ws, 0.3)
+    assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 0
+
+
+async def test_offline_backlog_arrives_on_whichever_process(
+    gateway_factory: GatewayFactory,
+    auth_server: AuthStandIn,
+    topics: tuple[str, str],
+    producer: AIOKafkaProducer,
+    redis_url: str,
+    db: asyncpg.Connection,
+) -> None:
+    """Messages for a user connected nowhere are stored once and flushed by either process."""
+    env = {"REDIS_URL": redis_url, "REDIS_CHANNEL_PREFIX": f"test-{uuid.uuid4().hex[:6]}:"}
+    a = gateway_factory(**env)
+    b = gateway_factory(KAFKA_GROUP_ID=a.env["KAFKA_GROUP_ID"], **env)
+    await produce(producer, topics[0], *[message("roamer", subject=f"m{n}") for n in range(20)])
+    async with asyncio.timeout(20):
+        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < 20:
+            await asyncio.sleep(0.1)
+    async with connect(b.ws_url(auth_server.issue("roamer"))) as ws:
+        assert sorted(f["title"] for f in await receive(ws, 20)) == sorted(
+            f"m{n}" for n in range(20)
+        )
+    await produce(producer, topics[0], message("roamer", subject="later"))
+    async with asyncio.timeout(20):
+        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < 1:
+            await asyncio.sleep(0.1)
+    async with connect(a.ws_url(auth_server.issue("roamer"))) as ws:
+        assert [f["title"] for f in await receive(ws, 1)] == ["later"]
+
+
+async def test_workers_share_one_port(
+    gateway_factory: GatewayFactory,
+    auth_server: AuthStandIn,
+    topics: tuple[str, str],
+    producer: AIOKafkaProducer,
+    redis_url: str,
+) -> None:
+    """NOTIFY_WORKERS=2 serves one address; each of many users gets their own messages."""
+    gateway = gateway_factory(
+        REDIS_URL=redis_url,
+        REDIS_CHANNEL_PREFIX=f"test-{uuid.uuid4().hex[:6]}:",
+        NOTIFY_WORKERS="2",
+    )
+    users = [f"w{n}" for n in range(40)]
+    clients = [await connect(gateway.ws_url(auth_server.issue(u))).__aenter__() for u in users]
+    try:
+        await asyncio.sleep(1.0)  # every handshake registered on its worker
+        await produce(producer, topics[0], *[message(u, subject=u) for u in users])
+        for user, ws in zip(users, clients, strict=True):
+            assert await receive(ws, 1) == [{"title": user, "body": "c"}]
+    finally:
+        for ws in clients:
+            await ws.close()
+
+
+async def test_redis_down_turns_readiness_false_and_refuses_new_sockets(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn
+) -> None:
+    """Without Redis, readiness names it and new connections get 4503 (retry later)."""
+    from .gateway import free_port
+
+    gateway = gateway_factory(start=False, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    gateway.start(wait_ready=False)
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                answer = httpx.get(f"{gateway.base}/health/ready", timeout=5)
+                if answer.json()["checks"].get("kafka"):
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    assert answer.status_code == 503 and answer.json()["checks"]["redis"] is False
+    code, _ = await close_code(gateway.ws_url(auth_server.issue("nobody")))
+    assert code == 4503
+    assert json.loads(httpx.get(f"{gateway.base}/health/live").text)["status"] == "ok"
