@@ -4,10 +4,13 @@ Each process SUBSCRIBEs to ``<prefix><user id>`` for the users connected to it.
 The process that consumed a notification PUBLISHes it there; Redis answers with
 the number of processes that received it, and zero means "offline everywhere".
 A flush hint (``F``) on the same channel tells a process to re-read the store
-for that user.
+for that user. Each process also listens on a control channel of its own
+(``<prefix>node:<random id>``), where receivers acknowledge (``A`` + a JSON
+list of message ids) the notifications it published once they were written or
+stored: the publisher commits its Kafka offsets only then.
 
 Wire format of a notification on a channel: the JSON array
-``[message_id, user_id, created_ms, title, body]``.
+``[message_id, user_id, created_ms, title, body, origin control channel]``.
 
 The broker owns two Redis connections: a client for PUBLISH (pipelined per
 batch) and one pub/sub connection read by the named task ``redis-subscriber``.
@@ -38,13 +41,18 @@ from .router import BrokerUnavailable
 log = logging.getLogger("notify.broker")
 
 FLUSH_HINT = b"F"
+ACK = b"A"
 
 
 class Receiver(Protocol):
     """What the broker hands received messages to: the router."""
 
-    def receive(self, notifications: list[Notification]) -> None:
-        """Deliver notifications published by any process to local connections."""
+    def receive(self, received: list[tuple[Notification, bytes]]) -> None:
+        """Deliver notifications (with the channel to acknowledge them on) locally."""
+        ...
+
+    def acknowledged(self, message_ids: list[str]) -> None:
+        """Receivers wrote or stored these notifications published by this process."""
         ...
 
     def flush_hint(self, user_ids: Iterable[str]) -> None:
@@ -56,14 +64,14 @@ class Receiver(Protocol):
         ...
 
 
-def encode(notification: Notification) -> bytes:
+def encode(notification: Notification, origin: bytes) -> bytes:
     n = notification
-    return orjson.dumps([n.message_id, n.user_id, n.created_ms, n.title, n.body])
+    return orjson.dumps([n.message_id, n.user_id, n.created_ms, n.title, n.body, origin.decode()])
 
 
-def decode(data: bytes) -> Notification:
-    message_id, user_id, created_ms, title, body = orjson.loads(data)
-    return Notification.build(message_id, user_id, title, body, created_ms)
+def decode(data: bytes) -> tuple[Notification, bytes]:
+    message_id, user_id, created_ms, title, body, origin = orjson.loads(data)
+    return Notification.build(message_id, user_id, title, body, created_ms), origin.encode()
 
 
 class RedisBroker:
@@ -153,7 +161,7 @@ class RedisBroker:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for n in notifications:
-                    pipe.publish(self.channel(n.user_id), encode(n))
+                    pipe.publish(self.channel(n.user_id), encode(n, self._control))
                 counts: list[Any] = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from None
@@ -171,6 +179,27 @@ class RedisBroker:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from None
+
+    async def acknowledge(self, by_origin: dict[bytes, list[str]]) -> None:
+        """Tell each publishing process which of its notifications were written or stored.
+
+        Raises:
+            BrokerUnavailable: Redis could not be reached (the publishers time out
+                and store the notifications themselves: delivered twice, never lost).
+        """
+        remote = {origin: ids for origin, ids in by_origin.items() if origin != self._control}
+        own = by_origin.get(self._control)
+        if own and self._receiver is not None:
+            self._receiver.acknowledged(own)
+        if not remote:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for origin, ids in remote.items():
+                    pipe.publish(origin, ACK + orjson.dumps(ids))
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"acknowledge failed: {type(exc).__name__}") from None
 
     async def ping(self) -> bool:
         try:
@@ -267,32 +296,30 @@ class RedisBroker:
         receiver = self._receiver
         while True:
             response = await pubsub.parse_response(block=True)
-            batch: list[Notification] = []
-            hints: list[str] = []
+            burst = _Burst()
             # Take everything already buffered in one go: one delivery batch per burst.
             while response is not None:
-                if self._handle(response, batch, hints):
-                    if batch:
-                        receiver.receive(batch)
+                if self._handle(response, burst):
+                    burst.hand_to(receiver)
                     if self._draining is not None:
                         self._draining.set()
                     return
                 response = await pubsub.parse_response(block=False, timeout=0)
-            if batch:
-                receiver.receive(batch)
-            if hints:
-                receiver.flush_hint(hints)
+            burst.hand_to(receiver)
 
-    def _handle(self, response: Any, batch: list[Notification], hints: list[str]) -> bool:
+    def _handle(self, response: Any, burst: _Burst) -> bool:
         """Sort one pub/sub reply; True once every channel is left while draining."""
         kind = response[0]
         if kind == b"message":
-            data = response[2]
+            channel, data = response[1], response[2]
             if data == FLUSH_HINT:
-                hints.append(response[1][len(self._prefix) :].decode())
+                burst.hints.append(channel[len(self._prefix) :].decode())
+            elif channel == self._control:
+                if data.startswith(ACK):
+                    burst.acks.extend(orjson.loads(data[1:]))
             else:
                 try:
-                    batch.append(decode(data))
+                    burst.received.append(decode(data))
                 except (ValueError, TypeError):
                     log.error("broker_message_unreadable", extra={"bytes": len(data)})
         elif kind == b"subscribe":
@@ -302,3 +329,22 @@ class RedisBroker:
         elif kind == b"unsubscribe":
             return self._draining is not None and int(response[2]) == 0
         return False
+
+
+class _Burst:
+    """What one read of the pub/sub connection brought, sorted by kind."""
+
+    __slots__ = ("acks", "hints", "received")
+
+    def __init__(self) -> None:
+        self.received: list[tuple[Notification, bytes]] = []
+        self.hints: list[str] = []
+        self.acks: list[str] = []
+
+    def hand_to(self, receiver: Receiver) -> None:
+        if self.acks:
+            receiver.acknowledged(self.acks)
+        if self.received:
+            receiver.receive(self.received)
+        if self.hints:
+            receiver.flush_hint(self.hints)

@@ -93,6 +93,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.ack_timeouts = Counter(
+            "notify_ack_timeouts",
+            "Published notifications no receiver acknowledged in time (stored instead).",
+            registry=r,
+        )
         self.store_failures = Counter(
             "notify_store_failures", "Failed attempts to save to PostgreSQL.", registry=r
         )

@@ -61,6 +61,8 @@ class Node:
             self.store,
             self.metrics,
             broker=self.broker,
+            # A receiver may legitimately take up to WRITE_TIMEOUT on one socket.
+            ack_timeout=settings.write_timeout + 5.0,
             flush_batch=settings.flush_batch,
         )
         self.consumer = Consumer(settings, self.router, self.metrics)

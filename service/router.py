@@ -54,6 +54,10 @@ class Broker(Protocol):
         """Ask the processes holding these users to re-read the store. Raises BrokerUnavailable."""
         ...
 
+    async def acknowledge(self, by_origin: dict[bytes, list[str]]) -> None:
+        """Tell publishers these notifications were written or stored. Raises BrokerUnavailable."""
+        ...
+
 
 class Backlog(Protocol):
     """What the router needs of the persistent store of undelivered notifications."""
@@ -175,6 +179,7 @@ class Router:
         metrics: Metrics,
         *,
         broker: Broker | None = None,
+        ack_timeout: float = 15.0,
         flush_batch: int = 200,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
@@ -183,6 +188,9 @@ class Router:
         self._backlog = backlog
         self._metrics = metrics
         self._broker = broker
+        self._ack_timeout = ack_timeout
+        self._awaiting: dict[str, int] = {}
+        self._all_acked: asyncio.Future[None] | None = None
         self._flush_batch = flush_batch
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -208,11 +216,66 @@ class Router:
         if self._broker is None:
             unwritten = await self._deliver_here(notifications)
         else:
-            broker = self._broker
-            counts = await self._retry("broker", lambda: broker.publish(notifications))
-            unwritten = [n for n, count in zip(notifications, counts, strict=True) if count == 0]
+            unwritten = await self._publish(self._broker, notifications)
         if unwritten:
             await self.store(unwritten)
+
+    async def _publish(
+        self, broker: Broker, notifications: Sequence[Notification]
+    ) -> list[Notification]:
+        """Publish to the users' channels and wait for every receiver to acknowledge.
+
+        Returns what no process received, and what a receiver did not acknowledge
+        within the ack timeout (it may have died): both are stored by the caller.
+        """
+        # Acknowledgements can overtake the PUBLISH replies (a receiver in this very
+        # process, say): count them from before publishing, down from zero.
+        awaiting = self._awaiting
+        for notification in notifications:
+            awaiting[notification.message_id] = 0
+        counts = await self._retry("broker", lambda: broker.publish(notifications))
+        unreached: list[Notification] = []
+        published: dict[str, Notification] = {}
+        for notification, count in zip(notifications, counts, strict=True):
+            key = notification.message_id
+            if count == 0:
+                unreached.append(notification)
+            else:
+                published[key] = notification
+            awaiting[key] = awaiting.get(key, 0) + count
+        for key in [key for key, left in awaiting.items() if left <= 0]:
+            del awaiting[key]
+        if not published:
+            awaiting.clear()
+            return unreached
+        self._all_acked = asyncio.get_running_loop().create_future()
+        if not awaiting:
+            self._all_acked.set_result(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._all_acked), self._ack_timeout)
+        except TimeoutError:
+            missing = [published[key] for key in self._awaiting if key in published]
+            log.warning("ack_timeout", extra={"unacknowledged": len(missing)})
+            self._metrics.ack_timeouts.inc(len(missing))
+            unreached += missing
+        finally:
+            self._awaiting.clear()
+            self._all_acked = None
+        return unreached
+
+    def acknowledged(self, message_ids: list[str]) -> None:
+        """A receiver wrote or stored these notifications that this process published."""
+        awaiting = self._awaiting
+        for key in message_ids:
+            left = awaiting.get(key)
+            if left is None:
+                continue  # late: already timed out and stored
+            if left == 1:
+                del awaiting[key]
+            else:
+                awaiting[key] = left - 1  # below zero while its PUBLISH reply is due
+        if not awaiting and self._all_acked is not None and not self._all_acked.done():
+            self._all_acked.set_result(None)
 
     async def _deliver_here(self, notifications: Sequence[Notification]) -> list[Notification]:
         """Offer each notification to this process's connections of its user.
@@ -234,20 +297,30 @@ class Router:
         await batch.wait()
         return offline + batch.unwritten
 
-    def receive(self, notifications: list[Notification]) -> None:
-        """Deliver notifications the broker handed to this process; store what no socket took.
+    def receive(self, received: list[tuple[Notification, bytes]]) -> None:
+        """Deliver what the broker handed to this process; store what no socket took.
 
+        Then acknowledge each notification to the process that published it.
         Runs in the background (the broker's reader must not wait on sockets);
         :meth:`drain` waits for these deliveries at shutdown.
         """
-        task = asyncio.get_running_loop().create_task(self._receive(notifications))
+        task = asyncio.get_running_loop().create_task(self._receive(received))
         self._receiving.add(task)
         task.add_done_callback(self._receiving.discard)
 
-    async def _receive(self, notifications: list[Notification]) -> None:
-        unwritten = await self._deliver_here(notifications)
+    async def _receive(self, received: list[tuple[Notification, bytes]]) -> None:
+        unwritten = await self._deliver_here([notification for notification, _ in received])
         if unwritten:
             await self.store(unwritten)
+        by_origin: dict[bytes, list[str]] = {}
+        for notification, origin in received:
+            by_origin.setdefault(origin, []).append(notification.message_id)
+        if self._broker is not None:
+            try:
+                await self._broker.acknowledge(by_origin)
+            except BrokerUnavailable as exc:
+                # The publisher times out and stores them: twice, never lost.
+                log.warning("ack_failed", extra={"error": str(exc)})
 
     async def drain(self) -> None:
         """Wait until every received delivery was written or stored."""

@@ -131,3 +131,63 @@ async def test_redis_down_turns_readiness_false_and_refuses_new_sockets(
     code, _ = await close_code(gateway.ws_url(auth_server.issue("nobody")))
     assert code == 4503
     assert json.loads(httpx.get(f"{gateway.base}/health/live").text)["status"] == "ok"
+
+
+async def test_sigkill_of_one_process_loses_nothing(
+    gateway_factory: GatewayFactory,
+    auth_server: AuthStandIn,
+    topics: tuple[str, str],
+    producer: AIOKafkaProducer,
+    redis_url: str,
+) -> None:
+    """Kill one of two processes mid-stream: its users reconnect to the other and miss nothing."""
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_CHANNEL_PREFIX": f"test-{uuid.uuid4().hex[:6]}:",
+        "WRITE_TIMEOUT": "1s",
+    }
+    a = gateway_factory(**env)
+    b = gateway_factory(KAFKA_GROUP_ID=a.env["KAFKA_GROUP_ID"], **env)
+    users = [f"k{n}" for n in range(10)]
+    tokens = {u: auth_server.issue(u) for u in users}
+    received: dict[str, set[str]] = {u: set() for u in users}
+
+    async def listen(user: str, url: str, stop: asyncio.Event) -> None:
+        async with connect(url) as ws:
+            try:
+                while not stop.is_set():
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+                    received[user].add(frame["title"])
+            except (TimeoutError, Exception):
+                return
+
+    stop = asyncio.Event()
+    listeners = [
+        asyncio.create_task(listen(u, (a if i % 2 else b).ws_url(tokens[u]), stop))
+        for i, u in enumerate(users)
+    ]
+    await wait_connections(a.base, 5)
+    await wait_connections(b.base, 5)
+    sent = [message(u, subject=f"{u}-{n}") for n in range(200) for u in users]
+    producing = asyncio.create_task(produce(producer, topics[0], *sent))
+    async with asyncio.timeout(20):
+        while sum(len(titles) for titles in received.values()) < 200:
+            await asyncio.sleep(0.01)
+    a.kill()
+    await producing
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*listeners, return_exceptions=True)
+
+    # Everyone reconnects to the survivor: the backlog and the rest arrive there.
+    expected = {u: {m["subject"] for m in sent if m["user_id"] == u} for u in users}
+    for user in users:
+        async with connect(b.ws_url(tokens[user])) as ws:
+            try:
+                async with asyncio.timeout(20):
+                    while not expected[user] <= received[user]:
+                        received[user].add(json.loads(await ws.recv())["title"])
+            except TimeoutError:
+                pass
+    lost = {u: len(expected[u] - received[u]) for u in users}
+    assert sum(lost.values()) == 0, lost
