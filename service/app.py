@@ -127,8 +127,8 @@ async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str)
 async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
     """Check the client, register its connection, write to it until it goes away.
 
-    Order (DESIGN.md §3): check the token, register, then the writer flushes the
-    stored backlog before any live frame.
+    Order (DESIGN.md §3): check the token, subscribe (with Redis), register, then
+    the writer flushes the stored backlog before any live frame.
     """
     settings = node.settings
     if node.stopping:
@@ -180,7 +180,7 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
     node.metrics.connections.set(len(node.hub))
     access.info("ws_open", extra={"connections": len(node.hub)})
 
-    writer = asyncio.create_task(connection.run(node.router.flush_backlog), name="ws-writer")
+    node.start_writer(connection)
     expiry: asyncio.TimerHandle | None = None
     if settings.auth_close_on_expiry and identity.expires_at is not None:
         expiry = asyncio.get_running_loop().call_later(
@@ -203,8 +203,9 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
         node.metrics.connections.set(len(node.hub))
         if expiry is not None:
             expiry.cancel()
+        # The writer sees the detach and ends by itself: cancelling it could cut a
+        # flush between writing frames and deleting their rows.
         connection.detach()
-        writer.cancel()
         access.info("ws_close", extra={"connections": len(node.hub)})
 
 

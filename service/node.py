@@ -68,6 +68,7 @@ class Node:
         self.consumer = Consumer(settings, self.router, self.metrics)
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._writers: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.on_fatal: Callable[[], None] | None = None
 
@@ -104,6 +105,12 @@ class Node:
 
         if task is not None:
             task.add_done_callback(done)
+
+    def start_writer(self, connection: Connection) -> None:
+        """Run the connection's writer task; the node keeps it until it ends."""
+        task = asyncio.create_task(connection.run(self.router.flush_backlog), name="ws-writer")
+        self._writers.add(task)
+        task.add_done_callback(self._writers.discard)
 
     async def readiness(self) -> dict[str, bool]:
         """Each readiness check by name; the node is ready when all are true."""
@@ -148,6 +155,11 @@ class Node:
             await asyncio.wait_for(self.router.drain(), max(0.1, deadline - time.monotonic()))
         except TimeoutError:
             log.warning("receive_drain_timeout")
+        writers = list(self._writers)
+        if writers:
+            _, pending = await asyncio.wait(writers, timeout=max(0.1, deadline - time.monotonic()))
+            for task in pending:
+                task.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
