@@ -32,9 +32,16 @@ _SEEN_LIMIT: Final = 512
 
 
 class Socket(Protocol):
-    """The WebSocket as the connection uses it (Sanic's implementation in production)."""
+    """The WebSocket as the connection uses it (``app.SanicSocket`` in production)."""
 
     async def send(self, message: str) -> None: ...
+
+    def send_now(self, message: str) -> bool:
+        """Write a text frame at once if the socket can take it without waiting.
+
+        False (nothing written) means "use ``send``": closing, or its buffer is full.
+        """
+        ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
@@ -59,6 +66,7 @@ class Connection:
         "__weakref__",
         "_closed",
         "_flush_pending",
+        "_idle",
         "_metrics",
         "_queue",
         "_queue_size",
@@ -81,6 +89,9 @@ class Connection:
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
         self._flush_pending = False
+        # True while the writer waits on an empty queue: only then may ``offer``
+        # write directly, without breaking the order of frames.
+        self._idle = False
         self._seen: set[str] | None = None
         self._seen_order: deque[str] | None = None
         self.write_started: float | None = None
@@ -94,7 +105,8 @@ class Connection:
         return self._closed
 
     def offer(self, delivery: Delivery) -> bool:
-        """Queue a delivery for the writer.
+        """Write a delivery at once if the writer is idle and the socket can take it,
+        else queue it for the writer.
 
         Returns False, without queueing, if the connection is closed. If the queue
         is full the connection is closed with 1013 (too slow to keep up), its queued
@@ -102,6 +114,8 @@ class Connection:
         """
         if self._closed:
             return False
+        if self._idle and self._write_now(delivery):
+            return True
         if len(self._queue) >= self._queue_size:
             log.warning("connection_overflow", extra={"queued": len(self._queue)})
             self._metrics.slow_closed.inc()
@@ -109,6 +123,19 @@ class Connection:
             return False
         self._queue.append(delivery)
         self._wake()
+        return True
+
+    def _write_now(self, delivery: Delivery) -> bool:
+        """The common case, without a task switch: an idle writer, a socket with room."""
+        notification = delivery.notification
+        if self.seen(notification.message_id):
+            delivery.settle(True)
+            return True
+        if not self._socket.send_now(notification.frame):
+            return False
+        self.mark_written(notification.message_id)
+        delivery.settle(True)
+        self._metrics.observe_delivery(notification.created_ms)
         return True
 
     def request_flush(self) -> None:
@@ -152,7 +179,11 @@ class Connection:
             while not self._closed:
                 if not self._queue:
                     self._wakeup = asyncio.get_running_loop().create_future()
-                    await self._wakeup
+                    self._idle = True
+                    try:
+                        await self._wakeup
+                    finally:
+                        self._idle = False
                     continue
                 item = self._queue.popleft()
                 if isinstance(item, _Flush):
@@ -180,6 +211,7 @@ class Connection:
             self._abandon()
 
     def _wake(self) -> None:
+        self._idle = False
         waiter = self._wakeup
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -81,6 +81,7 @@ def configure(level: str) -> None:
     # Sanic's access log prints the query string, which holds the token: ours replaces it.
     logging.getLogger("sanic.access").disabled = True
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
-    # httpx logs request URLs, which may carry a token in the query.
-    for noisy in ("httpx", "httpcore", "asyncio"):
+    # httpx logs request URLs, which may carry a token in the query; redis-py
+    # reports its feature probes at debug level.
+    for noisy in ("httpx", "httpcore", "asyncio", "redis"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

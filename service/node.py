@@ -16,6 +16,7 @@ Shutdown order (``stop``), under ``SHUTDOWN_TIMEOUT``:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -32,6 +33,21 @@ from .router import Router, StoreUnavailable
 from .store import Store
 
 log = logging.getLogger("notify.node")
+
+
+# Young-generation threshold of the cyclic GC. Each consumer batch keeps thousands
+# of small objects alive for a few milliseconds; with CPython's default (700) they
+# are promoted to the old generation, which then fills and is scanned in full,
+# every connection's objects included: pauses of seconds at 10k connections
+# (docs/performance.md). A larger young generation lets them die young.
+_GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def _tune_gc() -> None:
+    """Freeze what startup created (never garbage) and enlarge the young generation."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 class Node:
@@ -79,6 +95,7 @@ class Node:
             self._supervise(self.broker.task)
         self.consumer.start()
         self._supervise(self.consumer.task)
+        _tune_gc()
         self._spawn("backlog-retention", self._retention_loop)
         self._spawn("write-watchdog", self._watchdog_loop)
         log.info("node_started", extra={"port": self.settings.port})

@@ -64,16 +64,26 @@ class Notification:
 _UUID_FORM = re.compile(r"\{?[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}\}?")
 
 
-def canonical_user_id(user_id: str) -> str:
-    """Return the form user ids are compared in: a UUID in canonical lower case, else as is.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
-    Only the usual spellings of a UUID (hex, optional dashes and braces) count:
-    ``uuid.UUID`` alone also takes ``0x`` prefixes, underscores and non-ASCII
-    digits, which would fold distinct ids into one user.
+
+def _as_uuid(text: str) -> str | None:
+    """The canonical lower-case form of ``text`` if it is a UUID in a usual spelling.
+
+    Only hex with optional dashes and braces counts: ``uuid.UUID`` alone also takes
+    ``0x`` prefixes, underscores and non-ASCII digits, which would fold distinct ids
+    into one.
     """
-    if _UUID_FORM.fullmatch(user_id):
-        return str(uuid.UUID(user_id))
-    return user_id
+    if _CANONICAL_UUID.fullmatch(text):
+        return text  # the common case, without building a UUID object
+    if _UUID_FORM.fullmatch(text):
+        return str(uuid.UUID(text))
+    return None
+
+
+def canonical_user_id(user_id: str) -> str:
+    """Return the form user ids are compared in: a UUID in canonical lower case, else as is."""
+    return _as_uuid(user_id) or user_id
 
 
 def parse(value: bytes | None, created_ms: int) -> Notification | Skip:
@@ -103,10 +113,9 @@ def parse(value: bytes | None, created_ms: int) -> Notification | Skip:
         return Skip(method)
 
     raw_id = _string(document, "message_id")
-    try:
-        message_id = str(uuid.UUID(raw_id))
-    except ValueError:
-        raise PoisonMessage("invalid_message_id", "not a UUID") from None
+    message_id = _as_uuid(raw_id)
+    if message_id is None:
+        raise PoisonMessage("invalid_message_id", "not a UUID")
 
     user_id = _string(document, "user_id")
     if not user_id.strip():

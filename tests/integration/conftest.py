@@ -132,7 +132,7 @@ def gateway_env(
         "DATABASE_URL": database_url,
         "AUTH_VERIFY_URL": auth_server.verify_url,
         "LOG_LEVEL": "DEBUG",
-        "AUTH_TIMEOUT": "1s",
+        "AUTH_TIMEOUT": "5s",  # the stand-in shares a busy test process
     }
 
 

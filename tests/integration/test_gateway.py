@@ -105,9 +105,10 @@ async def test_bearer_header_is_accepted(
 
 
 async def test_token_failures_close_with_readable_codes(
-    gateway: Gateway, auth_server: AuthStandIn
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn
 ) -> None:
     """No token or a bad one closes with 4401; a failing auth service with 4503."""
+    gateway = gateway_factory(AUTH_TIMEOUT="1s")
     assert (await close_code(gateway.ws_url()))[0] == 4401
     assert (await close_code(gateway.ws_url("not-a-token")))[0] == 4401
     assert (await close_code(gateway.ws_url(auth_server.issue("dave", ttl=-10))))[0] == 4401
@@ -115,7 +116,7 @@ async def test_token_failures_close_with_readable_codes(
     code, reason = await close_code(gateway.ws_url(auth_server.issue("dave")))
     assert code == 4503 and "retry" in reason
     auth_server.fail_status = None
-    auth_server.delay = 2.0
+    auth_server.delay = 3.0
     code, _ = await close_code(gateway.ws_url(auth_server.issue("erin")))
     assert code == 4503, "an auth service slower than AUTH_TIMEOUT is unavailable, not invalid"
 

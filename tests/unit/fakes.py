@@ -177,6 +177,15 @@ class FakeSocket:
             raise PeerGone("connection lost")
         self.frames.append(message)
 
+    def send_now(self, message: str) -> bool:
+        """The fast path: takes the frame at once unless held, failing or closed."""
+        if not self._open.is_set() or self.fail_sends:
+            return False
+        if self.failed_with is not None or self.closed_with is not None:
+            return False
+        self.frames.append(message)
+        return True
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed_with = (code, reason)
         self.release()
