@@ -2,6 +2,7 @@
 #   make test    install everything, start Kafka and PostgreSQL, lint, type-check, run every test
 #   make run     start Kafka and PostgreSQL, migrate, run the gateway on :8001
 #   make demo    the platform's scenario end to end on this machine, then stop everything
+#   make bench   the benchmark of docs/performance.md (not part of make test)
 #   make up / make down    start / stop the local Kafka, PostgreSQL and Redis
 
 SHELL := /bin/bash
@@ -14,7 +15,7 @@ LOCAL_KAFKA := 127.0.0.1:$(or $(KAFKA_PORT),9092)
 .PHONY: help venv up down migrate lint test test-unit test-integration run demo bench reliability lock clean
 
 help:
-	@sed -n '2,6p' Makefile
+	@sed -n "2,7p" Makefile
 
 $(BIN)/.installed: requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,17 @@ run: venv up migrate
 
 demo: venv
 	$(BIN)/python dev/demo.py
+
+$(BIN)/.bench-installed: $(BIN)/.installed bench/requirements.txt
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	touch $@
+
+# make bench                 everything, defaults (~4 min); make bench ARGS=--quick (~2 min)
+# make bench ARGS="--only store,flush"   make bench ARGS="--only live --profile"
+bench: $(BIN)/.bench-installed up
+	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$(LOCAL_KAFKA)} \
+	DATABASE_URL=$${DATABASE_URL:-$(LOCAL_DATABASE_URL)} \
+	$(BIN)/python -m bench.run $(ARGS)
 
 lock:
 	rm -rf .cache/lock && $(PYTHON) -m venv .cache/lock/rt && .cache/lock/rt/bin/pip install -q .

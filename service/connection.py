@@ -67,6 +67,7 @@ class Connection:
         "_closed",
         "_flush_pending",
         "_idle",
+        "_loop",
         "_metrics",
         "_queue",
         "_queue_size",
@@ -82,6 +83,8 @@ class Connection:
         self, socket: Socket, identity: Identity, metrics: Metrics, *, queue_size: int
     ) -> None:
         self._socket = socket
+        # Kept: in Python 3.11 get_running_loop() costs a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self.identity = identity
         self._metrics = metrics
         self._queue: deque[Delivery | _Flush] = deque()
@@ -161,7 +164,7 @@ class Connection:
 
     async def write(self, frame: str) -> None:
         """Send one text frame; the watchdog closes the socket if it takes too long."""
-        self.write_started = asyncio.get_running_loop().time()
+        self.write_started = self._loop.time()
         try:
             await self._socket.send(frame)
         finally:
@@ -178,7 +181,7 @@ class Connection:
             await flush_backlog(self)
             while not self._closed:
                 if not self._queue:
-                    self._wakeup = asyncio.get_running_loop().create_future()
+                    self._wakeup = self._loop.create_future()
                     self._idle = True
                     try:
                         await self._wakeup

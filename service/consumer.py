@@ -48,6 +48,7 @@ class Consumer:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.connected = False
 
@@ -115,6 +116,12 @@ class Consumer:
 
     async def _close_clients(self) -> None:
         self.connected = False
+        commit, self._commit_task = self._commit_task, None
+        if commit is not None:
+            # Only after an error: a commit that did not finish is simply redone
+            # by the next owner reading those records again.
+            commit.cancel()
+            await asyncio.gather(commit, return_exceptions=True)
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
         for client in (consumer, producer):
@@ -155,8 +162,19 @@ class Consumer:
             if poison:
                 await self._dead_letter(poison)
             await self._dispatcher.deliver(notifications)
-            await self._commit(consumer, offsets)
+            # Everything up to these offsets is written, stored or dead-lettered:
+            # commit, in the background so the next fetch need not wait for the
+            # broker's answer. One commit at a time, in order.
+            await self._await_commit()
+            self._commit_task = asyncio.create_task(self._commit(consumer, offsets))
             self._report_lag(consumer, offsets)
+        await self._await_commit()
+
+    async def _await_commit(self) -> None:
+        """Wait for the commit in flight; a Kafka error in it is raised here."""
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            await task
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:

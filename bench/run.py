@@ -1,0 +1,2009 @@
+"""``make bench``: measure the gateway against a bare Sanic push loop in the same run.
+
+Starts, on loopback only: a fast auth stand-in (``bench/auth_fast.py``), the bare
+baseline (``bench/baseline_sanic.py``), gateways (``python -m service``, one per
+phase, each on its own topics and consumer group and a scratch database), client
+processes (``bench/loadgen.py``) and producer processes (``bench/producer.py``).
+Local Kafka and PostgreSQL must be running already (``make up``); they are not
+stopped. Everything it creates (topics, the scratch database, processes) is
+removed at the end. Every wait is bounded; ``--budget`` bounds the whole run.
+
+Scenarios (issue 6): live fan-out at two connection counts, paced latency, offline
+store, flush on connect, connect storm, memory per idle connection. Prints one table
+and writes it as JSON to ``bench/results/<timestamp>.json``.
+
+    python -m bench.run                  # everything, defaults (~6-8 minutes)
+    python -m bench.run --quick          # small sizes, ~2-3 minutes
+    python -m bench.run --only store,flush
+    python -m bench.run --only live --profile   # py-spy the gateway during fan-out
+
+How "Kafka to socket" is measured: the K messages are produced *before* the
+gateway's consumer starts. The gateway bootstraps Kafka through a small TCP gate
+in this process that refuses connections until every client is connected (the
+gateway keeps retrying, as it does when Kafka is down); the gate then opens and
+the gateway drains the topic. Delivered/s is frames received by the clients over
+the span from the first to the last frame. A second pass produces K more messages
+live (a producer process, as fast as it can) for end-to-end latency from the
+timestamp the producer wrote into each message to its receipt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from array import array
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import asyncpg
+import httpx
+import psutil
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bench import common
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+HOST = "127.0.0.1"
+WS_PATH = "/api/v1/notify/ws"
+SCENARIOS = ("live", "paced", "store", "flush", "storm", "memory")
+FLUSH_RUNS = 3  # users with a stored backlog, flushed one after another; the median counts
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def asyncpg_port(dsn: str) -> int | None:
+    """The port of a postgresql:// DSN (5432 when none is given)."""
+    rest = dsn.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    try:
+        return int(port) if host else 5432
+    except ValueError:
+        return 5432
+
+
+def pct(sorted_values: list[int] | array[int], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return float(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))])
+
+
+# -- options -------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    messages: int
+    small: int
+    big: int
+    paced_rate: float
+    paced_seconds: float
+    storm: int
+    flush: int
+    workers: int
+    concurrency: int
+    partitions: int
+    scenarios: set[str]
+    profile: bool
+    budget: float
+    kafka: str
+    database_url: str
+    keep: bool
+    quick: bool
+    gc_trace: bool
+    gateway_gc: str
+    update_doc: bool
+    argv: list[str] = field(default_factory=list)
+
+
+def parse_options(argv: list[str]) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Benchmark the gateway against a bare Sanic push loop (issue 6).",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: a ~2-3 minute run")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {SCENARIOS}")
+    parser.add_argument("-k", "--messages", type=int, help="K for fan-out and store (100000)")
+    parser.add_argument(
+        "-c", "--connections", help="the two connection counts, small,big (1000,10000)"
+    )
+    parser.add_argument("--paced-rate", type=float, default=5000.0, help="messages/s (5000)")
+    parser.add_argument("--paced-seconds", type=float, help="seconds of paced load (30)")
+    parser.add_argument("--storm", type=int, help="connections of the JWT-local storm (5000)")
+    parser.add_argument("--flush", type=int, default=1000, help="stored messages to flush")
+    parser.add_argument("--workers", type=int, default=2, help="client processes (2)")
+    parser.add_argument(
+        "--concurrency", type=int, default=50, help="handshakes in flight per client process"
+    )
+    parser.add_argument("--partitions", type=int, default=3, help="partitions per topic (3)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the big fan-out")
+    parser.add_argument("--budget", type=float, default=1500, help="hard limit, seconds")
+    parser.add_argument(
+        "--kafka", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", "postgresql://notify:notify@127.0.0.1:5432/notify"),
+        help="a DSN whose user may CREATE DATABASE; the bench works in a scratch database",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch database")
+    parser.add_argument(
+        "--update-doc",
+        action="store_true",
+        help="also write the table into docs/performance.md (between its bench markers)",
+    )
+    parser.add_argument(
+        "--gateway-gc",
+        default="",
+        metavar="A,B,C",
+        help="experiment: gc.set_threshold(A, B, C) in the gateway before it starts",
+    )
+    parser.add_argument(
+        "--no-gc-trace",
+        dest="gc_trace",
+        action="store_false",
+        help="run the gateway as plain `python -m service` (no GC pause log)",
+    )
+    a = parser.parse_args(argv)
+    quick = a.quick
+    small, big = (1000, 2000) if quick else (1000, 10000)
+    if a.connections:
+        small, big = (int(x) for x in a.connections.split(","))
+    only = {s.strip() for s in a.only.split(",") if s.strip()} or set(SCENARIOS)
+    unknown = only - set(SCENARIOS)
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}; choose from {SCENARIOS}")
+    return Options(
+        messages=a.messages or (20_000 if quick else 100_000),
+        small=small,
+        big=big,
+        paced_rate=a.paced_rate,
+        paced_seconds=a.paced_seconds or (5.0 if quick else 30.0),
+        storm=a.storm or (1000 if quick else 5000),
+        flush=a.flush,
+        workers=a.workers,
+        concurrency=a.concurrency,
+        partitions=a.partitions,
+        scenarios=only,
+        profile=a.profile,
+        budget=a.budget,
+        kafka=a.kafka,
+        database_url=a.database_url,
+        keep=a.keep,
+        quick=quick,
+        gc_trace=a.gc_trace or bool(a.gateway_gc),
+        gateway_gc=a.gateway_gc,
+        update_doc=a.update_doc,
+        argv=argv,
+    )
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+class Child:
+    """A child process with its log, CPU and RSS readings; always stopped at the end."""
+
+    registry: ClassVar[list[Child]] = []
+
+    def __init__(self, name: str, argv: list[str], logs: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = logs / f"{name}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ps: psutil.Process | None = None
+        self._cpu_at_exit = 0.0
+
+    async def start(self, pipes: bool = False) -> Child:
+        logfile = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if pipes else logfile,
+            stderr=logfile,
+            limit=64 * 1024 * 1024,
+        )
+        logfile.close()
+        self.ps = psutil.Process(self.proc.pid)
+        Child.registry.append(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) used so far."""
+        if self.ps is None:
+            return 0.0
+        try:
+            t = self.ps.cpu_times()
+            self._cpu_at_exit = t.user + t.system
+        except psutil.Error:
+            pass
+        return self._cpu_at_exit
+
+    def rss(self) -> int:
+        assert self.ps is not None
+        return int(self.ps.memory_info().rss)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return proc.returncode if proc else None
+        self.cpu()
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            return await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return await asyncio.wait_for(proc.wait(), 10)
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class Worker(Child):
+    """A loadgen process spoken to in JSON lines."""
+
+    def __init__(self, index: int, logs: Path):
+        # Each client process connects from its own loopback address: 28k ports each.
+        self.source_ip = f"127.0.0.{10 + index}"
+        super().__init__(
+            f"loadgen-{index}",
+            [PY, "-m", "bench.loadgen", "--source-ip", self.source_ip],
+            logs,
+        )
+        self._lock = asyncio.Lock()
+        self._id = 0
+
+    async def rpc(self, cmd: str, rpc_timeout: float = 120.0, **args: Any) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        async with self._lock:
+            self._id += 1
+            self.proc.stdin.write(
+                (json.dumps({"id": self._id, "cmd": cmd, **args}) + "\n").encode()
+            )
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), rpc_timeout)
+        if not line:
+            raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{self.name} {cmd}: {answer['error']}")
+        return answer
+
+
+class LoadGen:
+    """The client processes together: connect slices, count frames, merge latencies."""
+
+    def __init__(self, workers: list[Worker]):
+        self.workers = workers
+
+    def cpu(self) -> float:
+        return sum(w.cpu() for w in self.workers)
+
+    async def _all(self, cmd: str, rpc_timeout: float = 120.0, **args: Any) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(w.rpc(cmd, rpc_timeout, **args) for w in self.workers)))
+
+    async def connect(
+        self, *, port: int, path: str, population: int, start: int, count: int, **args: Any
+    ) -> dict[str, Any]:
+        n = len(self.workers)
+        slices = [(start + count * i // n, count * (i + 1) // n - count * i // n) for i in range(n)]
+        budget = float(args.pop("budget", 300))
+        answers = await asyncio.gather(
+            *(
+                w.rpc(
+                    "connect",
+                    budget + 30,
+                    host=HOST,
+                    port=port,
+                    path=path,
+                    population=population,
+                    start=s,
+                    count=c,
+                    budget=budget,
+                    **args,
+                )
+                for w, (s, c) in zip(self.workers, slices, strict=True)
+                if c > 0
+            )
+        )
+        errors: dict[str, int] = {}
+        for a in answers:
+            for k, v in a["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        opened = [a for a in answers if a["ok"]]
+        return {
+            "ok": sum(a["ok"] for a in answers),
+            "errors": errors,
+            "began": min(a["began"] for a in answers),
+            "last_open": max((a["last_open"] for a in opened), default=0.0),
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        answers = await self._all("stats", 30)
+        closes: dict[str, int] = {}
+        for a in answers:
+            for k, v in a["closes"].items():
+                closes[k] = closes.get(k, 0) + v
+        firsts = [a["first"] for a in answers if a["first"]]
+        return {
+            "frames": sum(a["frames"] for a in answers),
+            "first": min(firsts) if firsts else 0.0,
+            "last": max(a["last"] for a in answers),
+            "open": sum(a["open"] for a in answers),
+            "closes": closes,
+            "bad_frames": sum(a["bad_frames"] for a in answers),
+        }
+
+    async def reset(self) -> None:
+        await self._all("reset", 30)
+
+    async def latencies(self) -> tuple[list[int], list[dict[str, float]]]:
+        """All latency samples (us, sorted) and a per-second timeline of them."""
+        merged = array("q")
+        by_second: dict[int, list[int]] = {}
+        for a in await self._all("latencies", 60):
+            lat = array("q")
+            lat.frombytes(base64.b64decode(a["latencies_us"]))
+            arrivals = array("l")
+            arrivals.frombytes(base64.b64decode(a["arrivals_ms"]))
+            merged.extend(lat)
+            t0 = int(a["t0_ms"])
+            for value, at in zip(lat, arrivals, strict=False):
+                by_second.setdefault((t0 + at) // 1000, []).append(value)
+        timeline = []
+        if by_second:
+            first = min(by_second)
+            for second in sorted(by_second):
+                values = sorted(by_second[second])
+                timeline.append(
+                    {
+                        "t": second - first,
+                        "n": len(values),
+                        "p50_ms": pct(values, 0.5) / 1000,
+                        "p99_ms": pct(values, 0.99) / 1000,
+                        "max_ms": values[-1] / 1000,
+                    }
+                )
+        return sorted(merged), timeline
+
+    async def close_all(self, rst: bool = True) -> None:
+        await self._all("close_all", 60, rst=rst, timeout=20)
+
+    async def watched(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for a in await self._all("watched", 30):
+            out.extend(a["watched"])
+        return out
+
+    async def wait_frames(
+        self, expected: int, *, budget: float, stall: float = 20.0
+    ) -> dict[str, Any]:
+        """Poll until ``expected`` frames arrived, progress stalls, or the budget is spent."""
+        deadline = time.monotonic() + budget
+        last_count, last_change = -1, time.monotonic()
+        while True:
+            s = await self.stats()
+            now = time.monotonic()
+            if s["frames"] != last_count:
+                last_count, last_change = s["frames"], now
+            if s["frames"] >= expected or now > deadline or now - last_change > stall:
+                s["complete"] = s["frames"] >= expected
+                return s
+            await asyncio.sleep(0.1)
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, not idle or iowait)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
+class CpuWindow:
+    """CPU seconds of named processes over a span of wall time, as % of one core.
+
+    ``other`` is everything else the machine did meanwhile (other people's tests,
+    PostgreSQL, this orchestrator): how noisy the window was.
+    """
+
+    def __init__(self, parts: dict[str, Callable[[], float]]):
+        self.parts = parts
+        self.start = {k: f() for k, f in parts.items()}
+        self.busy0 = machine_busy()
+        self.t0 = time.monotonic()
+
+    def close(self, extra: dict[str, float] | None = None) -> dict[str, float]:
+        wall = max(1e-9, time.monotonic() - self.t0)
+        out = {k: max(0.0, 100.0 * (f() - self.start[k]) / wall) for k, f in self.parts.items()}
+        for k, seconds in (extra or {}).items():
+            out[k] = 100.0 * seconds / wall
+        busy = 100.0 * (machine_busy() - self.busy0) / wall
+        out["other"] = max(0.0, busy - sum(out.values()))
+        out["wall_s"] = wall
+        return out
+
+
+class Gate:
+    """A TCP gate in front of Kafka's bootstrap address: holds connections until opened.
+
+    The gateway's consumer connects and sends its first metadata request, which waits
+    here (well inside aiokafka's 40 s request timeout, or it retries) until ``open()``;
+    then bytes flow both ways. Only the bootstrap connection goes through the gate
+    (Kafka then hands out its own advertised address), so it holds back the gateway's
+    consumer without sitting on the data path.
+    """
+
+    def __init__(self, target: str):
+        host, _, port = target.split(",")[0].rpartition(":")
+        self.target = (host, int(port))
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.opened = asyncio.Event()
+        self.held = 0
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._pipe, HOST, self.port)
+
+    async def open(self) -> None:
+        self.opened.set()
+
+    async def close(self) -> None:
+        self.opened.set()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.held += 1
+        try:
+            await asyncio.wait_for(self.opened.wait(), 900)
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except (OSError, TimeoutError):
+            writer.close()
+            return
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+
+class Gateway(Child):
+    """``python -m service`` on a free port, configured for the bench.
+
+    With ``gc_trace`` it runs under ``bench/gcwrap.py`` (the same ``service`` package as
+    ``__main__``, plus a hook that logs garbage-collector pauses).
+    """
+
+    def __init__(self, name: str, logs: Path, env: dict[str, str], gc_trace: bool = True):
+        self.port = free_port()
+        self.gc_log = logs / f"{name}-gc.log" if gc_trace else None
+        env = {
+            "NOTIFY_HOST": HOST,
+            "NOTIFY_PORT": str(self.port),
+            "LOG_LEVEL": "WARNING",
+            **({"BENCH_GC_LOG": str(self.gc_log)} if self.gc_log else {}),
+            **env,
+        }
+        module = "bench.gcwrap" if gc_trace else "service"
+        super().__init__(name, [PY, "-m", module], logs, env)
+        self.base = f"http://{HOST}:{self.port}"
+
+    async def census(self, timeout: float = 60.0) -> dict[str, Any] | None:
+        """Objects the gateway's collector tracks, by type (bench/gcwrap.py, on SIGUSR2)."""
+        if self.gc_log is None or not self.alive():
+            return None
+        asked = time.time()
+        os.kill(self.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            if not self.gc_log.exists():
+                continue
+            for line in reversed(self.gc_log.read_text().splitlines()):
+                if line.startswith("objects "):
+                    _, at, report = line.split(" ", 2)
+                    if float(at) >= asked:
+                        answer: dict[str, Any] = json.loads(report)
+                        return answer
+                    break
+        return None
+
+    def gc_pauses(self, since: float, until: float) -> dict[str, float] | None:
+        """Garbage-collector pauses logged between two wall-clock times."""
+        if self.gc_log is None or not self.gc_log.exists():
+            return None
+        full, slow, full_ms, worst = 0, 0, 0.0, 0.0
+        for line in self.gc_log.read_text().splitlines():
+            try:
+                at, generation, ms, _ = line.split()
+                when, gen, pause = float(at), int(generation), float(ms)
+            except ValueError:
+                continue
+            if not since <= when <= until:
+                continue
+            if gen == 2:
+                full += 1
+                full_ms += pause
+            slow += 1
+            worst = max(worst, pause)
+        return {"full_collections": full, "full_ms": full_ms, "logged": slow, "max_ms": worst}
+
+    async def wait_http(self, http: httpx.AsyncClient, path: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(self.base + path, timeout=3)).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.name}: {path} not 200 after {timeout} s:\n{self.tail()}")
+
+    async def metrics(self, http: httpx.AsyncClient) -> dict[str, float]:
+        """The Prometheus text as ``name -> value``, labels summed away."""
+        text = (await http.get(self.base + "/metrics", timeout=10)).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name_part, _, value = line.rpartition(" ")
+            name = name_part.split("{", 1)[0]
+            with contextlib.suppress(ValueError):
+                out[name] = out.get(name, 0.0) + float(value)
+        return out
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, options: Options):
+        self.o = options
+        self.run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:4]}"
+        self.logs = Path(tempfile.mkdtemp(prefix=f"notify-bench-{self.run_id}-"))
+        self.results: dict[str, Any] = {}
+        self.topics: list[str] = []
+        self.db_name = f"notify_bench_{self.run_id.replace('-', '_').lower()}"
+        self.db_url = ""
+        self.http = httpx.AsyncClient(trust_env=False)
+        self.auth: Child | None = None
+        self.auth_url = ""
+        self.lg: LoadGen | None = None
+        self.exp = int(time.time()) + 4 * 3600
+        self.kafka_pid: int | None = None
+        self.pg_pid: int | None = None
+
+    # -- infrastructure ---------------------------------------------------------------
+
+    async def setup(self) -> None:
+        log(f"run {self.run_id}; process logs in {self.logs}")
+        self.results["meta"] = self.meta()
+        # A scratch database, migrated with the project's own Alembic revisions.
+        admin = await asyncpg.connect(self.o.database_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{self.db_name}"')
+        finally:
+            await admin.close()
+        base, _, _ = self.o.database_url.rpartition("/")
+        self.db_url = f"{base}/{self.db_name}"
+        migrate = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "alembic",
+            "upgrade",
+            "head",
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": self.db_url},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(migrate.communicate(), 120)
+        if migrate.returncode != 0:
+            raise RuntimeError(f"alembic upgrade failed:\n{out.decode(errors='replace')}")
+        # The auth stand-in.
+        self.auth = await Child(
+            "auth", [PY, "-m", "bench.auth_fast", "--port", "0"], self.logs
+        ).start(pipes=True)
+        assert self.auth.proc is not None and self.auth.proc.stdout is not None
+        line = await asyncio.wait_for(self.auth.proc.stdout.readline(), 30)
+        port = json.loads(line)["port"]
+        self.auth_url = f"http://{HOST}:{port}/api/v1/users/me"
+        # Client processes.
+        workers = [Worker(i, self.logs) for i in range(self.o.workers)]
+        for w in workers:
+            await w.start(pipes=True)
+        self.lg = LoadGen(workers)
+        self.kafka_pid = self._find_kafka()
+        pg_port = asyncpg_port(self.o.database_url)
+        self.pg_pid = self._listener(pg_port) if pg_port else None
+
+    @staticmethod
+    def _listener(port: int) -> int | None:
+        with contextlib.suppress(psutil.Error):
+            for conn in psutil.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                    return int(conn.pid) if conn.pid else None
+        return None
+
+    def postgres_cpu(self) -> float:
+        """CPU seconds of the PostgreSQL server and its backends (those alive now)."""
+        if self.pg_pid is None:
+            return 0.0
+        total = 0.0
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.pg_pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+        return total
+
+    def _find_kafka(self) -> int | None:
+        """The broker process listening on our bootstrap port (others may run their own)."""
+        port = int(self.o.kafka.split(",")[0].rpartition(":")[2])
+        with contextlib.suppress(psutil.Error):
+            for conn in psutil.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                    return int(conn.pid) if conn.pid else None
+        return None
+
+    def kafka_cpu(self) -> float:
+        if self.kafka_pid is None:
+            return 0.0
+        try:
+            t = psutil.Process(self.kafka_pid).cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return 0.0
+
+    async def auth_checks(self) -> int:
+        base = self.auth_url.rsplit("/api/", 1)[0]
+        return int((await self.http.get(base + "/count", timeout=5)).json()["checks"])
+
+    def meta(self) -> dict[str, Any]:
+        import sanic
+
+        return {
+            "run_id": self.run_id,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": os.getloadavg(),
+            "python": platform.python_version(),
+            "sanic": sanic.__version__,
+            "options": {
+                k: (sorted(v) if isinstance(v, set) else v)
+                for k, v in vars(self.o).items()
+                if k not in ("database_url", "argv")
+            }
+            | {"argv_text": " ".join(self.o.argv)},
+            "nofile": common.raise_nofile(),
+            "git": self.git_state(),
+        }
+
+    def git_state(self) -> dict[str, str]:
+        """Which gateway code was measured: HEAD, and whether service/ had local changes."""
+        import hashlib
+        import subprocess
+
+        def git(*args: str) -> str:
+            try:
+                return subprocess.run(
+                    ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+                ).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                return ""
+
+        digest = hashlib.sha256()
+        for path in sorted((ROOT / "service").glob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+        return {
+            "head": git("rev-parse", "--short", "HEAD"),
+            "service_dirty": git("status", "--porcelain", "--", "service") or "clean",
+            "service_sha256": digest.hexdigest()[:16],
+        }
+
+    async def cleanup(self) -> None:
+        for child in reversed(Child.registry):
+            with contextlib.suppress(Exception):
+                if isinstance(child, Worker) and child.alive():
+                    await child.rpc("quit", 10)
+                await child.stop(timeout=15)
+        if self.topics:
+            with contextlib.suppress(Exception):
+                admin = AIOKafkaAdminClient(bootstrap_servers=self.o.kafka)
+                await admin.start()
+                try:
+                    existing = set(await admin.list_topics())
+                    doomed = [t for t in self.topics if t in existing]
+                    if doomed:
+                        await admin.delete_topics(doomed)
+                finally:
+                    await admin.close()
+        if self.db_url and not self.o.keep:
+            with contextlib.suppress(Exception):
+                admin = await asyncpg.connect(self.o.database_url)
+                try:
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+                finally:
+                    await admin.close()
+        await self.http.aclose()
+
+    async def new_topic(self, label: str) -> str:
+        name = f"bench.{self.run_id}.{label}"
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.o.kafka)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [NewTopic(name, num_partitions=self.o.partitions, replication_factor=1)]
+            )
+        finally:
+            await admin.close()
+        self.topics += [name, f"{name}.dlq"]
+        return name
+
+    async def produce(
+        self, topic: str, *, population: int, users: int, count: int = 0, **extra: Any
+    ) -> dict[str, Any]:
+        argv = [
+            PY,
+            "-m",
+            "bench.producer",
+            "--bootstrap",
+            self.o.kafka,
+            "--topic",
+            topic,
+            "--population",
+            str(population),
+            "--users",
+            str(users),
+            "--count",
+            str(count),
+        ]
+        for k, v in extra.items():
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=(self.logs / "producer.log").open("ab"),
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 600)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"producer failed: {(self.logs / 'producer.log').read_text()[-2000:]}"
+            )
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
+
+    def gateway(self, name: str, **env: str) -> Gateway:
+        # The code under service/ may change while a run goes on (others work in this tree):
+        # record what each gateway was started from.
+        self.results.setdefault("gateway_code", {})[name] = self.git_state()
+        return Gateway(
+            name,
+            self.logs,
+            gc_trace=self.o.gc_trace,
+            env={
+                "KAFKA_BOOTSTRAP_SERVERS": self.o.kafka,
+                "KAFKA_GROUP_ID": f"bench-{self.run_id}-{name}",
+                "DATABASE_URL": self.db_url,
+                "AUTH_VERIFY_URL": self.auth_url,
+                # Long enough that the reconnect storm later in the phase is all cache hits.
+                "AUTH_CACHE_TTL": "15m",
+                **({"BENCH_GC_THRESHOLD": self.o.gateway_gc} if self.o.gateway_gc else {}),
+                **env,
+            },
+        )
+
+    # -- measuring helpers -----------------------------------------------------------
+
+    async def connect_storm(
+        self,
+        target: Gateway | Child,
+        *,
+        port: int,
+        path: str,
+        population: int,
+        count: int,
+        auth: str,
+        salt: str = "",
+        count_registered: bool = False,
+        start: int = 0,
+    ) -> dict[str, Any]:
+        """Open ``count`` connections; handshakes/s up to the last one registered.
+
+        For the gateway "registered" means past the token check (the handshake's 101
+        comes before it): ``notify_connections_opened_total`` is polled until it has
+        grown by ``count``.
+        """
+        assert self.lg is not None
+        registered_at = 0.0
+        base = 0.0
+        stop = asyncio.Event()
+
+        async def poll() -> None:
+            nonlocal registered_at
+            assert isinstance(target, Gateway)
+            deadline = time.monotonic() + 600
+            while not stop.is_set() and time.monotonic() < deadline:
+                m = await target.metrics(self.http)
+                if m.get("notify_connections_opened_total", 0) - base >= count:
+                    registered_at = time.time()
+                    return
+                await asyncio.sleep(0.05)
+
+        poller = None
+        if count_registered and isinstance(target, Gateway):
+            base = (await target.metrics(self.http)).get("notify_connections_opened_total", 0)
+            poller = asyncio.create_task(poll())
+        window = CpuWindow(self.cpu_parts(target))
+        result = await self.lg.connect(
+            port=port,
+            path=path,
+            population=population,
+            start=start,
+            count=count,
+            auth=auth,
+            salt=salt,
+            exp=self.exp,
+            concurrency=self.o.concurrency,
+            budget=300,
+        )
+        if poller is not None:
+            try:
+                await asyncio.wait_for(poller, 60)
+            except TimeoutError:
+                stop.set()
+        cpu = window.close()
+        end = max(result["last_open"], registered_at)
+        result["registered_at"] = registered_at
+        result["seconds"] = end - result["began"]
+        result["rate"] = result["ok"] / result["seconds"] if result["seconds"] > 0 else 0.0
+        result["cpu"] = cpu
+        if result["errors"]:
+            log(f"  connect errors: {result['errors']}")
+        return result
+
+    def cpu_parts(self, server: Child | None) -> dict[str, Callable[[], float]]:
+        assert self.lg is not None
+        parts: dict[str, Callable[[], float]] = {
+            "loadgen": self.lg.cpu,
+            "kafka": self.kafka_cpu,
+            "postgres": self.postgres_cpu,
+        }
+        if server is not None:
+            parts["server"] = server.cpu
+        if self.auth is not None:
+            parts["auth"] = self.auth.cpu
+        return parts
+
+    async def measure_frames(
+        self,
+        server: Child,
+        expected: int,
+        trigger: Callable[[], Awaitable[Any]],
+        *,
+        budget: float,
+        latency: bool = True,
+    ) -> dict[str, Any]:
+        """Reset the clients, run ``trigger``, wait for ``expected`` frames; rates and latency."""
+        assert self.lg is not None
+        await self.lg.reset()
+        window = CpuWindow(self.cpu_parts(server))
+        started = time.time()
+        trigger_task = asyncio.create_task(trigger())
+        s = await self.lg.wait_frames(expected, budget=budget)
+        produced = await asyncio.wait_for(trigger_task, budget)
+        extra = {}
+        if isinstance(produced, dict) and "cpu" in produced:
+            extra["producer"] = float(produced["cpu"])
+        cpu = window.close(extra)
+        span = s["last"] - s["first"]
+        out: dict[str, Any] = {
+            "expected": expected,
+            "frames": s["frames"],
+            "complete": s["complete"],
+            "closes": s["closes"],
+            "bad_frames": s["bad_frames"],
+            "span_s": span,
+            "rate": s["frames"] / span if span > 0 else 0.0,
+            "first_frame_after_s": s["first"] - started if s["first"] else None,
+            "cpu": cpu,
+        }
+        if isinstance(produced, dict) and "rate" in produced:
+            out["producer"] = produced
+        if latency:
+            lat, timeline = await self.lg.latencies()
+            out["timeline"] = timeline
+            out["latency_ms"] = {
+                "p50": pct(lat, 0.50) / 1000,
+                "p99": pct(lat, 0.99) / 1000,
+                "p999": pct(lat, 0.999) / 1000,
+                "max": (lat[-1] / 1000) if lat else float("nan"),
+                "samples": len(lat),
+            }
+        if isinstance(server, Gateway):
+            out["gc"] = server.gc_pauses(started, time.time())
+            gc = out["gc"]
+            if gc and gc["max_ms"] > 20:
+                log(
+                    f"  gc: {gc['full_collections']} full collections, "
+                    f"{gc['full_ms']:.0f} ms in all, longest pause {gc['max_ms']:.0f} ms"
+                )
+        if not s["complete"]:
+            log(f"  INCOMPLETE: {s['frames']} of {expected} frames")
+        return out
+
+    async def wait_connections(self, gw: Gateway, want: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (await gw.metrics(self.http)).get("notify_connections", -1) == want:
+                return
+            await asyncio.sleep(0.1)
+        log(f"  {gw.name}: connections did not reach {want} in {timeout} s")
+
+    # -- phases ----------------------------------------------------------------------
+
+    async def phase_baseline(self) -> None:
+        """Bare Sanic: connect storm + memory at the big count, blast, paced, flush, small."""
+        o, lg = self.o, self.lg
+        assert lg is not None
+        port = free_port()
+        base = Child("baseline", [PY, "-m", "bench.baseline_sanic", "--port", str(port)], self.logs)
+        await base.start()
+        url = f"http://{HOST}:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await self.http.get(url + "/count", timeout=2)).status_code == 200:
+                    break
+            if time.monotonic() > deadline or not base.alive():
+                raise RuntimeError(f"baseline did not start:\n{base.tail()}")
+            await asyncio.sleep(0.1)
+        res: dict[str, Any] = {}
+        self.results["baseline"] = res
+        want_big = self.o.scenarios & {"live", "paced", "storm", "memory"}
+        if want_big:
+            await self.warm_up(base, port, "/ws", "user")
+            rss0 = base.rss()
+            log(f"baseline: connecting {o.big}")
+            res["connect_big"] = await self.connect_storm(
+                base, port=port, path="/ws", population=common.LIVE, count=o.big, auth="user"
+            )
+            await asyncio.sleep(2)
+            res["rss_per_conn_kb"] = (base.rss() - rss0) / max(1, res["connect_big"]["ok"]) / 1024
+            log(
+                f"  {res['connect_big']['rate']:.0f} handshakes/s, "
+                f"{res['rss_per_conn_kb']:.1f} KB/conn"
+            )
+            if "live" in o.scenarios:
+                log(f"baseline: blast {o.messages} frames to {o.big}")
+                res[f"live_{o.big}"] = await self.measure_frames(
+                    base,
+                    o.messages,
+                    lambda: self.http.post(url + f"/blast?k={o.messages}", timeout=10),
+                    budget=300,
+                )
+                log(f"  {res[f'live_{o.big}']['rate']:.0f} frames/s")
+            if "paced" in o.scenarios:
+                n = int(o.paced_rate * o.paced_seconds)
+                log(f"baseline: paced {o.paced_rate:.0f}/s for {o.paced_seconds:.0f} s")
+                res["paced"] = await self.measure_frames(
+                    base,
+                    n,
+                    lambda: self.http.post(
+                        url + f"/paced?rate={o.paced_rate}&seconds={o.paced_seconds}", timeout=10
+                    ),
+                    budget=o.paced_seconds + 60,
+                )
+                log(f"  p99 {res['paced']['latency_ms']['p99']:.2f} ms")
+            await lg.close_all()
+            await self.wait_baseline_empty(url)
+        if "flush" in o.scenarios:
+            log(f"baseline: flush {o.flush} frames on connect")
+            res["flush"] = await self.flush_series(
+                port, "/ws", auth="user", query=f"&flush={o.flush}"
+            )
+            log(f"  {res['flush']['to_last_ms']:.1f} ms to the last frame")
+            await lg.close_all()
+            await self.wait_baseline_empty(url)
+        if "live" in o.scenarios:
+            log(f"baseline: blast {o.messages} frames to {o.small}")
+            await self.connect_storm(
+                base, port=port, path="/ws", population=common.LIVE, count=o.small, auth="user"
+            )
+            res[f"live_{o.small}"] = await self.measure_frames(
+                base,
+                o.messages,
+                lambda: self.http.post(url + f"/blast?k={o.messages}", timeout=10),
+                budget=300,
+            )
+            log(f"  {res[f'live_{o.small}']['rate']:.0f} frames/s")
+            await lg.close_all()
+        await base.stop()
+
+    async def wait_baseline_empty(self, url: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (await self.http.get(url + "/count", timeout=5)).json()["connections"] == 0:
+                return
+            await asyncio.sleep(0.1)
+        log("  baseline still holds connections")
+
+    async def warm_up(self, server: Child, port: int, path: str, auth: str) -> None:
+        """One connection opened and closed first, so one-off costs (lazy imports, first
+        pool connections) are not counted in the storm or the memory figure."""
+        assert self.lg is not None
+        await self.lg.workers[0].rpc(
+            "connect",
+            60,
+            host=HOST,
+            port=port,
+            path=path,
+            population=common.STORM,
+            start=999_999,
+            count=1,
+            auth=auth,
+            salt=f"{self.run_id}-warm",
+            exp=self.exp,
+            concurrency=1,
+            budget=30,
+        )
+        await asyncio.sleep(0.5)
+        await self.lg.close_all()
+        await asyncio.sleep(1.0)
+
+    async def flush_series(
+        self, port: int, path: str, *, auth: str, query: str = "", salt: str = ""
+    ) -> dict[str, Any]:
+        """FLUSH_RUNS users connect one after another; the median run, and all of them."""
+        assert self.lg is not None
+        runs = []
+        for index in range(FLUSH_RUNS):
+            await asyncio.sleep(1.0)
+            runs.append(
+                await self.flush_probe(port, path, auth=auth, query=query, salt=salt, index=index)
+            )
+            await self.lg.close_all()
+        ordered = sorted(runs, key=lambda r: r["to_last_ms"] if r["complete"] else float("inf"))
+        return {**ordered[len(ordered) // 2], "runs": runs}
+
+    async def flush_probe(
+        self,
+        port: int,
+        path: str,
+        *,
+        auth: str,
+        query: str = "",
+        salt: str = "",
+        index: int = 0,
+    ) -> dict[str, Any]:
+        """One user connects and waits for ``flush`` frames: time to the last one."""
+        assert self.lg is not None
+        await self.lg.reset()
+        worker = self.lg.workers[0]
+        answer = await worker.rpc(
+            "connect",
+            60,
+            host=HOST,
+            port=port,
+            path=path,
+            population=common.FLUSH,
+            start=index,
+            count=1,
+            auth=auth,
+            salt=salt,
+            exp=self.exp,
+            query=query,
+            watch=self.o.flush,
+            concurrency=1,
+            budget=30,
+        )
+        if not answer["ok"]:
+            raise RuntimeError(f"flush probe could not connect: {answer['errors']}")
+        deadline = time.monotonic() + 30
+        watched: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            watched = (await worker.rpc("watched"))["watched"][-1]
+            if watched["done"]:
+                break
+            await asyncio.sleep(0.02)
+        done = watched.get("done") or 0.0
+        return {
+            "frames": watched.get("frames", 0),
+            "complete": bool(done),
+            "to_last_ms": (done - watched["began"]) * 1000 if done else float("nan"),
+            "after_open_ms": (done - watched["opened"]) * 1000 if done else float("nan"),
+        }
+
+    async def phase_gateway_fanout(self, count: int, big: bool) -> None:
+        """A gateway with ``count`` clients: memory, storm, drain, live, paced, cached storm."""
+        o, lg = self.o, self.lg
+        assert lg is not None
+        label = f"fanout{count}"
+        res: dict[str, Any] = {}
+        self.results[f"gateway_{count}"] = res
+        topic = await self.new_topic(label)
+        drain = "live" in o.scenarios
+        if drain:
+            log(f"gateway {count}: pre-producing {o.messages} messages")
+            res["preproduce"] = await self.produce(
+                topic, population=common.LIVE, users=count, count=o.messages
+            )
+            log(f"  {res['preproduce']['rate']:.0f} msg/s into Kafka")
+        gate = Gate(o.kafka)
+        await gate.start()
+        gw = self.gateway(
+            label,
+            KAFKA_BOOTSTRAP_SERVERS=gate.address,
+            KAFKA_TOPIC=topic,
+            KAFKA_DLQ_TOPIC=f"{topic}.dlq",
+        )
+        await gw.start()
+        profiler: asyncio.subprocess.Process | None = None
+        try:
+            await gw.wait_http(self.http, "/health/live")
+            await self.warm_up(gw, gw.port, WS_PATH, "token")
+            census0 = await gw.census() if big else None
+            rss0 = gw.rss()
+            log(f"gateway {count}: connecting {count} (remote auth, uncached)")
+            salt = f"{self.run_id}-{label}"
+            if big and o.profile:
+                profiler = await self.start_profiler(gw, "connect-uncached")
+            connect = await self.connect_storm(
+                gw,
+                port=gw.port,
+                path=WS_PATH,
+                population=common.LIVE,
+                count=count,
+                auth="token",
+                salt=salt,
+                count_registered=True,
+            )
+            res["connect"] = connect
+            if profiler is not None:
+                res["profile_connect_uncached"] = await self.stop_profiler(profiler)
+                profiler = None
+            await asyncio.sleep(2)
+            res["rss_per_conn_kb"] = (gw.rss() - rss0) / max(1, connect["ok"]) / 1024
+            log(f"  {connect['rate']:.0f} handshakes/s, {res['rss_per_conn_kb']:.1f} KB/conn")
+            census1 = await gw.census() if census0 else None
+            if census0 and census1:
+                n = max(1, connect["ok"])
+                grown = {
+                    kind: (census1["types"].get(kind, 0) - census0["types"].get(kind, 0)) / n
+                    for kind in census1["types"]
+                }
+                res["gc_objects_per_conn"] = {
+                    "total": (census1["total"] - census0["total"]) / n,
+                    "by_type": dict(sorted(grown.items(), key=lambda kv: -kv[1])[:20]),
+                }
+                log(
+                    f"  {res['gc_objects_per_conn']['total']:.0f} GC-tracked objects per connection"
+                )
+            if big and o.profile and drain:
+                profiler = await self.start_profiler(gw, "fanout", native=True)
+            if drain:
+                log(f"gateway {count}: draining {o.messages} pre-produced messages")
+
+                async def open_gate() -> None:
+                    await gate.open()
+
+                res["drain"] = await self.measure_frames(
+                    gw, o.messages, open_gate, budget=300, latency=False
+                )
+                log(f"  {res['drain']['rate']:.0f} notifications/s")
+                log(f"gateway {count}: {o.messages} messages produced live")
+                res["live"] = await self.measure_frames(
+                    gw,
+                    o.messages,
+                    lambda: self.produce(
+                        topic,
+                        population=common.LIVE,
+                        users=count,
+                        count=o.messages,
+                        seq_start=o.messages,
+                    ),
+                    budget=300,
+                )
+                log(
+                    f"  {res['live']['rate']:.0f} delivered/s "
+                    f"(producer {res['live']['producer']['rate']:.0f}/s), "
+                    f"p50 {res['live']['latency_ms']['p50']:.1f} ms, "
+                    f"p99 {res['live']['latency_ms']['p99']:.1f} ms"
+                )
+            else:
+                await gate.open()
+            if profiler is not None:
+                res["profile"] = await self.stop_profiler(profiler)
+                profiler = None
+            await gw.wait_http(self.http, "/health/ready", timeout=60)
+            if big and "paced" in o.scenarios:
+                if o.profile:
+                    profiler = await self.start_profiler(gw, "paced", native=True)
+                n = int(o.paced_rate * o.paced_seconds)
+                log(f"gateway {count}: paced {o.paced_rate:.0f}/s for {o.paced_seconds:.0f} s")
+                res["paced"] = await self.measure_frames(
+                    gw,
+                    n,
+                    lambda: self.produce(
+                        topic,
+                        population=common.LIVE,
+                        users=count,
+                        rate=o.paced_rate,
+                        duration=o.paced_seconds,
+                        seq_start=10 * o.messages,
+                    ),
+                    budget=o.paced_seconds + 120,
+                )
+                lat = res["paced"]["latency_ms"]
+                worst = max(res["paced"]["timeline"], key=lambda b: b["max_ms"], default=None)
+                if worst:
+                    slow = sum(1 for b in res["paced"]["timeline"] if b["p99_ms"] > 25)
+                    log(
+                        f"  worst second t={worst['t']} s: max {worst['max_ms']:.0f} ms; "
+                        f"{slow} of {len(res['paced']['timeline'])} seconds with p99 > 25 ms"
+                    )
+                log(
+                    f"  p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, p999 {lat['p999']:.1f} ms"
+                )
+            if profiler is not None:
+                res["profile_paced"] = await self.stop_profiler(profiler)
+                profiler = None
+            res["metrics"] = await gw.metrics(self.http)
+            if big and "storm" in o.scenarios:
+                await lg.close_all()
+                await self.wait_connections(gw, 0)
+                checks = await self.auth_checks()
+                log(f"gateway {count}: reconnecting {count} with the same tokens (cached)")
+                if o.profile:
+                    profiler = await self.start_profiler(gw, "connect-cached")
+                cached = await self.connect_storm(
+                    gw,
+                    port=gw.port,
+                    path=WS_PATH,
+                    population=common.LIVE,
+                    count=count,
+                    auth="token",
+                    salt=salt,
+                    count_registered=True,
+                )
+                cached["auth_service_calls"] = await self.auth_checks() - checks
+                if profiler is not None:
+                    res["profile_connect_cached"] = await self.stop_profiler(profiler)
+                    profiler = None
+                res["connect_cached"] = cached
+                log(
+                    f"  {cached['rate']:.0f} handshakes/s, "
+                    f"{cached['auth_service_calls']} auth service calls"
+                )
+            await lg.close_all()
+        finally:
+            if profiler is not None:
+                with contextlib.suppress(Exception):
+                    await self.stop_profiler(profiler)
+            res["log_tail"] = gw.tail(1500)
+            await gw.stop()
+            await gate.close()
+
+    async def phase_kafka_floor(self) -> None:
+        """Paced load with no gateway: producer -> aiokafka consumer looped like the gateway's.
+
+        Twice: committing after every batch as the gateway does, and without commits.
+        """
+        self.results["kafka_floor"] = await self.kafka_floor(commit=True)
+        self.results["kafka_floor_no_commit"] = await self.kafka_floor(commit=False)
+
+    async def kafka_floor(self, *, commit: bool) -> dict[str, Any]:
+        o = self.o
+        label = "floor" if commit else "floor-nocommit"
+        topic = await self.new_topic(label)
+        seconds = min(o.paced_seconds, 10.0)
+        n = int(o.paced_rate * seconds)
+        floor = await Child(
+            f"kafka-{label}",
+            [
+                PY,
+                "-m",
+                "bench.kafka_floor",
+                "--bootstrap",
+                o.kafka,
+                "--topic",
+                topic,
+                "--group",
+                f"bench-{self.run_id}-floor",
+                "--count",
+                str(n),
+                "--budget",
+                str(seconds + 60),
+                *([] if commit else ["--no-commit"]),
+            ],
+            self.logs,
+        ).start(pipes=True)
+        assert floor.proc is not None and floor.proc.stdout is not None
+        ready = await asyncio.wait_for(floor.proc.stdout.readline(), 60)
+        if not ready:
+            raise RuntimeError(f"kafka floor consumer failed:\n{floor.tail()}")
+        log(
+            f"kafka alone: paced {o.paced_rate:.0f}/s for {seconds:.0f} s into a bare consumer"
+            f" ({'commit per batch' if commit else 'no commits'})"
+        )
+        produced = await self.produce(
+            topic,
+            population=common.LIVE,
+            users=o.big,
+            rate=o.paced_rate,
+            duration=seconds,
+        )
+        line = await asyncio.wait_for(floor.proc.stdout.readline(), seconds + 90)
+        res = json.loads(line)
+        res["producer"] = produced
+        log(
+            f"  p50 {res['p50']:.1f} ms, p99 {res['p99']:.1f} ms, p999 {res['p999']:.1f} ms"
+            + (f", commit p50 {res['commit_ms_p50']:.1f} ms" if commit else "")
+        )
+        await floor.stop()
+        return res
+
+    async def phase_storm_jwt(self) -> None:
+        """Connect storm against a gateway in AUTH_MODE=jwt (local verify, no network hop)."""
+        o, lg = self.o, self.lg
+        assert lg is not None
+        topic = await self.new_topic("stormjwt")
+        gw = self.gateway(
+            "stormjwt",
+            KAFKA_TOPIC=topic,
+            KAFKA_DLQ_TOPIC=f"{topic}.dlq",
+            AUTH_MODE="jwt",
+            AUTH_JWT_SECRET=common.BENCH_SECRET,
+        )
+        await gw.start()
+        try:
+            await gw.wait_http(self.http, "/health/ready")
+            log(f"gateway jwt: connecting {o.storm} (local JWT check)")
+            res = await self.connect_storm(
+                gw,
+                port=gw.port,
+                path=WS_PATH,
+                population=common.STORM,
+                count=o.storm,
+                auth="token",
+                salt=f"{self.run_id}-jwt",
+                count_registered=True,
+            )
+            self.results["storm_jwt"] = res
+            log(f"  {res['rate']:.0f} handshakes/s")
+            await lg.close_all()
+        finally:
+            await gw.stop()
+
+    async def phase_store_flush(self) -> None:
+        """Offline store (K messages for users never connected), then the flush on connect."""
+        o = self.o
+        res: dict[str, Any] = {}
+        self.results["store"] = res
+        topic = await self.new_topic("store")
+        offline = o.messages if "store" in o.scenarios else 0
+        flush = o.flush if "flush" in o.scenarios else 0
+        log(f"store: pre-producing {offline} offline + {FLUSH_RUNS} x {flush} for flush users")
+        if offline:
+            res["preproduce"] = await self.produce(
+                topic, population=common.OFFLINE, users=o.big, count=offline
+            )
+        if flush:
+            await self.produce(
+                topic, population=common.FLUSH, users=FLUSH_RUNS, count=flush * FLUSH_RUNS
+            )
+        total = offline + flush * FLUSH_RUNS
+        gw = self.gateway("store", KAFKA_TOPIC=topic, KAFKA_DLQ_TOPIC=f"{topic}.dlq")
+        await gw.start()
+        try:
+            await gw.wait_http(self.http, "/health/live")
+            window = CpuWindow(self.cpu_parts(gw))
+            started = time.time()
+            first_t, first_n, last_t, stored = 0.0, 0.0, 0.0, 0.0
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                stored = (await gw.metrics(self.http)).get("notify_notifications_stored_total", 0)
+                now = time.time()
+                if stored and not first_t:
+                    first_t, first_n = now, stored
+                if stored >= total:
+                    last_t = now
+                    break
+                await asyncio.sleep(0.05)
+            res["cpu"] = window.close()
+            async with contextlib.AsyncExitStack() as stack:
+                conn = await asyncpg.connect(self.db_url)
+                stack.push_async_callback(conn.close)
+                res["rows"] = await conn.fetchval("SELECT count(*) FROM undelivered_notification")
+            res["stored"] = stored
+            res["complete"] = stored >= total
+            if offline:
+                span = last_t - first_t if last_t else 0.0
+                res["rate"] = (stored - first_n) / span if span > 0 else 0.0
+                res["from_start_s"] = (last_t or time.time()) - started
+                log(f"  {res['rate']:.0f} stored/s ({res['rows']} rows)")
+            if flush:
+                log(f"gateway: flush of {flush} stored messages on connect")
+                await gw.wait_http(self.http, "/health/ready")
+                res["flush"] = await self.flush_series(
+                    gw.port, WS_PATH, auth="token", salt=f"{self.run_id}-flush"
+                )
+                log(f"  {res['flush']['to_last_ms']:.1f} ms to the last frame")
+                assert self.lg is not None
+                await self.lg.close_all()
+        finally:
+            res["log_tail"] = gw.tail(1500)
+            await gw.stop()
+        if offline:
+            res["bare_insert"] = await self.bare_insert(offline)
+            log(f"bare asyncpg insert: {res['bare_insert']['rate']:.0f} rows/s")
+
+    async def bare_insert(self, n: int, batch: int = 1000) -> dict[str, Any]:
+        """Baseline of the store: the gateway's own INSERT ... unnest, batches of 1000, bare."""
+        conn = await asyncpg.connect(self.db_url)
+        try:
+            await conn.execute(
+                "CREATE TABLE bench_bare_store (LIKE undelivered_notification INCLUDING ALL)"
+            )
+            body = common.body(common.now_us(), 0)
+            now = datetime.now(UTC)
+            rows = [
+                (uuid.uuid4(), common.user_id(common.OFFLINE, i % self.o.big), "bench", body, now)
+                for i in range(n)
+            ]
+            sql = (
+                "INSERT INTO bench_bare_store (message_id, user_id, title, body, created_at) "
+                "SELECT * FROM unnest($1::uuid[], $2::varchar[], $3::text[], $4::text[], "
+                "$5::timestamptz[]) ON CONFLICT (message_id) DO NOTHING"
+            )
+            t0 = time.perf_counter()
+            for i in range(0, n, batch):
+                chunk = rows[i : i + batch]
+                await conn.execute(sql, *(list(col) for col in zip(*chunk, strict=True)))
+            seconds = time.perf_counter() - t0
+            await conn.execute("DROP TABLE bench_bare_store")
+            return {"rows": n, "seconds": seconds, "rate": n / seconds}
+        finally:
+            await conn.close()
+
+    # -- profiling -------------------------------------------------------------------
+
+    async def start_profiler(
+        self, gw: Gateway, label: str, native: bool = True
+    ) -> asyncio.subprocess.Process | None:
+        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        if not Path(spy).exists():
+            log("  py-spy not found: pip install -r bench/requirements.txt")
+            return None
+        self.profile_path = self.logs / f"pyspy-{label}.txt"
+        proc = await asyncio.create_subprocess_exec(
+            spy,
+            "record",
+            "--pid",
+            str(gw.pid),
+            "--rate",
+            "200",
+            # --native cannot be non-blocking: it pauses the gateway for each sample.
+            *(["--native"] if native else ["--nonblocking"]),
+            "--function",
+            "--format",
+            "raw",
+            "--output",
+            str(self.profile_path),
+            stdout=(self.logs / "py-spy.log").open("ab"),
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        await asyncio.sleep(0.5)
+        if proc.returncode is not None:
+            log(f"  py-spy could not attach: {(self.logs / 'py-spy.log').read_text()[-500:]}")
+            return None
+        log(f"  py-spy recording the gateway (pid {gw.pid}): {label}")
+        return proc
+
+    async def stop_profiler(self, proc: asyncio.subprocess.Process) -> dict[str, Any]:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        from bench.profile_summary import summarize
+
+        summary = summarize(self.profile_path)
+        summary["raw"] = str(self.profile_path)
+        return summary
+
+    # -- report ----------------------------------------------------------------------
+
+    def table(self) -> list[dict[str, Any]]:
+        r, o = self.results, self.o
+        b = r.get("baseline", {})
+        rows: list[dict[str, Any]] = []
+
+        def row(
+            figure: str,
+            unit: str,
+            gateway: float | None,
+            baseline: float | None,
+            target: str = "",
+            met: bool | None = None,
+            note: str = "",
+        ) -> None:
+            ratio = None
+            if gateway is not None and baseline:
+                ratio = gateway / baseline
+            rows.append(
+                {
+                    "figure": figure,
+                    "unit": unit,
+                    "gateway": gateway,
+                    "baseline": baseline,
+                    "ratio": ratio,
+                    "target": target,
+                    "met": met,
+                    "note": note,
+                }
+            )
+
+        def get(d: dict[str, Any], *path: str) -> Any:
+            for p in path:
+                if not isinstance(d, dict) or p not in d:
+                    return None
+                d = d[p]
+            return d
+
+        for count, big in ((o.small, False), (o.big, True)):
+            g = r.get(f"gateway_{count}", {})
+            if "drain" in g:
+                rate = get(g, "drain", "rate")
+                base = get(b, f"live_{count}", "rate")
+                target, met = "", None
+                if big:
+                    target = ">= 20,000/s and >= 0.6x"
+                    met = bool(rate and rate >= 20_000 and base and rate / base >= 0.6)
+                    met = met and bool(get(g, "drain", "complete"))
+                row(
+                    f"fan-out {count} conns, Kafka->socket (pre-produced)",
+                    "msg/s",
+                    rate,
+                    base,
+                    target,
+                    met,
+                    "" if get(g, "drain", "complete") else "INCOMPLETE",
+                )
+            if "live" in g:
+                row(
+                    f"fan-out {count} conns, produced live",
+                    "msg/s",
+                    get(g, "live", "rate"),
+                    get(b, f"live_{count}", "rate"),
+                    note=f"producer {get(g, 'live', 'producer', 'rate') or 0:.0f}/s",
+                )
+                for q in ("p50", "p99"):
+                    row(
+                        f"fan-out {count} live, latency {q}",
+                        "ms",
+                        get(g, "live", "latency_ms", q),
+                        None,
+                        note="producer outruns the gateway: mostly time queued in Kafka",
+                    )
+        g = r.get(f"gateway_{o.big}", {})
+        if "paced" in g:
+            for q in ("p50", "p99", "p999"):
+                value = get(g, "paced", "latency_ms", q)
+                target, met = "", None
+                if q == "p99":
+                    target = "<= 25 ms"
+                    met = value is not None and value <= 25 and bool(get(g, "paced", "complete"))
+                row(
+                    f"paced {o.paced_rate:.0f}/s x {o.paced_seconds:.0f} s, {o.big} conns, {q}",
+                    "ms",
+                    value,
+                    get(b, "paced", "latency_ms", q),
+                    target,
+                    met,
+                    "baseline: bare Sanic, stamped at send" if q == "p50" else "",
+                )
+            gc = get(g, "paced", "gc")
+            if gc:
+                row(
+                    "paced: longest GC pause in the gateway",
+                    "ms",
+                    gc["max_ms"],
+                    None,
+                    note=f"{gc['full_collections']} full collections, {gc['full_ms']:.0f} ms",
+                )
+            for key, how in (
+                ("kafka_floor", "commit per batch"),
+                ("kafka_floor_no_commit", "no commit"),
+            ):
+                floor = r.get(key)
+                if floor:
+                    for q in ("p50", "p99"):
+                        note = ""
+                        if q == "p50" and floor.get("commit_ms_p50"):
+                            note = f"commit round trip p50 {floor['commit_ms_p50']:.1f} ms"
+                        row(
+                            f"paced {o.paced_rate:.0f}/s, Kafka alone ({how}), {q}",
+                            "ms",
+                            None,
+                            floor.get(q),
+                            note=note,
+                        )
+        s = r.get("store", {})
+        if "rate" in s:
+            rate = s["rate"]
+            row(
+                "offline store into PostgreSQL",
+                "msg/s",
+                rate,
+                get(s, "bare_insert", "rate"),
+                ">= 20,000/s",
+                bool(rate >= 20_000 and s.get("complete")),
+                "baseline: bare asyncpg INSERT..unnest, 1000/batch",
+            )
+        if "flush" in s:
+            value = get(s, "flush", "to_last_ms")
+            row(
+                f"flush {o.flush} stored on connect, to last frame (median of {FLUSH_RUNS})",
+                "ms",
+                value,
+                get(b, "flush", "to_last_ms"),
+                "<= 250 ms",
+                bool(value is not None and value <= 250 and get(s, "flush", "complete")),
+                "baseline: bare Sanic sends from memory",
+            )
+        if "connect" in g:
+            row(
+                f"connect {o.big}, remote auth uncached",
+                "hs/s",
+                get(g, "connect", "rate"),
+                get(b, "connect_big", "rate"),
+                note="fast asyncio auth stand-in; baseline: no auth",
+            )
+        if "connect_cached" in g:
+            rate = get(g, "connect_cached", "rate")
+            row(
+                f"connect {o.big}, remote auth cached",
+                "hs/s",
+                rate,
+                get(b, "connect_big", "rate"),
+                ">= 1,000/s",
+                bool(rate and rate >= 1000 and get(g, "connect_cached", "ok") == o.big),
+                f"{get(g, 'connect_cached', 'auth_service_calls')} auth calls",
+            )
+        if "storm_jwt" in r:
+            row(
+                f"connect {o.storm}, AUTH_MODE=jwt (local)",
+                "hs/s",
+                get(r, "storm_jwt", "rate"),
+                get(b, "connect_big", "rate"),
+            )
+        if "rss_per_conn_kb" in g and "memory" in o.scenarios:
+            value = g["rss_per_conn_kb"]
+            row(
+                f"RSS per idle connection at {o.big}",
+                "KB",
+                value,
+                b.get("rss_per_conn_kb"),
+                "<= 35 KB",
+                value <= 35,
+            )
+        if "gc_objects_per_conn" in g:
+            per = g["gc_objects_per_conn"]
+            top = ", ".join(f"{k} {v:.0f}" for k, v in list(per["by_type"].items())[:4])
+            row(
+                f"GC-tracked objects per idle connection at {o.big}",
+                "objects",
+                per["total"],
+                None,
+                note=top,
+            )
+        return rows
+
+    def loadgen_share(self) -> list[dict[str, Any]]:
+        """Where the CPU went in each measured window (% of one core; the machine has N)."""
+        out = []
+
+        def walk(prefix: str, d: Any) -> None:
+            if isinstance(d, dict):
+                if "cpu" in d and isinstance(d["cpu"], dict) and "wall_s" in d["cpu"]:
+                    c = d["cpu"]
+                    out.append(
+                        {
+                            "window": prefix,
+                            "loadgen": c.get("loadgen", 0) + c.get("producer", 0),
+                            "server": c.get("server", 0),
+                            "kafka": c.get("kafka", 0),
+                            "auth": c.get("auth", 0),
+                            **({"postgres": c["postgres"]} if "postgres" in c else {}),
+                            "other": c.get("other", 0),
+                            "wall_s": c["wall_s"],
+                        }
+                    )
+                for k, v in d.items():
+                    if k != "cpu":
+                        walk(f"{prefix}.{k}" if prefix else k, v)
+
+        walk("", {k: v for k, v in self.results.items() if k not in ("meta", "table", "cpu")})
+        return out
+
+    async def run(self) -> dict[str, Any]:
+        o = self.o
+        await self.setup()
+        if o.scenarios & {"live", "paced", "flush", "storm", "memory"}:
+            await self.phase_baseline()
+        if "paced" in o.scenarios:
+            await self.phase_kafka_floor()
+        if "live" in o.scenarios:
+            await self.phase_gateway_fanout(o.small, big=False)
+        if o.scenarios & {"live", "paced", "storm", "memory"}:
+            await self.phase_gateway_fanout(o.big, big=True)
+        if "storm" in o.scenarios:
+            await self.phase_storm_jwt()
+        if o.scenarios & {"store", "flush"}:
+            await self.phase_store_flush()
+        return self.results
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        if unit in ("msg/s", "hs/s") or abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    head = ["figure", "unit", "gateway", "baseline", "ratio", "target", "met?"]
+    body = [
+        [
+            r["figure"],
+            r["unit"],
+            fmt(r["gateway"], r["unit"]),
+            fmt(r["baseline"], r["unit"]),
+            "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+            r["target"] or "-",
+            "-" if r["met"] is None else fmt(r["met"]),
+        ]
+        for r in rows
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def pg_cell(share: dict[str, Any]) -> str:
+    return f"{share['postgres']:.0f}%" if "postgres" in share else "-"
+
+
+def render_cpu(shares: list[dict[str, Any]]) -> str:
+    lines = [
+        "| window | load generator | server | kafka | postgres | auth stand-in | rest of machine"
+        " | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in shares:
+        lines.append(
+            f"| {s['window']} | {s['loadgen']:.0f}% | {s['server']:.0f}% | {s['kafka']:.0f}% | "
+            f"{pg_cell(s)} | {s['auth']:.0f}% | {s.get('other', 0):.0f}% | "
+            f"{s['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+NOISY = 50  # % of one core used by everything else in a window: its figures are suspect
+DOC = ROOT / "docs" / "performance.md"
+DOC_START = "<!-- bench:latest:start -->"
+DOC_END = "<!-- bench:latest:end -->"
+
+
+def update_doc(results: dict[str, Any], out: Path) -> None:
+    """Replace the block between the markers of docs/performance.md with this run's table."""
+    if not DOC.exists():
+        log(f"{DOC} not found: not updated")
+        return
+    text = DOC.read_text()
+    if DOC_START not in text or DOC_END not in text:
+        log(f"{DOC.name} has no {DOC_START} ... {DOC_END} block: not updated")
+        return
+    meta = results["meta"]
+    git = meta.get("git", {})
+    peak = results.get("loadgen_peak") or {}
+    args = " ".join(meta["options"].get("argv_text", "").split()) or "(defaults)"
+    block = "\n".join(
+        [
+            DOC_START,
+            f"Run `{meta['run_id']}` ({meta['started']}, {meta['cpus']} cores, "
+            f"load average at start {meta['loadavg_at_start'][0]:.2f}), "
+            f"`python -m bench.run` {args}, gateway code at `{git.get('head', '?')}` "
+            f"(service/ {'clean' if git.get('service_dirty') == 'clean' else 'with local changes'}"
+            f", sha256 {git.get('service_sha256', '?')}). Raw: `{out.relative_to(ROOT)}`.",
+            "",
+            render_table(results["table"]),
+            "",
+            f"Load generator (client processes + producer): at most {peak.get('loadgen', 0):.0f}%"
+            f" of one core ({peak.get('window', '-')}; the server was at "
+            f"{peak.get('server', 0):.0f}% there).",
+            "",
+            "CPU per measured window, % of one core:",
+            "",
+            render_cpu(results["cpu"]),
+            *(
+                [
+                    "",
+                    f"Noisy windows (the rest of the machine above {NOISY}% of a core): "
+                    + ", ".join(results["noisy_windows"])
+                    + ".",
+                ]
+                if results.get("noisy_windows")
+                else []
+            ),
+            DOC_END,
+        ]
+    )
+    shas = {c.get("service_sha256") for c in results.get("gateway_code", {}).values()}
+    if len(shas) > 1:
+        block = block.replace(
+            DOC_END,
+            "\nservice/ changed during this run (gateways started from "
+            + ", ".join(sorted(str(x) for x in shas))
+            + "): its rows mix versions.\n"
+            + DOC_END,
+        )
+    head, rest = text.split(DOC_START, 1)
+    _, tail = rest.split(DOC_END, 1)
+    DOC.write_text(head + block + tail)
+    log(f"updated {DOC.relative_to(ROOT)}")
+
+
+async def amain(options: Options) -> int:
+    common.raise_nofile()
+    bench = Bench(options)
+    code = 0
+    task = asyncio.create_task(bench.run())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=options.budget)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            log(f"budget of {options.budget:.0f} s spent: reporting what was measured")
+            code = 3
+        else:
+            task.result()
+    except Exception as exc:
+        log(f"FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        code = 1
+    finally:
+        await bench.cleanup()
+    rows = bench.table()
+    shares = bench.loadgen_share()
+    bench.results["table"] = rows
+    bench.results["cpu"] = shares
+    bench.results["meta"]["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    bench.results["meta"]["loadavg_at_end"] = os.getloadavg()
+    peak = max(shares, key=lambda w: w["loadgen"]) if shares else None
+    bench.results["loadgen_peak"] = peak
+    noisy = [w["window"] for w in shares if w.get("other", 0) > NOISY]
+    bench.results["noisy_windows"] = noisy
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{bench.run_id}.json"
+    out.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
+    print()
+    print(render_table(rows))
+    print()
+    print(f"CPU, % of one core (the machine has {os.cpu_count()}), per measured window:")
+    print(render_cpu(shares))
+    if peak:
+        print(
+            f"load generator (client processes + producer): at most {peak['loadgen']:.0f}% of "
+            f"one core ({peak['window']}, server {peak['server']:.0f}% there): "
+            + ("not the bottleneck" if peak["loadgen"] < 70 else "CHECK: it may be the limit")
+        )
+    if noisy:
+        print(
+            f"noisy: the rest of the machine (other work) used > {NOISY}% of a core "
+            f"in {', '.join(noisy)}: rerun those before trusting them"
+        )
+    big = bench.results.get(f"gateway_{options.big}", {})
+    for key, title in (
+        ("profile", "fan-out (drain + live, with native frames)"),
+        ("profile_connect_uncached", "connect storm, remote auth uncached (native)"),
+        ("profile_connect_cached", "connect storm, remote auth cached (native)"),
+        ("profile_paced", "paced load (with native frames)"),
+    ):
+        if big.get(key):
+            from bench.profile_summary import render
+
+            print()
+            print(f"== {title} ==")
+            print(render(big[key]))
+    if options.update_doc and code == 0:
+        update_doc(bench.results, out)
+    print()
+    print(f"results: {out.relative_to(ROOT)}   process logs: {bench.logs}")
+    failed = [r for r in rows if r["met"] is False]
+    if failed and code == 0:
+        print(f"targets not met: {', '.join(r['figure'] for r in failed)}")
+    return code
+
+
+def main() -> None:
+    options = parse_options(sys.argv[1:])
+    try:
+        import uvloop
+
+        runner: Callable[[Any], Any] = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    sys.exit(runner(amain(options)))
+
+
+if __name__ == "__main__":
+    main()
