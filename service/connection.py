@@ -15,6 +15,7 @@ from typing import Final, Protocol
 
 from .auth import Identity
 from .metrics import Metrics
+from .notification import Notification
 from .router import Delivery
 
 log = logging.getLogger("notify.connection")
@@ -92,8 +93,8 @@ class Connection:
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
         self._flush_pending = False
-        # True while the writer waits on an empty queue: only then may ``offer``
-        # write directly, without breaking the order of frames.
+        # True while the writer waits on an empty queue: only then may
+        # ``write_now`` write directly, without breaking the order of frames.
         self._idle = False
         self._seen: set[str] | None = None
         self._seen_order: deque[str] | None = None
@@ -107,9 +108,27 @@ class Connection:
     def closed(self) -> bool:
         return self._closed
 
+    def write_now(self, notification: Notification) -> bool:
+        """Write the frame at once, without a task switch, if nothing has to wait.
+
+        That is: the writer is idle (nothing queued, no flush under way) and the
+        socket's buffer has room. Returns False, having written nothing, otherwise;
+        the caller then ``offer``s it. A notification this connection already
+        wrote counts as written.
+        """
+        if not self._idle or self._closed:
+            return False
+        message_id = notification.message_id
+        if self.seen(message_id):
+            return True
+        if not self._socket.send_now(notification.frame):
+            return False
+        self.mark_written(message_id)
+        self._metrics.observe_delivery(notification.created_ms)
+        return True
+
     def offer(self, delivery: Delivery) -> bool:
-        """Write a delivery at once if the writer is idle and the socket can take it,
-        else queue it for the writer.
+        """Queue a delivery for the writer.
 
         Returns False, without queueing, if the connection is closed. If the queue
         is full the connection is closed with 1013 (too slow to keep up), its queued
@@ -117,8 +136,6 @@ class Connection:
         """
         if self._closed:
             return False
-        if self._idle and self._write_now(delivery):
-            return True
         if len(self._queue) >= self._queue_size:
             log.warning("connection_overflow", extra={"queued": len(self._queue)})
             self._metrics.slow_closed.inc()
@@ -126,19 +143,6 @@ class Connection:
             return False
         self._queue.append(delivery)
         self._wake()
-        return True
-
-    def _write_now(self, delivery: Delivery) -> bool:
-        """The common case, without a task switch: an idle writer, a socket with room."""
-        notification = delivery.notification
-        if self.seen(notification.message_id):
-            delivery.settle(True)
-            return True
-        if not self._socket.send_now(notification.frame):
-            return False
-        self.mark_written(notification.message_id)
-        delivery.settle(True)
-        self._metrics.observe_delivery(notification.created_ms)
         return True
 
     def request_flush(self) -> None:

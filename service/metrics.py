@@ -7,8 +7,12 @@ outcomes and Kafka partition numbers.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -31,11 +35,6 @@ class Metrics:
         )
         self.consumed = Counter(
             "notify_notifications_consumed", "Kafka records read from the topic.", registry=r
-        )
-        self.delivered = Counter(
-            "notify_notifications_delivered",
-            "Frames written live to a socket (one per connection).",
-            registry=r,
         )
         self.stored = Counter(
             "notify_notifications_stored", "Notifications saved for offline users.", registry=r
@@ -65,12 +64,6 @@ class Metrics:
             "Connections closed with 1013 because they could not keep up.",
             registry=r,
         )
-        self.latency = Histogram(
-            "notify_delivery_latency_seconds",
-            "From the Kafka record timestamp to the socket write.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
         self.auth_seconds = Histogram(
             "notify_auth_seconds",
             "Time to check a token (cache hits included).",
@@ -98,16 +91,56 @@ class Metrics:
             "Published notifications no receiver acknowledged in time (stored instead).",
             registry=r,
         )
+        self._frames = _FrameStats(_LATENCY_BUCKETS)
+        r.register(self._frames)
         self.store_failures = Counter(
             "notify_store_failures", "Failed attempts to save to PostgreSQL.", registry=r
         )
 
     def observe_delivery(self, created_ms: int) -> None:
         """Count one live frame written and its end-to-end latency."""
-        self.delivered.inc()
-        if created_ms > 0:
-            self.latency.observe(max(0.0, time.time() - created_ms / 1000))
+        self._frames.observe(created_ms)
 
     def render(self) -> bytes:
         """The text exposition format for ``GET /metrics``."""
         return generate_latest(self.registry)
+
+
+class _FrameStats(Collector):
+    """Live frames written and their latency: the one metric updated per frame.
+
+    prometheus_client's Counter and Histogram take a lock on every update; the
+    gateway updates these from one event loop only, so plain integers do, and
+    this collector turns them into ``notify_notifications_delivered_total`` and
+    the ``notify_delivery_latency_seconds`` histogram when scraped.
+    """
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(buckets) + 1)
+        self._sum = 0.0
+        self._frames = 0
+
+    def observe(self, created_ms: int) -> None:
+        self._frames += 1
+        if created_ms > 0:
+            seconds = max(0.0, time.time() - created_ms / 1000)
+            self._counts[bisect_left(self._bounds, seconds)] += 1
+            self._sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "notify_notifications_delivered",
+            "Frames written live to a socket (one per connection).",
+            value=self._frames,
+        )
+        cumulative, buckets = 0, []
+        for bound, count in zip([*self._bounds, float("inf")], self._counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        yield HistogramMetricFamily(
+            "notify_delivery_latency_seconds",
+            "From the Kafka record timestamp to the socket write.",
+            buckets=buckets,
+            sum_value=self._sum,
+        )

@@ -86,6 +86,10 @@ class Outlet(Protocol):
     @property
     def user_id(self) -> str: ...
 
+    def write_now(self, notification: Notification) -> bool:
+        """Write the frame at once if that needs no waiting; False: use ``offer``."""
+        ...
+
     def offer(self, delivery: Delivery) -> bool:
         """Queue a delivery; False if the connection is closed or just overflowed."""
         ...
@@ -147,11 +151,13 @@ class Delivery:
 
     __slots__ = ("_batch", "_remaining", "_written", "notification")
 
-    def __init__(self, notification: Notification, batch: Batch, fanout: int) -> None:
+    def __init__(
+        self, notification: Notification, batch: Batch, fanout: int, *, written: bool = False
+    ) -> None:
         self.notification = notification
         self._batch = batch
         self._remaining = fanout
-        self._written = False
+        self._written = written
 
     def settle(self, written: bool) -> None:
         """Record the outcome on one connection. Safe to call once per connection."""
@@ -289,9 +295,15 @@ class Router:
             if not outlets:
                 offline.append(notification)
                 continue
-            delivery = Delivery(notification, batch, len(outlets))
+            # Most frames go out at once; only the rest is queued and tracked.
+            waiting = [outlet for outlet in outlets if not outlet.write_now(notification)]
+            if not waiting:
+                continue
+            delivery = Delivery(
+                notification, batch, len(waiting), written=len(waiting) < len(outlets)
+            )
             batch._add()
-            for outlet in outlets:
+            for outlet in waiting:
                 if not outlet.offer(delivery):
                     delivery.settle(False)
         await batch.wait()

@@ -96,8 +96,9 @@ class FakeBacklog:
 class FakeOutlet:
     """A live connection as the router sees it, settling each delivery on the next loop turn.
 
-    ``mode`` is ``"write"`` (written), ``"drop"`` (accepted, then given up) or
-    ``"refuse"`` (``offer`` returns False, as a closed connection does).
+    ``mode`` is ``"write"`` (written), ``"drop"`` (accepted, then given up),
+    ``"refuse"`` (``offer`` returns False, as a closed connection does) or
+    ``"now"`` (written at once by ``write_now``; the others always queue).
     """
 
     def __init__(self, user_id: str, mode: str = "write") -> None:
@@ -111,6 +112,13 @@ class FakeOutlet:
     @property
     def user_id(self) -> str:
         return self._user_id
+
+    def write_now(self, notification: Notification) -> bool:
+        if self.mode != "now":
+            return False
+        self.frames.append(notification.frame)
+        self._seen.add(notification.message_id)
+        return True
 
     def offer(self, delivery: Delivery) -> bool:
         if self.mode == "refuse":

@@ -112,6 +112,29 @@ async def test_written_on_one_connection_is_enough(
     assert backlog.rows == {}
 
 
+async def test_written_at_once_on_one_tab_and_dropped_on_another_is_not_stored(
+    router: Router, hub: Hub[Outlet], backlog: FakeBacklog
+) -> None:
+    """A frame written at once to one tab counts as delivered though the queued tab gave up."""
+    fast = outlet(hub, "alice", "now")
+    outlet(hub, "alice", "drop")
+    n = notification("alice")
+    await router.deliver([n])
+    assert fast.frames == [n.frame]
+    assert backlog.rows == {}
+
+
+async def test_frames_written_at_once_are_neither_queued_nor_stored(
+    router: Router, hub: Hub[Outlet], backlog: FakeBacklog
+) -> None:
+    """When every tab takes the frame at once, nothing is queued and nothing is stored."""
+    tabs = [outlet(hub, "alice", "now"), outlet(hub, "alice", "now")]
+    n = notification("alice")
+    await router.deliver([n])
+    assert [tab.frames for tab in tabs] == [[n.frame], [n.frame]]
+    assert backlog.rows == {}
+
+
 async def test_connection_of_the_user_is_asked_to_reread_the_store(
     router: Router, hub: Hub[Outlet], backlog: FakeBacklog
 ) -> None:
