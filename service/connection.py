@@ -1,7 +1,9 @@
 """One client WebSocket: a bounded send queue drained by a single writer task.
 
-The connection is the only place that writes to its socket. Frames reach it as
-:class:`~service.router.Delivery` objects; each is settled exactly once, as
+The connection is the only place that writes to its socket. A frame is written
+at once by :meth:`Connection.write_now` when the writer is idle and the socket
+has room (the common case); otherwise it arrives as a
+:class:`~service.router.Delivery` in the queue and is settled exactly once, as
 written or not, so the router knows what still has to be stored.
 """
 
@@ -59,8 +61,9 @@ _FLUSH: Final = _Flush()
 class Connection:
     """A registered client connection of one user.
 
-    ``offer`` and ``close`` may be called from any task on the loop; only
-    :meth:`run` (the writer) writes frames.
+    ``write_now``, ``offer`` and ``close`` may be called from any task on the
+    loop; frames are written by :meth:`run` (the writer), or by ``write_now``
+    only while the writer is idle, so their order is kept.
     """
 
     __slots__ = (
