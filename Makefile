@@ -3,6 +3,7 @@
 #   make run     start Kafka and PostgreSQL, migrate, run the gateway on :8001
 #   make demo    the platform's scenario end to end on this machine, then stop everything
 #   make bench   the benchmark of docs/performance.md (not part of make test)
+#   make reliability   faults, load and bad input at full size; writes docs/reliability.md
 #   make up / make down    start / stop the local Kafka, PostgreSQL and Redis
 
 SHELL := /bin/bash
@@ -15,7 +16,7 @@ LOCAL_KAFKA := 127.0.0.1:$(or $(KAFKA_PORT),9092)
 .PHONY: help venv up down migrate lint test test-unit test-integration run demo bench reliability lock clean
 
 help:
-	@sed -n "2,7p" Makefile
+	@sed -n "2,8p" Makefile
 
 $(BIN)/.installed: requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +63,12 @@ run: venv up migrate
 
 demo: venv
 	$(BIN)/python dev/demo.py
+
+# The reliability suite at the issue's sizes, then docs/reliability.md from its figures.
+# It runs its own Kafka (19092/19093) and PostgreSQL (15432).
+reliability: venv
+	RELIABILITY_SCALE=full $(BIN)/pytest -q tests/reliability; status=$$?; \
+	$(BIN)/python tests/reliability/report.py; exit $$status
 
 $(BIN)/.bench-installed: $(BIN)/.installed bench/requirements.txt
 	$(BIN)/pip install --quiet -r bench/requirements.txt

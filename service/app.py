@@ -77,6 +77,11 @@ class SanicSocket:
             transport.write(chunk)
         return True
 
+    def buffered(self) -> int:
+        io = self._ws.io_proto
+        transport = io.transport if io is not None else None
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self._ws.close(code, reason)
 
@@ -208,7 +213,11 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
         return
 
     connection = Connection(
-        SanicSocket(ws), identity, node.metrics, queue_size=settings.send_queue_size
+        SanicSocket(ws),
+        identity,
+        node.metrics,
+        queue_size=settings.send_queue_size,
+        on_unsent=node.router.store_soon,
     )
     broker = node.broker
     if broker is not None:

@@ -253,7 +253,7 @@ class CachedAuthenticator:
         self._ttl = ttl
         self._size = size
         self._entries: OrderedDict[bytes, tuple[float, Identity | InvalidToken]] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Future[Identity]] = {}
+        self._inflight: dict[bytes, asyncio.Task[Identity]] = {}
 
     async def identify(self, token: str) -> Identity:
         started = time.perf_counter()
@@ -280,31 +280,26 @@ class CachedAuthenticator:
                     raise InvalidToken(answer.reason)
                 return answer
             del self._entries[key]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Identity] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        check = self._inflight.get(key)
+        if check is None:
+            # The check runs in a task of its own: a client that leaves (its
+            # handler cancelled) must not fail the others waiting on it.
+            check = asyncio.get_running_loop().create_task(self._check(key, token))
+            check.add_done_callback(_retrieve)  # every waiter may have left
+            self._inflight[key] = check
+        return await asyncio.shield(check)
+
+    async def _check(self, key: bytes, token: str) -> Identity:
         try:
             identity = await self._inner.identify(token)
         except InvalidToken as exc:
             self._remember(key, exc, None)
-            future.set_exception(exc)
-            raise
-        except BaseException as exc:
-            future.set_exception(
-                exc if isinstance(exc, Exception) else AuthUnavailable("cancelled")
-            )
             raise
         else:
             self._remember(key, identity, identity.expires_at)
-            future.set_result(identity)
             return identity
         finally:
             del self._inflight[key]
-            # Nobody may be waiting on the shared future: mark its exception retrieved.
-            if future.done() and not future.cancelled():
-                future.exception()
 
     def _remember(
         self, key: bytes, answer: Identity | InvalidToken, expires_at: float | None
@@ -322,6 +317,11 @@ class CachedAuthenticator:
     async def close(self) -> None:
         self._entries.clear()
         await self._inner.close()
+
+
+def _retrieve(task: asyncio.Task[Identity]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def build_authenticator(settings: Settings, metrics: Metrics) -> Authenticator:

@@ -32,6 +32,9 @@ TOO_MANY: Final = 4429
 UNAVAILABLE: Final = 4503
 
 _SEEN_LIMIT: Final = 512
+# Frames remembered while the socket's buffer is not empty, to store again what
+# never left it if the connection is aborted.
+_UNSENT_LIMIT: Final = 2048
 
 
 class Socket(Protocol):
@@ -44,6 +47,10 @@ class Socket(Protocol):
 
         False (nothing written) means "use ``send``": closing, or its buffer is full.
         """
+        ...
+
+    def buffered(self) -> int:
+        """Bytes handed to the socket that the kernel has not taken yet."""
         ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
@@ -71,22 +78,34 @@ class Connection:
         "_closed",
         "_flush_pending",
         "_idle",
+        "_inflight",
         "_loop",
         "_metrics",
+        "_on_unsent",
         "_queue",
         "_queue_size",
         "_seen",
         "_seen_order",
         "_socket",
+        "_unsent",
         "_wakeup",
         "identity",
         "write_started",
     )
 
     def __init__(
-        self, socket: Socket, identity: Identity, metrics: Metrics, *, queue_size: int
+        self,
+        socket: Socket,
+        identity: Identity,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        on_unsent: Callable[[list[Notification]], None] | None = None,
     ) -> None:
         self._socket = socket
+        self._on_unsent = on_unsent
+        self._inflight: Delivery | None = None
+        self._unsent: deque[Notification] | None = None
         # Kept: in Python 3.11 get_running_loop() costs a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self.identity = identity
@@ -126,9 +145,34 @@ class Connection:
             return True
         if not self._socket.send_now(notification.frame):
             return False
-        self.mark_written(message_id)
-        self._metrics.observe_delivery(notification.created_ms)
+        self._written(notification)
         return True
+
+    def _written(self, notification: Notification) -> None:
+        """Book a frame handed to the socket."""
+        self.mark_written(notification.message_id)
+        self._metrics.observe_delivery(notification.created_ms)
+        if self._socket.buffered():
+            if self._unsent is None:
+                self._unsent = deque(maxlen=_UNSENT_LIMIT)
+            self._unsent.append(notification)
+        elif self._unsent:
+            self._unsent.clear()
+
+    def _reclaim_unsent(self) -> None:
+        """Hand back the frames still in the socket's buffer: they will never be sent."""
+        pending = self._socket.buffered()
+        if not pending or not self._unsent or self._on_unsent is None:
+            return
+        reclaimed: list[Notification] = []
+        for notification in reversed(self._unsent):
+            if pending <= 0:
+                break
+            reclaimed.append(notification)
+            pending -= len(notification.frame.encode()) + 4  # + the frame header
+        self._unsent.clear()
+        reclaimed.reverse()
+        self._on_unsent(reclaimed)
 
     def offer(self, delivery: Delivery) -> bool:
         """Queue a delivery for the writer.
@@ -204,14 +248,19 @@ class Connection:
                 if self.seen(notification.message_id):
                     item.settle(True)
                     continue
+                self._inflight = item
                 try:
                     await self.write(notification.frame)
                 except BaseException:
-                    item.settle(False)
+                    if self._inflight is item:
+                        self._inflight = None
+                        item.settle(False)
                     raise
-                self.mark_written(notification.message_id)
+                if self._inflight is not item:
+                    continue  # aborted meanwhile: settled as not written already
+                self._inflight = None
+                self._written(notification)
                 item.settle(True)
-                self._metrics.observe_delivery(notification.created_ms)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket failed: the client went away
@@ -227,6 +276,10 @@ class Connection:
             waiter.set_result(None)
 
     def _abandon(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            # Its write may still complete; stored as well, it arrives twice at worst.
+            inflight.settle(False)
         while self._queue:
             item = self._queue.popleft()
             if not isinstance(item, _Flush):
@@ -250,6 +303,7 @@ class Connection:
             return
         self._closed = True
         self._abandon()
+        self._reclaim_unsent()
         self._socket.fail_connection(code, reason)
 
     async def close(self, code: int, reason: str) -> None:
@@ -258,6 +312,7 @@ class Connection:
             return
         self._closed = True
         self._abandon()
+        self._reclaim_unsent()
         try:
             await self._socket.close(code, reason)
         except Exception as exc:

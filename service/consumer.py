@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 
 from .config import Settings
 from .metrics import Metrics
-from .notification import Notification, PoisonMessage, Skip, parse
+from .notification import MAX_VALUE_BYTES, Notification, PoisonMessage, Skip, parse
 
 log = logging.getLogger("notify.consumer")
 
@@ -211,14 +211,38 @@ class Consumer:
         producer = self._producer
         futures = []
         for record, exc in poison:
+            value = record.value
             headers = [
                 ("notify-error", exc.reason.encode()),
                 ("notify-error-detail", exc.detail.encode("utf-8", "replace")[:500]),
                 ("notify-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
             ]
-            futures.append(
-                await producer.send(topic, value=record.value, key=record.key, headers=headers)
-            )
-        # Raises KafkaError if the DLQ write fails: the batch is not committed,
-        # the run loop reconnects and the batch is read again.
-        await asyncio.gather(*futures)
+            if value is not None and len(value) > MAX_VALUE_BYTES:
+                # Kafka may refuse the whole of an oversized value (max.request.size):
+                # keep its head, and say how large it was.
+                headers.append(("notify-original-size", str(len(value)).encode()))
+                value = value[:MAX_VALUE_BYTES]
+            try:
+                futures.append(
+                    (
+                        record,
+                        await producer.send(topic, value=value, key=record.key, headers=headers),
+                    )
+                )
+            except MessageSizeTooLargeError:
+                self._dead_letter_refused(record)
+        # A KafkaError here fails the batch: it is not committed, the run loop
+        # reconnects and the batch is read again. Only a refusal that no retry can
+        # cure is logged and counted instead, so one record never blocks a partition.
+        outcomes = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+        for (record, _), outcome in zip(futures, outcomes, strict=True):
+            if isinstance(outcome, MessageSizeTooLargeError):
+                self._dead_letter_refused(record)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+
+    def _dead_letter_refused(self, record: Any) -> None:
+        log.error(
+            "dead_letter_refused", extra={"partition": record.partition, "offset": record.offset}
+        )
+        self._metrics.dead_letter_failures.inc()

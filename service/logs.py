@@ -67,10 +67,27 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class _ProtocolNoise(logging.Filter):
+    """One warning line, no traceback, for a request Sanic cannot even parse.
+
+    Sanic logs "connection_task uncaught" with a traceback at error level when a
+    malformed request line (``GET http://[ HTTP/1.1``) fails its own error path;
+    anyone who reaches the port could fill the log with those.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("sanic") and "connection_task uncaught" in record.getMessage():
+            record.msg, record.args = "malformed_request_dropped", ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure(level: str) -> None:
     """Send every logger's records to stdout as JSON lines at ``level``."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(_ProtocolNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -54,6 +54,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.dead_letter_failures = Counter(
+            "notify_dead_letter_failures",
+            "Poison messages the dead-letter topic refused for good (logged and skipped).",
+            registry=r,
+        )
         self.skipped = Counter(
             "notify_notifications_skipped",
             "Valid messages for another delivery method.",

@@ -220,7 +220,7 @@ class Node:
             now = loop.time()
             for connection in self.hub:
                 started = connection.write_started
-                if started is not None and now - started > limit:
+                if started is not None and now - started > limit and not connection.closed:
                     log.warning("connection_write_timeout", extra={"seconds": limit})
                     self.metrics.slow_closed.inc()
                     connection.abort(TRY_AGAIN_LATER, "too slow to keep up")

@@ -138,4 +138,7 @@ def _string(document: dict[str, Any], key: str) -> str:
     value = document[key]
     if not isinstance(value, str):
         raise PoisonMessage(f"invalid_{key}", f"expected a string, got {type(value).__name__}")
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL: such a value could never be stored.
+        raise PoisonMessage(f"invalid_{key}", "contains a NUL character")
     return value

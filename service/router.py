@@ -110,22 +110,24 @@ class Outlet(Protocol):
 
 
 class Batch:
-    """Tracks the live deliveries of one consumer batch until each is settled.
+    """Tracks the queued deliveries of one consumer batch until each is settled.
 
     Settled means written to a socket, or given up by every connection it was
     queued on (closed, overflowed, too slow); the latter are collected in
     ``unwritten`` to be stored.
     """
 
-    __slots__ = ("_done", "_pending", "unwritten")
+    __slots__ = ("_deliveries", "_done", "_pending", "unwritten")
 
     def __init__(self) -> None:
         self._pending = 0
         self._done: asyncio.Future[None] | None = None
+        self._deliveries: list[Delivery] = []
         self.unwritten: list[Notification] = []
 
-    def _add(self) -> None:
+    def _add(self, delivery: Delivery) -> None:
         self._pending += 1
+        self._deliveries.append(delivery)
 
     def _settle(self, notification: Notification, written: bool) -> None:
         if not written:
@@ -134,12 +136,21 @@ class Batch:
         if self._pending == 0 and self._done is not None and not self._done.done():
             self._done.set_result(None)
 
-    async def wait(self) -> None:
-        """Return when every delivery of the batch is settled."""
-        if self._pending == 0:
-            return
-        self._done = asyncio.get_running_loop().create_future()
-        await self._done
+    async def wait(self, budget: float) -> list[Notification]:
+        """Wait up to ``budget`` seconds for every delivery to settle.
+
+        Returns what must be stored: the deliveries given up, and those still
+        queued when the budget ran out (a slow socket must not hold up everyone
+        else's notifications; if it writes them later, they arrive twice at worst).
+        """
+        if self._pending:
+            self._done = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._done, budget)
+            except TimeoutError:
+                late = [d.notification for d in self._deliveries if not d.settled]
+                return self.unwritten + late
+        return self.unwritten
 
 
 class Delivery:
@@ -158,6 +169,10 @@ class Delivery:
         self._batch = batch
         self._remaining = fanout
         self._written = written
+
+    @property
+    def settled(self) -> bool:
+        return self._remaining <= 0
 
     def settle(self, written: bool) -> None:
         """Record the outcome on one connection. Safe to call once per connection."""
@@ -186,6 +201,7 @@ class Router:
         *,
         broker: Broker | None = None,
         ack_timeout: float = 15.0,
+        delivery_wait: float = 0.2,
         flush_batch: int = 200,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
@@ -195,6 +211,7 @@ class Router:
         self._metrics = metrics
         self._broker = broker
         self._ack_timeout = ack_timeout
+        self._delivery_wait = delivery_wait
         self._awaiting: dict[str, int] = {}
         self._all_acked: asyncio.Future[None] | None = None
         self._flush_batch = flush_batch
@@ -302,12 +319,11 @@ class Router:
             delivery = Delivery(
                 notification, batch, len(waiting), written=len(waiting) < len(outlets)
             )
-            batch._add()
+            batch._add(delivery)
             for outlet in waiting:
                 if not outlet.offer(delivery):
                     delivery.settle(False)
-        await batch.wait()
-        return offline + batch.unwritten
+        return offline + await batch.wait(self._delivery_wait)
 
     def receive(self, received: list[tuple[Notification, bytes]]) -> None:
         """Deliver what the broker handed to this process; store what no socket took.
@@ -333,6 +349,14 @@ class Router:
             except BrokerUnavailable as exc:
                 # The publisher times out and stores them: twice, never lost.
                 log.warning("ack_failed", extra={"error": str(exc)})
+
+    def store_soon(self, notifications: list[Notification]) -> None:
+        """Store, in the background, frames a connection took but never sent (aborted)."""
+        if not notifications:
+            return
+        task = asyncio.get_running_loop().create_task(self.store(notifications))
+        self._receiving.add(task)
+        task.add_done_callback(self._receiving.discard)
 
     async def drain(self) -> None:
         """Wait until every received delivery was written or stored."""

@@ -165,6 +165,7 @@ class FakeSocket:
         self.closed_with: tuple[int, str] | None = None
         self.failed_with: tuple[int, str] | None = None
         self.fail_sends = False
+        self.buffered_bytes = 0
         self.sending = 0
         self._open = asyncio.Event()
         self._open.set()
@@ -184,6 +185,9 @@ class FakeSocket:
         if self.fail_sends or self.failed_with is not None or self.closed_with is not None:
             raise PeerGone("connection lost")
         self.frames.append(message)
+
+    def buffered(self) -> int:
+        return self.buffered_bytes
 
     def send_now(self, message: str) -> bool:
         """The fast path: takes the frame at once unless held, failing or closed."""

@@ -305,7 +305,13 @@ class Clients:
         self, user_id: str, *, queue_size: int = 100, start: bool = True
     ) -> tuple[Connection, FakeSocket]:
         socket = FakeSocket()
-        connection = Connection(socket, Identity(user_id), self._metrics, queue_size=queue_size)
+        connection = Connection(
+            socket,
+            Identity(user_id),
+            self._metrics,
+            queue_size=queue_size,
+            on_unsent=self._router.store_soon,
+        )
         self._hub.register(connection)
         if start:
             self.start(connection)
@@ -469,3 +475,49 @@ async def test_many_notifications_arrive_in_order(router: Router, clients: Clien
     await router.deliver(batch[:20])
     await router.deliver(batch[20:])
     assert socket.frames == _frames(batch)
+
+
+async def test_a_stalled_socket_does_not_hold_up_the_batch(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """A frame stuck behind a stalled socket is stored after a short wait; others go on."""
+    stalled, socket = clients.open("alice")
+    await until(lambda: stalled._idle)
+    socket.hold()
+    first = notification("alice", "queued behind a stalled write")
+    stuck = notification("alice", "stuck")
+    # The first frame goes out through the writer (send_now refuses while held) and hangs.
+    await asyncio.wait_for(router.deliver([first]), 2.0)
+    await asyncio.wait_for(router.deliver([stuck]), 2.0)
+    assert {first.message_id, stuck.message_id} <= set(backlog.stored_ids)
+
+
+async def test_abort_settles_the_frame_being_written_as_not_written(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """A connection aborted mid-write has that frame stored, not counted as delivered."""
+    connection, socket = clients.open("alice")
+    await until(lambda: connection._idle)
+    socket.hold()
+    n = notification("alice")
+    delivering = asyncio.create_task(router.deliver([n]))
+    await until(lambda: socket.sending == 1)
+    connection.abort(1013, "too slow to keep up")
+    await asyncio.wait_for(delivering, 2.0)
+    assert backlog.stored_ids == [n.message_id]
+
+
+async def test_frames_left_in_the_socket_buffer_are_stored_on_abort(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """Frames the socket accepted but never sent are stored when the connection is aborted."""
+    connection, socket = clients.open("alice")
+    await until(lambda: connection._idle)
+    sent = [notification("alice", f"n{i}") for i in range(3)]
+    socket.buffered_bytes = 10_000  # a client that stopped reading
+    await router.deliver(sent)
+    assert socket.frames == [n.frame for n in sent]
+    assert backlog.stored_ids == []
+    connection.abort(1013, "too slow to keep up")
+    await router.drain()
+    assert sorted(backlog.stored_ids) == sorted(n.message_id for n in sent)

@@ -1,0 +1,177 @@
+"""Turn the last reliability run into ``docs/reliability.md``.
+
+``python tests/reliability/report.py`` reads ``.cache/reliability/last-run.json``
+(written by the suite's session hook) and rewrites the document, table and all:
+the figures are never typed by hand. ``--input`` and ``--output`` choose other
+files; ``--check`` also exits 1 unless every row passed with nothing lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_INPUT = ROOT / ".cache" / "reliability" / "last-run.json"
+DEFAULT_OUTPUT = ROOT / "docs" / "reliability.md"
+
+INTRO = """\
+# Reliability: faults, load and bad input, with figures
+
+The gateway promises at least once, per user (DESIGN.md §3): every push message is
+written to a socket of its user or kept in PostgreSQL until the user connects, and
+nothing is dropped silently. `tests/reliability/` tries to break that promise with
+real processes on loopback: the gateway (`python -m service`), Kafka and PostgreSQL
+of the suite's own (started with `scripts/kafka.sh` / `scripts/postgres.sh` on ports
+19092/19093 and 15432, so the shared ones are never restarted), the auth stand-in
+`dev/auth_server.py` behind a TCP proxy that can cut it, and real WebSocket clients.
+
+Every scenario sends known `message_id`s to known users, some connected and some
+not, lets the fault happen, then connects every user and drains: a message is
+**lost** if no connection of its user ever received it, a **duplicate** is a second
+copy on one device (one client, across its reconnections). The subject of each test
+message is its id and its content names its user and send time, so a frame also
+shows who it was for and how late it came.
+
+Run it: `make reliability` (the issue's sizes, `RELIABILITY_SCALE=full`, a few
+minutes), or the short sizes, which `make test` runs too: `pytest tests/reliability`.
+The table below is written by `python tests/reliability/report.py` from
+`.cache/reliability/last-run.json`; gateway logs of the run are kept in
+`.cache/reliability/logs/`. Knobs: `RELIABILITY_SEED` (scenario 8c),
+`RELIABILITY_KEEP_SERVICES=1` (leave the private Kafka and PostgreSQL running),
+`RELIABILITY_KAFKA_PORT`, `RELIABILITY_KAFKA_CONTROLLER_PORT`, `RELIABILITY_PG_PORT`.
+"""
+
+SCENARIOS = """\
+## The scenarios
+
+1. **Gateway killed**: SIGKILL while thousands of messages are in flight, restart on the
+   same port and consumer group; connected clients reconnect by themselves.
+2. **Kafka restarted** mid-stream (the suite's broker): the same gateway process must
+   resume by itself.
+3. **PostgreSQL stopped** while offline users receive: readiness must be 503 and no
+   committed offset may pass a message that could not be stored.
+4. **Auth service down** (connections cut), **slow** (over `AUTH_TIMEOUT`) and
+   **answering 500**: new clients get 4503, connected ones keep receiving, a reconnect
+   storm during the outage is served from the cache (auth requests counted).
+5. **Slow client**: one client stops reading (its writes stall until `WRITE_TIMEOUT`),
+   another gets a burst larger than `SEND_QUEUE_SIZE` (queue overflow); both must be
+   closed with 1013 and get what they missed later, while the others' latency is
+   measured from send to receipt.
+6. **Reconnect storm**: every client (two devices per user) disconnects and reconnects
+   at once while messages flow.
+7. **Bad input**: (a) one Kafka value of each malformed kind (random bytes, empty and
+   null values, deep JSON, strings over 64 KiB, wrong types, null and missing fields,
+   invalid ids, non-UTF-8, lone surrogates, NaN, byte order mark, duplicated keys,
+   NUL characters, a 1 MiB value), each followed by a good message; (b) the same
+   property with random values from hypothesis; (c) handshake garbage: garbage tokens,
+   huge query strings and headers, missing upgrade headers, oversized client frames,
+   bad frames, bytes that are not HTTP. Each value must be delivered, dead-lettered or
+   skipped, the process must stay up, and no traceback may reach the log.
+8. **Security**: (a) the exact token in no log line, metric, close reason or HTTP
+   error body; (b) a disallowed `Origin` refused with 4403 before the auth service is
+   asked; (c) across many users with look-alike ids (case, prefixes, UUID spellings),
+   no frame ever reaches a user it does not name.
+"""
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _note(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else _cell(value)
+    return text.replace("|", "\\|")
+
+
+def _order(row: dict[str, Any]) -> tuple[int, str]:
+    match = re.match(r"(\d+)([a-z]?)", row["scenario"])
+    return (int(match[1]), match[2]) if match else (99, row["scenario"])
+
+
+def render(run: dict[str, Any]) -> str:
+    """The whole document for one run."""
+    rows = sorted(run["rows"], key=_order)
+    lines = [
+        "<!-- Generated by tests/reliability/report.py from .cache/reliability/last-run.json;",
+        "     do not edit by hand: run `make reliability`. -->",
+        "",
+        INTRO,
+        "## Figures of the last run",
+        "",
+        f"Scale **{run['scale']}**, started {run['started']}, {run['duration_s']:g} s in all, "
+        f"commit `{run.get('commit') or 'unknown'}`, {run['machine']['cpus']} CPUs, "
+        f"Python {run['machine']['python']}.",
+        "",
+        "| scenario | messages | lost | duplicates | recovery (s) | result |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['scenario']} | {_cell(row['messages'])} | {_cell(row['lost'])} | "
+            f"{_cell(row['duplicates'])} | {_cell(row['recovery_s'])} | {row['outcome']} |"
+        )
+    failed = [row for row in rows if row["outcome"] != "passed"]
+    if failed:
+        lines += ["", "### Open problems", ""]
+        for row in failed:
+            problems = row["notes"].get("problems") or [row.get("failure") or row["outcome"]]
+            for problem in problems:
+                first = str(problem).strip().splitlines()[0] if str(problem).strip() else ""
+                lines.append(f"- {row['scenario']}: {first[:300]}")
+    lines += [
+        "",
+        "Messages: test messages (or bad values, handshakes, answers checked) sent. Lost: "
+        "messages no connection of their user received (for 7a/7b: good messages that "
+        "never came after bad input). Recovery: as defined per row below.",
+        "",
+        "## Per scenario",
+        "",
+    ]
+    for row in rows:
+        lines.append(f"### {row['scenario']}")
+        lines.append("")
+        lines.append(f"- test: `{row['test']}` ({row['outcome']}, {row['duration_s']:g} s)")
+        lines.append(
+            f"- users: {_cell(row['users'])}, connections: {_cell(row['connections'])}, "
+            f"duplicates on one connection: {_cell(row['same_connection_duplicates'])}"
+        )
+        if row.get("recovery"):
+            lines.append(f"- recovery: {row['recovery']}")
+        for key, value in row["notes"].items():
+            lines.append(f"- {key}: {_note(value)}")
+        lines.append("")
+    lines.append(SCENARIOS)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, default=DEFAULT_INPUT)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--check", action="store_true", help="exit 1 unless all passed, 0 lost")
+    args = parser.parse_args(argv)
+    if not args.input.exists():
+        print(f"report.py: {args.input} not found: run the suite first", file=sys.stderr)
+        return 2
+    run = json.loads(args.input.read_text())
+    args.output.write_text(render(run))
+    print(f"report.py: wrote {args.output} ({len(run['rows'])} scenarios, scale {run['scale']})")
+    if args.check:
+        bad = [r["scenario"] for r in run["rows"] if r["outcome"] != "passed" or r["lost"]]
+        if bad:
+            print(f"report.py: not passed or lost > 0: {', '.join(bad)}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

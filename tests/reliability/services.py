@@ -1,0 +1,162 @@
+"""Private Kafka and PostgreSQL for the reliability suite, and a TCP proxy to cut the auth service.
+
+The scenarios restart Kafka and stop PostgreSQL, so they never touch the shared
+ones on 9092 / 5432: ``scripts/kafka.sh`` and ``scripts/postgres.sh`` start
+instances of their own on other ports with their own cache directories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.gateway import ROOT
+
+SCRIPT_TIMEOUT = 240.0
+
+
+def _run(command: list[str], env: dict[str, str], timeout: float = SCRIPT_TIMEOUT) -> str:
+    """Run a script of the repository; raise with its output if it fails."""
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({result.returncode}):\n"
+            f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        )
+    return result.stdout
+
+
+class KafkaBroker:
+    """A one-node Kafka of the suite's own (``scripts/kafka.sh`` with other ports and cache).
+
+    ``start``, ``stop`` and ``restart`` block until the script returns; call them
+    through ``asyncio.to_thread`` from a test. ``stop`` is idempotent.
+    """
+
+    def __init__(self, port: int, controller_port: int, cache: Path) -> None:
+        self.port = port
+        self.cache = cache
+        self.env = {
+            "KAFKA_PORT": str(port),
+            "KAFKA_CONTROLLER_PORT": str(controller_port),
+            "KAFKA_HOME_CACHE": str(cache),
+            "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+        }
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _share_jars(self) -> None:
+        """Reuse the jars the shared broker already fetched (hard links, else copies)."""
+        shared = ROOT / ".cache" / "kafka"
+        for marker in shared.glob("*/libs.complete"):
+            version = marker.parent.name
+            target = self.cache / version
+            if (target / "libs.complete").exists():
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target / "libs", ignore_errors=True)
+            try:
+                shutil.copytree(marker.parent / "libs", target / "libs", copy_function=os.link)
+            except OSError:
+                shutil.rmtree(target / "libs", ignore_errors=True)
+                shutil.copytree(marker.parent / "libs", target / "libs")
+            shutil.copy2(marker, target / "libs.complete")
+
+    def start(self) -> None:
+        self._share_jars()
+        _run(["scripts/kafka.sh", "start"], self.env)
+
+    def stop(self) -> None:
+        _run(["scripts/kafka.sh", "stop"], self.env)
+
+    def restart(self) -> None:
+        _run(["scripts/kafka.sh", "restart"], self.env)
+
+
+class Postgres:
+    """A PostgreSQL cluster of the suite's own (``scripts/postgres.sh`` with another port).
+
+    ``start`` also migrates to head. Blocking, like :class:`KafkaBroker`.
+    """
+
+    def __init__(self, port: int, cache: Path) -> None:
+        self.port = port
+        self.env = {"PG_PORT": str(port), "PG_CACHE": str(cache)}
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://notify:notify@127.0.0.1:{self.port}/notify"
+
+    def start(self, *, migrate: bool = True) -> None:
+        _run(["scripts/postgres.sh", "start"], self.env)
+        if migrate:
+            _run([sys.executable, "-m", "alembic", "upgrade", "head"], {"DATABASE_URL": self.dsn})
+
+    def stop(self) -> None:
+        _run(["scripts/postgres.sh", "stop"], self.env)
+
+
+class TcpProxy:
+    """A loopback TCP proxy that can go down: new connections refused, open ones cut.
+
+    Stopping the auth stand-in alone is not an outage: its keep-alive connections
+    keep answering. Put this proxy in front of it and ``down()`` / ``up()`` it.
+    Runs on the test's event loop; ``close()`` is idempotent.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def up(self) -> None:
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        if server is not None:
+            await server.wait_closed()
+
+    close = down
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))

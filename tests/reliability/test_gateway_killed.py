@@ -1,0 +1,73 @@
+"""Scenario 1: the gateway is SIGKILLed while thousands of messages are in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaProducer
+
+from .conftest import Bench
+from .harness import (
+    SIZE,
+    Client,
+    Figures,
+    Ledger,
+    committed,
+    drain,
+    produce,
+    scrape,
+    until,
+)
+
+
+async def connected(base: str, count: int) -> bool:
+    return (await scrape(base)).get("notify_connections") == count
+
+
+async def test_sigkill_mid_stream_then_restart_loses_nothing(
+    bench: Bench, producer: AIOKafkaProducer, figures: Callable[[str], Figures]
+) -> None:
+    """A gateway SIGKILLed with thousands of messages in flight delivers every one after restart."""
+    row = figures("1. gateway SIGKILLed mid-stream, restarted")
+    row.recovery = "restart command to the last message delivered (offline users drained)"
+    topics = await bench.topics()
+    gateway = await bench.gateway(topics)
+    users = [bench.user("kill", i) for i in range(SIZE.kill_users)]
+    online, offline = users[: len(users) // 2], users[len(users) // 2 :]
+    ledger = Ledger()
+    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in online]
+    stop = asyncio.Event()
+    keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in clients]
+    try:
+        await until(lambda: connected(gateway.base, len(online)), 60, "online users connected")
+        choose = random.Random(1).choice
+        values = [ledger.message(choose(users)) for _ in range(SIZE.kill_messages)]
+        producing = asyncio.create_task(produce(producer, topics[0], values))
+        # Kill as soon as the stream is flowing, with nearly all of it still in flight.
+        await until(lambda: ledger.received >= SIZE.kill_messages // 50, 120, "stream flowing")
+        await asyncio.to_thread(gateway.kill)
+        await producing
+        offsets = await committed(bench.kafka.bootstrap, gateway.env["KAFKA_GROUP_ID"])
+        row.notes["uncommitted when killed"] = SIZE.kill_messages - sum(offsets.values())
+        row.notes["delivered live before the kill"] = ledger.received
+
+        restarted = time.monotonic()
+        await bench.restart(gateway)
+        row.notes["ready after restart (s)"] = round(time.monotonic() - restarted, 1)
+        offline_clients = [Client(ledger, u, bench.token(u), gateway.ws_url) for u in offline]
+        await drain(ledger, offline_clients, timeout=300)
+        await ledger.wait_complete(timeout=300)
+    finally:
+        stop.set()
+        await asyncio.gather(*keepers)
+    row.count(ledger)
+    row.connections = len(online) + len(offline)
+    done = ledger.completed_at()
+    row.recovery_s = round(done - restarted, 1) if done else None
+
+    assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
+    assert not ledger.foreign, "a frame reached another user"
+    assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
