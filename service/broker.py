@@ -104,6 +104,10 @@ class RedisBroker:
     def channel(self, user_id: str) -> bytes:
         return f"{self._prefix}{user_id}".encode()
 
+    def subscribed(self, user_id: str) -> bool:
+        """Whether this process holds a subscription for the user."""
+        return user_id in self._refs
+
     @property
     def task(self) -> asyncio.Task[None] | None:
         return self._task
@@ -132,7 +136,14 @@ class RedisBroker:
                 async with self._send_lock:
                     await self._send("SUBSCRIBE", channel)
             await asyncio.wait_for(asyncio.shield(waiter), wait)
-        except (TimeoutError, RedisError, OSError) as exc:
+        except (TimeoutError, BrokerUnavailable, RedisError, OSError) as exc:
+            # Give the reference back, or this process would stay subscribed to
+            # the user for good and take (then store) all their notifications.
+            waiters = self._confirmations.get(channel)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._confirmations[channel]
             self.unsubscribe(user_id)
             raise BrokerUnavailable(f"subscribe failed: {type(exc).__name__}") from None
 
@@ -221,7 +232,7 @@ class RedisBroker:
             async with self._send_lock:
                 await self._send("UNSUBSCRIBE")
             await asyncio.wait_for(self._draining.wait(), grace)
-        except (TimeoutError, RedisError, OSError) as exc:
+        except (TimeoutError, BrokerUnavailable, RedisError, OSError) as exc:
             log.warning("broker_drain_incomplete", extra={"error": type(exc).__name__})
 
     async def close(self) -> None:

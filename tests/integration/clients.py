@@ -72,3 +72,23 @@ async def wait_connections(base_url: str, count: int, timeout: float = 10.0) -> 
             if match is not None and float(match.group(1)) == count:
                 return
             await asyncio.sleep(0.05)
+
+
+async def wait_stored(db: Any, count: int, timeout: float = 20.0) -> None:
+    """Wait until the backlog table holds at least ``count`` rows."""
+    async with asyncio.timeout(timeout):
+        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < count:
+            await asyncio.sleep(0.1)
+
+
+async def readiness_once_consuming(base_url: str, timeout: float = 30.0) -> httpx.Response:
+    """The /health/ready answer once the Kafka check passes (the other checks may not)."""
+    async with httpx.AsyncClient() as client, asyncio.timeout(timeout):
+        while True:
+            try:
+                answer = await client.get(f"{base_url}/health/ready", timeout=5)
+                if answer.json()["checks"].get("kafka"):
+                    return answer
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)

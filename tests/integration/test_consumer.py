@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 
 from dev.auth_server import AuthStandIn
 
-from .clients import message, produce, receive, silent
+from .clients import message, produce, receive, silent, wait_stored
 from .conftest import GatewayFactory
 from .gateway import Gateway
 
@@ -143,9 +143,7 @@ async def test_restart_between_produce_and_consume_loses_nothing(
     await produce(producer, topics[0], *sent)
 
     second = gateway_factory(KAFKA_GROUP_ID=first.env["KAFKA_GROUP_ID"])
-    async with asyncio.timeout(30):
-        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < len(sent):
-            await asyncio.sleep(0.2)
+    await wait_stored(db, len(sent), timeout=30)
     # The same group and offsets again: Kafka redelivery must not duplicate rows.
     second.kill()
     await db.execute("SELECT 1")

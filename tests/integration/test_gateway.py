@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 
 from dev.auth_server import AuthStandIn
 
-from .clients import close_code, message, produce, receive, silent
+from .clients import close_code, message, produce, receive, silent, wait_stored
 from .conftest import GatewayFactory
 from .gateway import ROOT, Gateway
 
@@ -63,9 +63,7 @@ async def test_offline_user_gets_backlog_in_order_once(
     # One partition key keeps Kafka's order, which the backlog must preserve.
     for value in sent:
         await producer.send_and_wait(topics[0], json.dumps(value).encode(), key=b"k")
-    async with asyncio.timeout(20):
-        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < 5:
-            await asyncio.sleep(0.1)
+    await wait_stored(db, 5, timeout=20)
 
     token = auth_server.issue(user)
     async with connect(gateway.ws_url(token)) as ws:

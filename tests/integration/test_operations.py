@@ -19,7 +19,14 @@ from websockets.exceptions import ConnectionClosed
 
 from dev.auth_server import AuthStandIn
 
-from .clients import message, produce, receive, wait_connections
+from .clients import (
+    message,
+    produce,
+    readiness_once_consuming,
+    receive,
+    wait_connections,
+    wait_stored,
+)
 from .conftest import GatewayFactory
 from .gateway import Gateway, free_port
 
@@ -37,15 +44,7 @@ async def test_health_endpoints_report_each_check(
         start=False, DATABASE_URL=f"postgresql://notify:notify@127.0.0.1:{free_port()}/notify"
     )
     broken.start(wait_ready=False)
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                answer = httpx.get(f"{broken.base}/health/ready", timeout=5)
-                if answer.json()["checks"].get("kafka"):
-                    break
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
+    answer = await readiness_once_consuming(broken.base)
     assert answer.status_code == 503
     assert answer.json()["checks"]["postgres"] is False
     assert httpx.get(f"{broken.base}/health/live").status_code == 200
@@ -64,9 +63,7 @@ async def test_metrics_count_the_path_of_a_notification(
         await wait_connections(gateway.base, 1)
         await produce(producer, topics[0], message("metric-user"), message("nobody-online"))
         await receive(ws, 1)
-        async with asyncio.timeout(10):
-            while await db.fetchval("SELECT count(*) FROM undelivered_notification") < 1:
-                await asyncio.sleep(0.1)
+        await wait_stored(db, 1, timeout=10)
         text = httpx.get(f"{gateway.base}/metrics").text
     values = {
         line.split(" ")[0]: float(line.split(" ")[1])

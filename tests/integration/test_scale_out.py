@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 
@@ -14,7 +15,16 @@ from websockets.exceptions import ConnectionClosed
 
 from dev.auth_server import AuthStandIn
 
-from .clients import close_code, message, produce, receive, silent, wait_connections
+from .clients import (
+    close_code,
+    message,
+    produce,
+    readiness_once_consuming,
+    receive,
+    silent,
+    wait_connections,
+    wait_stored,
+)
 from .conftest import GatewayFactory
 
 
@@ -71,17 +81,13 @@ async def test_offline_backlog_arrives_on_whichever_process(
     a = gateway_factory(**env)
     b = gateway_factory(KAFKA_GROUP_ID=a.env["KAFKA_GROUP_ID"], **env)
     await produce(producer, topics[0], *[message("roamer", subject=f"m{n}") for n in range(20)])
-    async with asyncio.timeout(20):
-        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < 20:
-            await asyncio.sleep(0.1)
+    await wait_stored(db, 20, timeout=20)
     async with connect(b.ws_url(auth_server.issue("roamer"))) as ws:
         assert sorted(f["title"] for f in await receive(ws, 20)) == sorted(
             f"m{n}" for n in range(20)
         )
     await produce(producer, topics[0], message("roamer", subject="later"))
-    async with asyncio.timeout(20):
-        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < 1:
-            await asyncio.sleep(0.1)
+    await wait_stored(db, 1, timeout=20)
     async with connect(a.ws_url(auth_server.issue("roamer"))) as ws:
         assert [f["title"] for f in await receive(ws, 1)] == ["later"]
 
@@ -119,15 +125,7 @@ async def test_redis_down_turns_readiness_false_and_refuses_new_sockets(
 
     gateway = gateway_factory(start=False, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     gateway.start(wait_ready=False)
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                answer = httpx.get(f"{gateway.base}/health/ready", timeout=5)
-                if answer.json()["checks"].get("kafka"):
-                    break
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
+    answer = await readiness_once_consuming(gateway.base)
     assert answer.status_code == 503 and answer.json()["checks"]["redis"] is False
     code, _ = await close_code(gateway.ws_url(auth_server.issue("nobody")))
     assert code == 4503
@@ -194,3 +192,20 @@ async def test_sigkill_of_one_process_loses_nothing(
                 pass
     lost = {u: len(expected[u] - received[u]) for u in users}
     assert sum(lost.values()) == 0, lost
+
+
+async def test_a_failed_subscribe_leaves_no_subscription_behind() -> None:
+    """A connection refused for want of Redis does not keep its user subscribed."""
+    from service.broker import RedisBroker
+    from service.router import BrokerUnavailable
+
+    from .gateway import free_port
+
+    broker = RedisBroker(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        for _ in range(2):
+            with contextlib.suppress(BrokerUnavailable):
+                await broker.subscribe("someone", wait=0.2)
+        assert not broker.subscribed("someone")
+    finally:
+        await broker.close()
