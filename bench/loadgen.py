@@ -31,6 +31,8 @@ from bench import common
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample key: the accept value is not checked
 TS_START = common.BODY_OFFSET
 TS_END = common.BODY_OFFSET + common.TS_DIGITS
+SEQ_START = TS_END + 1  # the body is "<16-digit timestamp> <9-digit seq> xxx..."
+SEQ_END = SEQ_START + 9
 MAX_HEAD = 16 * 1024
 
 
@@ -43,7 +45,13 @@ class Worker:
         self.tokens: dict[tuple[str, str], str] = {}
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, seq_base: int = 0, seq_count: int = 0) -> None:
+        """Zero the counters; with ``seq_count``, also note which of the bench messages
+        ``seq_base .. seq_base + seq_count - 1`` arrived (to find losses and duplicates)."""
+        self.seq_base = seq_base
+        self.seen: bytearray | None = bytearray(seq_count) if seq_count else None
+        self.dupes = 0
+        self.stray = 0
         self.frames = 0
         self.first = 0.0
         self.last = 0.0
@@ -135,6 +143,15 @@ class Worker:
             "closes": self.closes,
             "bad_frames": self.bad_frames,
             "samples": len(self.latencies),
+            **(
+                {
+                    "distinct": len(self.seen) - self.seen.count(0),
+                    "dupes": self.dupes,
+                    "stray": self.stray,
+                }
+                if self.seen is not None
+                else {}
+            ),
         }
 
     def take_latencies(self) -> dict[str, Any]:
@@ -265,6 +282,7 @@ class Client(asyncio.Protocol):
         got = 0
         lat = worker.latencies
         arrivals = worker.arrivals
+        seen = worker.seen
         rel_ms = 0
         while n - pos >= 2:
             b1 = data[pos + 1] & 0x7F
@@ -292,6 +310,14 @@ class Client(asyncio.Protocol):
                 try:
                     lat.append(now_us - int(data[start + TS_START : start + TS_END]))
                     arrivals.append(rel_ms)
+                    if seen is not None:
+                        i = int(data[start + SEQ_START : start + SEQ_END]) - worker.seq_base
+                        if 0 <= i < len(seen):
+                            if seen[i]:
+                                worker.dupes += 1
+                            seen[i] = 1
+                        else:
+                            worker.stray += 1
                 except ValueError:
                     worker.bad_frames += 1
             elif opcode == 9:  # ping: answer with a (zero-)masked pong
@@ -340,7 +366,7 @@ async def serve(worker: Worker) -> None:
             elif command == "stats":
                 answer = worker.stats()
             elif command == "reset":
-                worker.reset()
+                worker.reset(int(request.get("seq_base", 0)), int(request.get("seq_count", 0)))
                 answer = {"ok": True}
             elif command == "latencies":
                 answer = worker.take_latencies()

@@ -40,6 +40,10 @@ ROOTS = (
     "sanic/mixins/startup.py",
     "sanic/worker/serve.py",
     "_serve_http_1 (sanic/server/runners.py",
+    # a Sanic worker of `NOTIFY_WORKERS=N` (spawned by multiprocessing)
+    "multiprocessing/spawn.py",
+    "multiprocessing/process.py",
+    "(<string>:",
 )
 
 

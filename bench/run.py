@@ -12,10 +12,17 @@ Scenarios (issue 6): live fan-out at two connection counts, paced latency, offli
 store, flush on connect, connect storm, memory per idle connection. Prints one table
 and writes it as JSON to ``bench/results/<timestamp>.json``.
 
-    python -m bench.run                  # everything, defaults (~6-8 minutes)
+Scale-out (issue 7, ``--only scale``; part of the default run): the live fan-out with
+C users through three gateway set-ups in turn, 1 process without Redis, 1 process
+with ``REDIS_URL``, 2 workers (``NOTIFY_WORKERS=2``) with it, each on its own topic
+of ``--scale-partitions`` partitions; then Redis alone (``bench/redis_capacity.py``).
+A set-up's CPU is summed over its process tree (Sanic's manager and its workers).
+
+    python -m bench.run                  # everything, defaults (~6 minutes)
     python -m bench.run --quick          # small sizes, ~2-3 minutes
     python -m bench.run --only store,flush
     python -m bench.run --only live --profile   # py-spy the gateway during fan-out
+    python -m bench.run --only scale            # scale-out through Redis (~1.5 minutes)
 
 How "Kafka to socket" is measured: the K messages are produced *before* the
 gateway's consumer starts. The gateway bootstraps Kafka through a small TCP gate
@@ -63,7 +70,17 @@ RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 HOST = "127.0.0.1"
 WS_PATH = "/api/v1/notify/ws"
-SCENARIOS = ("live", "paced", "store", "flush", "storm", "memory")
+SCENARIOS = ("live", "paced", "store", "flush", "storm", "memory", "scale")
+# ``scale`` (1 process, 1 process + Redis, 2 workers + Redis, and Redis's own capacity)
+# adds ~1.5 minutes to the default run (~6 in all). Without a reachable Redis, a default
+# run skips it; ``--only scale`` fails instead.
+DEFAULT_SCENARIOS = SCENARIOS
+SCALE_SETUPS = {
+    # name: (what, worker processes, with Redis)
+    "single": ("1 process, no Redis", 1, False),
+    "redis1": ("1 process + Redis", 1, True),
+    "redis2": ("2 workers + Redis", 2, True),
+}
 FLUSH_RUNS = 3  # users with a stored backlog, flushed one after another; the median counts
 
 
@@ -118,6 +135,12 @@ class Options:
     gc_trace: bool
     gateway_gc: str
     update_doc: bool
+    scale_named: bool = False
+    scale_connections: int = 10_000
+    scale_setups: list[str] = field(default_factory=lambda: list(SCALE_SETUPS))
+    scale_partitions: int = 4
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_capacity_messages: int = 300_000
     argv: list[str] = field(default_factory=list)
 
 
@@ -127,7 +150,12 @@ def parse_options(argv: list[str]) -> Options:
         description="Benchmark the gateway against a bare Sanic push loop (issue 6).",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a ~2-3 minute run")
-    parser.add_argument("--only", default="", help=f"comma-separated subset of {SCENARIOS}")
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated subset of {SCENARIOS} (default: all; scale, the scale-out "
+        "through Redis, ~1.5 min, is skipped when Redis is not reachable unless named)",
+    )
     parser.add_argument("-k", "--messages", type=int, help="K for fan-out and store (100000)")
     parser.add_argument(
         "-c", "--connections", help="the two connection counts, small,big (1000,10000)"
@@ -141,7 +169,11 @@ def parse_options(argv: list[str]) -> Options:
         "--concurrency", type=int, default=50, help="handshakes in flight per client process"
     )
     parser.add_argument("--partitions", type=int, default=3, help="partitions per topic (3)")
-    parser.add_argument("--profile", action="store_true", help="py-spy the big fan-out")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the big fan-out (and with scale: one worker of each set-up)",
+    )
     parser.add_argument("--budget", type=float, default=1500, help="hard limit, seconds")
     parser.add_argument(
         "--kafka", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
@@ -152,6 +184,30 @@ def parse_options(argv: list[str]) -> Options:
         help="a DSN whose user may CREATE DATABASE; the bench works in a scratch database",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
+    parser.add_argument(
+        "--scale-connections", type=int, help="scale: connected users C (10000; --quick 2000)"
+    )
+    parser.add_argument(
+        "--scale-setups",
+        default=",".join(SCALE_SETUPS),
+        help="scale: which gateway set-ups, in order (single,redis1,redis2)",
+    )
+    parser.add_argument(
+        "--scale-partitions",
+        type=int,
+        default=4,
+        help="scale: partitions of its topics (4; at least 4 and even, so 2 workers split them)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="scale: the Redis the gateways route through (not stopped)",
+    )
+    parser.add_argument(
+        "--redis-capacity-messages",
+        type=int,
+        help="scale: PUBLISHes per Redis capacity test (300000; --quick 100000; 0 skips it)",
+    )
     parser.add_argument(
         "--update-doc",
         action="store_true",
@@ -174,10 +230,13 @@ def parse_options(argv: list[str]) -> Options:
     small, big = (1000, 2000) if quick else (1000, 10000)
     if a.connections:
         small, big = (int(x) for x in a.connections.split(","))
-    only = {s.strip() for s in a.only.split(",") if s.strip()} or set(SCENARIOS)
+    only = {s.strip() for s in a.only.split(",") if s.strip()} or set(DEFAULT_SCENARIOS)
     unknown = only - set(SCENARIOS)
     if unknown:
         parser.error(f"--only: unknown {sorted(unknown)}; choose from {SCENARIOS}")
+    setups = [s.strip() for s in a.scale_setups.split(",") if s.strip()]
+    if set(setups) - set(SCALE_SETUPS):
+        parser.error(f"--scale-setups: choose from {list(SCALE_SETUPS)}")
     return Options(
         messages=a.messages or (20_000 if quick else 100_000),
         small=small,
@@ -199,6 +258,16 @@ def parse_options(argv: list[str]) -> Options:
         gc_trace=a.gc_trace or bool(a.gateway_gc),
         gateway_gc=a.gateway_gc,
         update_doc=a.update_doc,
+        scale_named="scale" in a.only,
+        scale_connections=a.scale_connections or (2000 if quick else 10_000),
+        scale_setups=setups,
+        scale_partitions=a.scale_partitions,
+        redis_url=a.redis_url,
+        redis_capacity_messages=(
+            a.redis_capacity_messages
+            if a.redis_capacity_messages is not None
+            else (100_000 if quick else 300_000)
+        ),
         argv=argv,
     )
 
@@ -373,10 +442,21 @@ class LoadGen:
             "open": sum(a["open"] for a in answers),
             "closes": closes,
             "bad_frames": sum(a["bad_frames"] for a in answers),
+            **(
+                {
+                    # Each user is connected once, through one client process: the
+                    # messages each process saw are disjoint, so the counts add up.
+                    "distinct": sum(a["distinct"] for a in answers),
+                    "dupes": sum(a["dupes"] for a in answers),
+                    "stray": sum(a["stray"] for a in answers),
+                }
+                if all("distinct" in a for a in answers)
+                else {}
+            ),
         }
 
-    async def reset(self) -> None:
-        await self._all("reset", 30)
+    async def reset(self, seq_base: int = 0, seq_count: int = 0) -> None:
+        await self._all("reset", 30, seq_base=seq_base, seq_count=seq_count)
 
     async def latencies(self) -> tuple[list[int], list[dict[str, float]]]:
         """All latency samples (us, sorted) and a per-second timeline of them."""
@@ -526,8 +606,14 @@ class Gateway(Child):
     ``__main__``, plus a hook that logs garbage-collector pauses).
     """
 
-    def __init__(self, name: str, logs: Path, env: dict[str, str], gc_trace: bool = True):
+    def __init__(
+        self, name: str, logs: Path, env: dict[str, str], gc_trace: bool = True, tree: bool = False
+    ):
         self.port = free_port()
+        # With NOTIFY_WORKERS > 1 the process started is Sanic's manager and the workers
+        # are its children: CPU is then summed over the whole process tree.
+        self.tree = tree
+        self._tree_cpu: dict[int, float] = {}
         self.gc_log = logs / f"{name}-gc.log" if gc_trace else None
         env = {
             "NOTIFY_HOST": HOST,
@@ -539,6 +625,63 @@ class Gateway(Child):
         module = "bench.gcwrap" if gc_trace else "service"
         super().__init__(name, [PY, "-m", module], logs, env)
         self.base = f"http://{HOST}:{self.port}"
+
+    def cpu(self) -> float:
+        """CPU seconds of the gateway; in tree mode of every process under it (one that
+        exited counts with its last reading)."""
+        if not self.tree or self.ps is None:
+            return super().cpu()
+        procs = [self.ps]
+        with contextlib.suppress(psutil.Error):
+            procs += self.ps.children(recursive=True)
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                self._tree_cpu[p.pid] = t.user + t.system
+        return sum(self._tree_cpu.values())
+
+    def workers(self) -> list[psutil.Process]:
+        """The processes that serve the port: the gateway itself, or its Sanic workers."""
+        if self.ps is None:
+            return []
+        if not self.tree:
+            return [self.ps]
+
+        def listens(p: psutil.Process) -> bool:
+            with contextlib.suppress(psutil.Error):
+                return any(
+                    c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
+                    for c in p.net_connections("tcp")
+                )
+            return False
+
+        children: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            children = self.ps.children(recursive=True)
+        out = [p for p in children if listens(p)]
+        if not out and listens(self.ps):
+            out = [self.ps]  # NOTIFY_WORKERS=1: the process itself serves
+        return sorted(out, key=lambda p: p.pid)
+
+    def connections_per_worker(self, clients: set[str]) -> list[int]:
+        """Established connections each worker holds from the client addresses."""
+        counts = []
+        for w in self.workers():
+            try:
+                counts.append(
+                    sum(
+                        1
+                        for c in w.net_connections("tcp")
+                        if c.status == psutil.CONN_ESTABLISHED
+                        and c.laddr
+                        and c.laddr.port == self.port
+                        and c.raddr
+                        and c.raddr.ip in clients
+                    )
+                )
+            except psutil.Error:
+                counts.append(-1)
+        return counts
 
     async def census(self, timeout: float = 60.0) -> dict[str, Any] | None:
         """Objects the gateway's collector tracks, by type (bench/gcwrap.py, on SIGUSR2)."""
@@ -624,6 +767,7 @@ class Bench:
         self.exp = int(time.time()) + 4 * 3600
         self.kafka_pid: int | None = None
         self.pg_pid: int | None = None
+        self.redis_pid: int | None = None
 
     # -- infrastructure ---------------------------------------------------------------
 
@@ -781,13 +925,17 @@ class Bench:
                     await admin.close()
         await self.http.aclose()
 
-    async def new_topic(self, label: str) -> str:
+    async def new_topic(self, label: str, partitions: int | None = None) -> str:
         name = f"bench.{self.run_id}.{label}"
         admin = AIOKafkaAdminClient(bootstrap_servers=self.o.kafka)
         await admin.start()
         try:
             await admin.create_topics(
-                [NewTopic(name, num_partitions=self.o.partitions, replication_factor=1)]
+                [
+                    NewTopic(
+                        name, num_partitions=partitions or self.o.partitions, replication_factor=1
+                    )
+                ]
             )
         finally:
             await admin.close()
@@ -828,14 +976,16 @@ class Bench:
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         return result
 
-    def gateway(self, name: str, **env: str) -> Gateway:
+    def gateway(self, name: str, *, tree: bool = False, **env: str) -> Gateway:
         # The code under service/ may change while a run goes on (others work in this tree):
         # record what each gateway was started from.
         self.results.setdefault("gateway_code", {})[name] = self.git_state()
         return Gateway(
             name,
             self.logs,
-            gc_trace=self.o.gc_trace,
+            # bench/gcwrap.py is for one process: the scale set-ups run plain `python -m service`.
+            gc_trace=self.o.gc_trace and not tree,
+            tree=tree,
             env={
                 "KAFKA_BOOTSTRAP_SERVERS": self.o.kafka,
                 "KAFKA_GROUP_ID": f"bench-{self.run_id}-{name}",
@@ -843,6 +993,10 @@ class Bench:
                 "AUTH_VERIFY_URL": self.auth_url,
                 # Long enough that the reconnect storm later in the phase is all cache hits.
                 "AUTH_CACHE_TTL": "15m",
+                # One process, no Redis, whatever the caller's environment says; the
+                # scale set-ups override both.
+                "REDIS_URL": "",
+                "NOTIFY_WORKERS": "1",
                 **({"BENCH_GC_THRESHOLD": self.o.gateway_gc} if self.o.gateway_gc else {}),
                 **env,
             },
@@ -938,11 +1092,17 @@ class Bench:
         *,
         budget: float,
         latency: bool = True,
+        seqs: tuple[int, int] | None = None,
+        parts: dict[str, Callable[[], float]] | None = None,
     ) -> dict[str, Any]:
-        """Reset the clients, run ``trigger``, wait for ``expected`` frames; rates and latency."""
+        """Reset the clients, run ``trigger``, wait for ``expected`` frames; rates and latency.
+
+        With ``seqs`` = (first, count), the clients also note which bench messages of that
+        range arrived: ``missing`` and ``dupes`` say what was lost or delivered twice.
+        """
         assert self.lg is not None
-        await self.lg.reset()
-        window = CpuWindow(self.cpu_parts(server))
+        await self.lg.reset(*(seqs or (0, 0)))
+        window = CpuWindow(parts or self.cpu_parts(server))
         started = time.time()
         trigger_task = asyncio.create_task(trigger())
         s = await self.lg.wait_frames(expected, budget=budget)
@@ -961,8 +1121,15 @@ class Bench:
             "span_s": span,
             "rate": s["frames"] / span if span > 0 else 0.0,
             "first_frame_after_s": s["first"] - started if s["first"] else None,
+            "first_at": s["first"],
+            "last_at": s["last"],
             "cpu": cpu,
         }
+        if seqs is not None and "distinct" in s:
+            out["distinct"] = s["distinct"]
+            out["missing"] = seqs[1] - s["distinct"]
+            out["dupes"] = s["dupes"]
+            out["stray"] = s["stray"]
         if isinstance(produced, dict) and "rate" in produced:
             out["producer"] = produced
         if latency:
@@ -1521,11 +1688,425 @@ class Bench:
         finally:
             await conn.close()
 
+    # -- scale-out through Redis (issue 7) ------------------------------------------
+
+    def redis_port(self) -> int:
+        rest = self.o.redis_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+        _, sep, port = rest.rpartition(":")
+        return int(port) if sep and port else 6379
+
+    def redis_cpu(self) -> float:
+        if self.redis_pid is None:
+            return 0.0
+        try:
+            t = psutil.Process(self.redis_pid).cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return 0.0
+
+    def scale_cpu_parts(self, gw: Gateway) -> dict[str, Callable[[], float]]:
+        assert self.lg is not None
+        return {
+            "loadgen": self.lg.cpu,
+            "kafka": self.kafka_cpu,
+            "redis": self.redis_cpu,
+            "postgres": self.postgres_cpu,
+            "server": gw.cpu,
+        }
+
+    async def phase_scale(self) -> None:
+        """Live fan-out through 1 process, 1 process + Redis, 2 workers + Redis; Redis alone."""
+        o = self.o
+        from redis.asyncio import Redis
+
+        self.redis_pid = self._listener(self.redis_port())
+        res: dict[str, Any] = {
+            "connections": o.scale_connections,
+            "messages": o.messages,
+            "partitions": o.scale_partitions,
+            "setups": {},
+        }
+        self.results["scale"] = res
+        redis = Redis.from_url(o.redis_url)
+        try:
+            needs_redis = o.redis_capacity_messages > 0 or any(
+                SCALE_SETUPS[s][2] for s in o.scale_setups
+            )
+            if needs_redis:
+                try:
+                    await asyncio.wait_for(redis.ping(), 5)
+                except Exception as exc:
+                    why = (
+                        f"no Redis at {o.redis_url} ({type(exc).__name__}; scripts/redis.sh start)"
+                    )
+                    if o.scale_named:
+                        raise RuntimeError(why) from None
+                    log(f"scale: skipped: {why}")
+                    res["skipped"] = why
+                    return
+            for index, name in enumerate(o.scale_setups):
+                res["setups"][name] = await self.scale_setup(name, index, redis)
+        finally:
+            await redis.aclose()
+        rates = {
+            name: {p: get_path(r, p, "rate") for p in ("drain", "live")}
+            for name, r in res["setups"].items()
+        }
+        ratios: dict[str, float] = {}
+        for top, bottom in (("redis2", "redis1"), ("redis2", "single"), ("redis1", "single")):
+            for p in ("drain", "live"):
+                a, b = rates.get(top, {}).get(p), rates.get(bottom, {}).get(p)
+                if a and b:
+                    ratios[f"{top}/{bottom} {p}"] = a / b
+        res["ratios"] = ratios
+        if ratios:
+            log("scale: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        if o.redis_capacity_messages > 0:
+            res["redis_capacity"] = await self.redis_capacity()
+
+    async def scale_setup(self, name: str, index: int, redis: Any) -> dict[str, Any]:
+        """One gateway set-up: C users connect, K pre-produced drain through a gate, K live."""
+        o, lg = self.o, self.lg
+        assert lg is not None
+        what, workers, with_redis = SCALE_SETUPS[name]
+        count, k = o.scale_connections, o.messages
+        population = common.SCALE + index  # own users per set-up: nothing left over is flushed
+        res: dict[str, Any] = {"what": what, "workers": workers, "redis": with_redis}
+        topic = await self.new_topic(f"scale-{name}", partitions=o.scale_partitions)
+        log(f"scale {name} ({what}): pre-producing {k} messages for {count} users")
+        res["preproduce"] = await self.produce(topic, population=population, users=count, count=k)
+        prefix = f"bench:{self.run_id}:{name}:"
+        group = f"bench-{self.run_id}-scale-{name}"
+        env = {
+            "KAFKA_TOPIC": topic,
+            "KAFKA_DLQ_TOPIC": f"{topic}.dlq",
+            "KAFKA_GROUP_ID": group,
+            "AUTH_MODE": "jwt",
+            "AUTH_JWT_SECRET": common.BENCH_SECRET,
+            "NOTIFY_WORKERS": str(workers),
+        }
+        if with_redis:
+            env |= {"REDIS_URL": o.redis_url, "REDIS_CHANNEL_PREFIX": prefix}
+        gate = Gate(o.kafka)
+        await gate.start()
+        gw = self.gateway(f"scale-{name}", tree=True, KAFKA_BOOTSTRAP_SERVERS=gate.address, **env)
+        await gw.start()
+        profiler: asyncio.subprocess.Process | None = None
+        try:
+            await gw.wait_http(self.http, "/health/live")
+            deadline = time.monotonic() + 60
+            while len(gw.workers()) < workers and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            pids = [p.pid for p in gw.workers()]
+            res["worker_pids"] = pids
+            if len(pids) != workers:
+                raise RuntimeError(f"{gw.name}: {len(pids)} of {workers} workers up:\n{gw.tail()}")
+            if with_redis:
+                # Workers inherit the listening socket before they serve, and one whose
+                # Redis subscriber is not connected yet turns clients away (4503): wait
+                # for every worker's control channel.
+                res["brokers_up_s"] = await self.wait_brokers(redis, prefix, workers)
+            log(f"scale {name}: connecting {count} (JWT checked locally)")
+            connect = await self.connect_storm(
+                gw,
+                port=gw.port,
+                path=WS_PATH,
+                population=population,
+                count=count,
+                auth="token",
+                salt=f"{self.run_id}-scale-{name}",
+            )
+            res["connect"] = {k: v for k, v in connect.items() if k != "cpu"}
+            if connect["ok"] != count:
+                raise RuntimeError(f"{gw.name}: {connect['ok']} of {count} connected")
+            res["registered_s"] = await self.wait_registered(gw, redis, prefix, count)
+            after = await lg.stats()
+            res["after_connect"] = {"open": after["open"], "closes": after["closes"]}
+            if after["open"] != count:
+                log(f"  {count - after['open']} connections closed: {after['closes']}")
+            res["connections_per_worker"] = gw.connections_per_worker(
+                {w.source_ip for w in lg.workers}
+            )
+            log(
+                f"  {connect['rate']:.0f} handshakes/s; connections per worker: "
+                f"{res['connections_per_worker']}"
+            )
+            if o.profile:
+                profiler = await self.start_profiler(gw, f"scale-{name}", pid=pids[0])
+            stop_watch = asyncio.Event()
+            watch = asyncio.create_task(self.watch_group(group, stop_watch))
+
+            async def open_gate() -> None:
+                await gate.open()
+
+            log(f"scale {name}: draining {k} pre-produced messages")
+            drain = await self.measure_frames_tree(gw, k, open_gate, seqs=(0, k))
+            stop_watch.set()
+            res["group"] = await watch
+            timeline = drain.pop("timeline", [])
+            drain.pop("latency_ms", None)  # pre-produced: the age of the message, not latency
+            drain["per_second"] = [b["n"] for b in timeline]
+            res["drain"] = drain
+            log(
+                f"  {drain['rate']:.0f} msg/s, {drain['frames']} frames "
+                f"({drain.get('missing', '?')} missing, {drain.get('dupes', '?')} twice); "
+                f"group: {' -> '.join(str(g['partitions']) for g in res['group'])}"
+            )
+            log(f"scale {name}: {k} messages produced live")
+            live = await self.measure_frames_tree(
+                gw,
+                k,
+                lambda: self.produce(
+                    topic, population=population, users=count, count=k, seq_start=k
+                ),
+                seqs=(k, k),
+            )
+            live["per_second"] = [b["n"] for b in live.pop("timeline", [])]
+            res["live"] = live
+            log(
+                f"  {live['rate']:.0f} msg/s (producer {live['producer']['rate']:.0f}/s), "
+                f"p50 {live['latency_ms']['p50']:.0f} ms, p99 {live['latency_ms']['p99']:.0f} ms,"
+                f" {live.get('missing', '?')} missing, {live.get('dupes', '?')} twice"
+            )
+            if profiler is not None:
+                res["profile"] = await self.stop_profiler(profiler)
+                profiler = None
+            res["stored_left"] = await self.stored_rows(population)
+            if res["stored_left"]:
+                log(f"  {res['stored_left']} notifications stored, not delivered")
+            await lg.close_all()
+        finally:
+            if profiler is not None:
+                with contextlib.suppress(Exception):
+                    await self.stop_profiler(profiler)
+            res["log_events"] = log_events(gw.log_path)
+            res["log_tail"] = gw.tail(1500)
+            await gw.stop()
+            await gate.close()
+        return res
+
+    async def measure_frames_tree(
+        self,
+        gw: Gateway,
+        expected: int,
+        trigger: Callable[[], Awaitable[Any]],
+        *,
+        seqs: tuple[int, int],
+    ) -> dict[str, Any]:
+        """``measure_frames`` with Redis in the CPU window and each worker's CPU beside it.
+
+        ``cpu`` covers the whole window (from the trigger: consumer start-up or producer
+        start included); ``cpu_flowing`` only the span from the first frame to the last,
+        from readings taken every 0.2 s: what each part used while the gateway worked.
+        """
+        procs = gw.workers()
+        parts = self.scale_cpu_parts(gw)
+        me = psutil.Process()
+        producers: dict[int, float] = {}
+
+        def producer_cpu() -> float:
+            # bench/producer.py runs as a child of this process during the live pass.
+            with contextlib.suppress(psutil.Error):
+                for child in me.children():
+                    with contextlib.suppress(psutil.Error):
+                        if "bench.producer" in child.cmdline():
+                            t = child.cpu_times()
+                            producers[child.pid] = t.user + t.system
+            return sum(producers.values())
+
+        def worker_cpu() -> list[float]:
+            out = []
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    out.append(t.user + t.system)
+                except psutil.Error:
+                    out.append(float("nan"))
+            return out
+
+        samples: list[tuple[float, dict[str, float], list[float], float]] = []
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop.is_set():
+                values = {k: f() for k, f in parts.items()}
+                values["producer"] = producer_cpu()
+                samples.append((time.time(), values, worker_cpu(), machine_busy()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
+
+        sampler = asyncio.create_task(sample())
+        before, t0 = worker_cpu(), time.monotonic()
+        try:
+            out = await self.measure_frames(
+                gw, expected, trigger, budget=300, seqs=seqs, parts=parts
+            )
+        finally:
+            stop.set()
+            await sampler
+        wall = time.monotonic() - t0
+        out["cpu"]["workers"] = [
+            100 * (b - a) / wall for a, b in zip(before, worker_cpu(), strict=True)
+        ]
+        first, last = out.get("first_at") or 0.0, out.get("last_at") or 0.0
+        inside = [x for x in samples if first <= x[0] <= last]
+        if len(inside) >= 2 and inside[-1][0] - inside[0][0] >= 0.5:
+            (ta, a, wa, ba), (tb, b, wb, bb) = inside[0], inside[-1]
+            dt = tb - ta
+            # (a PostgreSQL backend that exits between readings can make its part negative)
+            flowing = {k: max(0.0, 100 * (b[k] - a[k]) / dt) for k in a}
+            flowing["other"] = max(0.0, 100 * (bb - ba) / dt - sum(flowing.values()))
+            flowing["workers"] = [100 * (y - x) / dt for x, y in zip(wa, wb, strict=True)]
+            flowing["wall_s"] = dt
+            out["cpu_flowing"] = flowing
+        return out
+
+    async def wait_brokers(self, redis: Any, prefix: str, want: int) -> float:
+        """Seconds until ``want`` gateway processes subscribed their control channel."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            if len(await redis.pubsub_channels(f"{prefix}node:*")) >= want:
+                return time.monotonic() - t0
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{want} gateway processes did not all connect to Redis in 60 s")
+
+    async def wait_registered(self, gw: Gateway, redis: Any, prefix: str, want: int) -> float:
+        """Seconds until every connection is registered (with Redis: its user's channel
+        subscribed, which the gateway does before registering)."""
+        t0 = time.monotonic()
+        deadline = t0 + 120
+        while time.monotonic() < deadline:
+            if redis is not None and gw.env.get("REDIS_URL"):
+                channels = await redis.pubsub_channels(f"{prefix}*")
+                node = f"{prefix}node:".encode()
+                have = sum(1 for c in channels if not c.startswith(node))
+            else:
+                have = int((await gw.metrics(self.http)).get("notify_connections", -1))
+            if have >= want:
+                return time.monotonic() - t0
+            await asyncio.sleep(0.2)
+        log(f"  {gw.name}: not all {want} connections registered after 120 s")
+        return float("nan")
+
+    async def watch_group(self, group: str, stop: asyncio.Event) -> list[dict[str, Any]]:
+        """The consumer group's changes while the gate opens: state, partitions per member."""
+        from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+
+        changes: list[dict[str, Any]] = []
+        t0 = time.monotonic()
+        last: tuple[Any, ...] | None = None
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.o.kafka)
+        await admin.start()
+        try:
+            while not stop.is_set() and time.monotonic() - t0 < 300:
+                with contextlib.suppress(Exception):
+                    (answer,) = await admin.describe_consumer_groups([group])
+                    g = answer.groups[0]
+                    state, members = g[2], g[5]
+                    parts = sorted(
+                        len(ConsumerProtocolMemberAssignment.decode(m[-1]).partitions())
+                        if m[-1]
+                        else 0
+                        for m in members
+                    )
+                    key = (state, tuple(parts))
+                    if key != last:
+                        last = key
+                        changes.append(
+                            {
+                                "t": round(time.monotonic() - t0, 2),
+                                "state": state,
+                                "partitions": parts,
+                            }
+                        )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.25)
+        finally:
+            await admin.close()
+        return changes
+
+    async def stored_rows(self, population: int) -> int:
+        """Notifications of a population still in the store (reached no socket)."""
+        conn = await asyncpg.connect(self.db_url)
+        try:
+            head = common.user_id(population, 0)[:19]
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM undelivered_notification WHERE user_id LIKE $1",
+                    head + "%",
+                )
+            )
+        finally:
+            await conn.close()
+
+    async def redis_capacity(self) -> dict[str, Any]:
+        """PUBLISH to per-user channels with one subscriber each: bench/redis_capacity.py."""
+        o = self.o
+        log(
+            f"redis capacity: {o.redis_capacity_messages} PUBLISHes per test to "
+            f"{o.scale_connections} channels, 2 subscriber connections"
+        )
+        child = await Child(
+            "redis-capacity",
+            [
+                PY,
+                "-m",
+                "bench.redis_capacity",
+                "--url",
+                o.redis_url,
+                "--prefix",
+                f"bench:{self.run_id}:cap:",
+                "--channels",
+                str(o.scale_connections),
+                "--messages",
+                str(o.redis_capacity_messages),
+            ],
+            self.logs,
+        ).start(pipes=True)
+        assert child.proc is not None and child.proc.stdout is not None
+        line = await asyncio.wait_for(child.proc.stdout.readline(), 600)
+        await child.stop()
+        if not line:
+            raise RuntimeError(f"redis capacity failed:\n{child.tail()}")
+        answer: dict[str, Any] = json.loads(line)
+        cost = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "bench.redis_capacity",
+            "client-cost",
+            "--url",
+            o.redis_url,
+            "--channels",
+            str(o.scale_connections),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=(self.logs / "redis-capacity.log").open("ab"),
+        )
+        out, _ = await asyncio.wait_for(cost.communicate(), 120)
+        if cost.returncode == 0 and out.strip():
+            answer["client_cost"] = json.loads(out.decode().strip().splitlines()[-1])
+            c = answer["client_cost"]
+            log(
+                f"  client CPU per PUBLISH: redis-py {c['redis_py_default_us']:.1f} us, "
+                f"socket_timeout=None {c['redis_py_no_socket_timeout_us']:.1f} us, "
+                f"packed + hiredis {c['packed_hiredis_us']:.1f} us"
+            )
+        for t in answer["tests"]:
+            log(
+                f"  {t['tool']} x{t['publishers']}: {t['rate']:,.0f} msg/s, Redis "
+                f"{t['cpu']['redis']:.0f}% of a core ({100 * (t['redis_core_share'] or 0):.0f}% "
+                f"while traffic flowed), publishers {t['cpu']['publishers']:.0f}%"
+                + ("" if t["complete"] else f", INCOMPLETE {t['received']}/{t['messages']}")
+            )
+        return answer
+
     # -- profiling -------------------------------------------------------------------
 
     async def start_profiler(
-        self, gw: Gateway, label: str, native: bool = True
+        self, gw: Gateway, label: str, native: bool = True, pid: int | None = None
     ) -> asyncio.subprocess.Process | None:
+        """py-spy the gateway (or ``pid``: one of its workers) until ``stop_profiler``."""
+        pid = pid or gw.pid
         spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
         if not Path(spy).exists():
             log("  py-spy not found: pip install -r bench/requirements.txt")
@@ -1535,7 +2116,7 @@ class Bench:
             spy,
             "record",
             "--pid",
-            str(gw.pid),
+            str(pid),
             "--rate",
             "200",
             # --native cannot be non-blocking: it pauses the gateway for each sample.
@@ -1552,7 +2133,7 @@ class Bench:
         if proc.returncode is not None:
             log(f"  py-spy could not attach: {(self.logs / 'py-spy.log').read_text()[-500:]}")
             return None
-        log(f"  py-spy recording the gateway (pid {gw.pid}): {label}")
+        log(f"  py-spy recording the gateway (pid {pid}): {label}")
         return proc
 
     async def stop_profiler(self, proc: asyncio.subprocess.Process) -> dict[str, Any]:
@@ -1781,7 +2362,8 @@ class Bench:
                     if k != "cpu":
                         walk(f"{prefix}.{k}" if prefix else k, v)
 
-        walk("", {k: v for k, v in self.results.items() if k not in ("meta", "table", "cpu")})
+        skip = ("meta", "table", "cpu", "scale")  # scale has its own CPU table (with Redis)
+        walk("", {k: v for k, v in self.results.items() if k not in skip})
         return out
 
     async def run(self) -> dict[str, Any]:
@@ -1799,7 +2381,36 @@ class Bench:
             await self.phase_storm_jwt()
         if o.scenarios & {"store", "flush"}:
             await self.phase_store_flush()
+        if "scale" in o.scenarios:
+            await self.phase_scale()
         return self.results
+
+
+def get_path(d: Any, *path: str) -> Any:
+    """``d[p0][p1]...``, or None where the path ends early."""
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def log_events(path: Path) -> dict[str, int]:
+    """How many times each warning or error event appears in a gateway's JSON log."""
+    counts: dict[str, int] = {}
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return counts
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("level") in ("warning", "error", "critical"):
+            key = f"{record['level']}: {str(record.get('event', ''))[:80]}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def fmt(value: Any, unit: str = "") -> str:
@@ -1856,10 +2467,248 @@ def render_cpu(shares: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+SCALE_TARGET = 1.6  # issue 7: 2 processes deliver at least 1.6x what one does
+
+
+def scale_report(scale: dict[str, Any]) -> dict[str, Any]:
+    """The scale-out figures as table rows (also stored in the run's JSON)."""
+    setups = scale.get("setups", {})
+    rows = []
+    for name, r in setups.items():
+        drain, live = r.get("drain", {}), r.get("live", {})
+        rows.append(
+            {
+                "setup": name,
+                "what": r.get("what", name),
+                "workers": r.get("workers"),
+                "connections_per_worker": r.get("connections_per_worker"),
+                "connect_rate": get_path(r, "connect", "rate"),
+                "drain_rate": drain.get("rate"),
+                "live_rate": live.get("rate"),
+                "live_p50_ms": get_path(live, "latency_ms", "p50"),
+                "live_p99_ms": get_path(live, "latency_ms", "p99"),
+                "missing": sum(p.get("missing", 0) for p in (drain, live) if p)
+                if drain or live
+                else None,
+                "dupes": sum(p.get("dupes", 0) for p in (drain, live) if p)
+                if drain or live
+                else None,
+                "stored_left": r.get("stored_left"),
+                "frames": (drain.get("frames", 0), live.get("frames", 0)),
+                # Each assignment the group went through (a 4 before 2/2 is a rebalance).
+                "group": " -> ".join(
+                    "/".join(str(n) for n in g["partitions"])
+                    for g in r.get("group", [])
+                    if g["partitions"]
+                ),
+            }
+        )
+    ratios = []
+    for top, bottom in (("redis2", "redis1"), ("redis2", "single"), ("redis1", "single")):
+        if top in setups and bottom in setups:
+            drain = get_path(scale, "ratios", f"{top}/{bottom} drain")
+            live = get_path(scale, "ratios", f"{top}/{bottom} live")
+            target = top == "redis2"
+            ratios.append(
+                {
+                    "figure": f"{SCALE_SETUPS[top][0]} / {SCALE_SETUPS[bottom][0]}",
+                    "key": f"{top}/{bottom}",
+                    "drain": drain,
+                    "live": live,
+                    "target": f">= {SCALE_TARGET}x" if target else "",
+                    "met": (drain is not None and drain >= SCALE_TARGET) if target else None,
+                }
+            )
+    capacity = scale.get("redis_capacity") or {}
+    cap_rows = []
+    ceiling = None
+    for t in capacity.get("tests", []):
+        share = t.get("redis_core_share")
+        cap_rows.append(
+            {
+                "publisher": "redis-py pipeline (like broker.py), own process"
+                if t["tool"] == "py"
+                else "redis-benchmark (C), pipelined",
+                "publishers": t["publishers"],
+                "rate": t["rate"],
+                "redis_share": share,
+                "redis_cpu": t["cpu"]["redis"],
+                "publisher_cpu": t["cpu"]["publishers"],
+                "complete": t["complete"],
+            }
+        )
+        # Extrapolate to a whole core only from tests that kept Redis mostly busy.
+        if share and share > 0.5 and t["complete"]:
+            ceiling = max(ceiling or 0.0, t["rate"] / share)
+    per_process = [
+        rate / r["workers"]
+        for r in rows
+        if setups[r["setup"]].get("redis") and r["workers"]
+        for rate in (r["drain_rate"], r["live_rate"])
+        if rate
+    ]
+    return {
+        "rows": rows,
+        "ratios": ratios,
+        "capacity": cap_rows,
+        "redis_ceiling": ceiling,
+        "redis_path_per_process": max(per_process) if per_process else None,
+        "processes_per_redis": ceiling / max(per_process) if ceiling and per_process else None,
+    }
+
+
+def scale_cpu_windows(scale: dict[str, Any]) -> list[dict[str, Any]]:
+    """CPU of each pass while frames flowed (first to last frame), else of its whole window."""
+    out = []
+    for name, r in scale.get("setups", {}).items():
+        for p in ("drain", "live"):
+            c = get_path(r, p, "cpu_flowing") or get_path(r, p, "cpu")
+            if c:
+                out.append({"window": f"{name}.{p}", **c})
+    return out
+
+
+def render_scale(scale: dict[str, Any], report: dict[str, Any]) -> str:
+    k = scale.get("messages", 0)
+    lines = [
+        f"| set-up | connections per process | drain {k:,} pre-produced, msg/s | produced live,"
+        " msg/s | live p50 | live p99 | lost | delivered twice | partitions per process |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["rows"]:
+        per = r["connections_per_worker"] or []
+        lines.append(
+            f"| {r['what']} | {' / '.join(f'{n:,}' for n in per) or '-'} | "
+            f"{fmt(r['drain_rate'], 'msg/s')} | {fmt(r['live_rate'], 'msg/s')} | "
+            f"{fmt(r['live_p50_ms'])} ms | {fmt(r['live_p99_ms'])} ms | "
+            f"{fmt(r['missing'])} | {fmt(r['dupes'])} | {r['group'] or '-'} |"
+        )
+    lines += ["", "| ratio | drain | live | target | met? |", "| --- | --- | --- | --- | --- |"]
+    for x in report["ratios"]:
+        lines.append(
+            f"| {x['figure']} | "
+            + " | ".join("-" if v is None else f"{v:.2f}x" for v in (x["drain"], x["live"]))
+            + f" | {x['target'] or '-'} | {'-' if x['met'] is None else fmt(x['met'])} |"
+        )
+    return "\n".join(lines)
+
+
+def render_scale_cpu(windows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| window | gateway (all processes) | per worker | load generator | kafka | redis |"
+        " postgres | rest of machine | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for w in windows:
+        per = " / ".join(f"{x:.0f}%" for x in w.get("workers", []))
+        lines.append(
+            f"| {w['window']} | {w.get('server', 0):.0f}% | {per or '-'} | "
+            f"{w.get('loadgen', 0) + w.get('producer', 0):.0f}% | {w.get('kafka', 0):.0f}% | "
+            f"{w.get('redis', 0):.0f}% | {w.get('postgres', 0):.0f}% | {w.get('other', 0):.0f}% | "
+            f"{w.get('wall_s', 0):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_capacity(report: dict[str, Any], scale: dict[str, Any]) -> str:
+    cap = scale.get("redis_capacity") or {}
+    if not report["capacity"]:
+        return ""
+    lines = [
+        f"Redis alone: PUBLISH to {cap.get('channels', 0):,} per-user channels, one subscriber"
+        f" each ({cap.get('subscribers')} pub/sub connections), {cap.get('payload_bytes')}-byte"
+        " payloads (the broker's JSON array), pipelines of 1000:",
+        "",
+        "| publisher | processes / connections | msg/s | Redis, % of a core while traffic flowed"
+        " | publishers, % of a core | all arrived |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in report["capacity"]:
+        share = c["redis_share"]
+        lines.append(
+            f"| {c['publisher']} | {c['publishers']} | {fmt(c['rate'], 'msg/s')} | "
+            f"{'-' if share is None else f'{100 * share:.0f}%'} | {c['publisher_cpu']:.0f}% | "
+            f"{fmt(c['complete'])} |"
+        )
+    cost = cap.get("client_cost")
+    if cost:
+        lines += [
+            "",
+            "The publishing client alone, CPU per PUBLISH in pipelines of 1000 "
+            "(`python -m bench.redis_capacity client-cost`): redis-py as `RedisBroker.publish` "
+            f"uses it {cost['redis_py_default_us']:.1f} µs, with `socket_timeout=None` "
+            f"{cost['redis_py_no_socket_timeout_us']:.1f} µs, one packed buffer with the "
+            f"replies parsed by `hiredis.Reader` {cost['packed_hiredis_us']:.1f} µs.",
+        ]
+    if report.get("redis_ceiling"):
+        lines += [
+            "",
+            f"One Redis core: ~{report['redis_ceiling']:,.0f} PUBLISH/s (rate ÷ Redis's core"
+            " share); the Redis path delivers at most "
+            f"{fmt(report['redis_path_per_process'], 'msg/s')} msg/s per gateway process here,"
+            f" so one Redis feeds ~{report['processes_per_redis']:.0f} such processes.",
+        ]
+    return "\n".join(lines)
+
+
 NOISY = 50  # % of one core used by everything else in a window: its figures are suspect
 DOC = ROOT / "docs" / "performance.md"
 DOC_START = "<!-- bench:latest:start -->"
 DOC_END = "<!-- bench:latest:end -->"
+SCALE_START = "<!-- bench:scale:start -->"
+SCALE_END = "<!-- bench:scale:end -->"
+
+
+def update_scale_doc(results: dict[str, Any], out: Path) -> None:
+    """Replace the scale-out block of docs/performance.md (its own markers)."""
+    scale = results.get("scale")
+    if not scale or not scale.get("setups") or not DOC.exists():
+        return
+    text = DOC.read_text()
+    if SCALE_START not in text or SCALE_END not in text:
+        log(f"{DOC.name} has no {SCALE_START} ... {SCALE_END} block: scale not written")
+        return
+    meta = results["meta"]
+    git = meta.get("git", {})
+    report = results["scale_report"]
+    windows = scale_cpu_windows(scale)
+    noisy = [w["window"] for w in windows if w.get("other", 0) > NOISY]
+    args = " ".join(meta["options"].get("argv_text", "").split()) or "(defaults)"
+    block = "\n".join(
+        [
+            SCALE_START,
+            f"Run `{meta['run_id']}` ({meta['started']}, {meta['cpus']} cores, load average at "
+            f"start {meta['loadavg_at_start'][0]:.2f}), `python -m bench.run` {args}, gateway "
+            f"code at `{git.get('head', '?')}` (service/ "
+            f"{'clean' if git.get('service_dirty') == 'clean' else 'with local changes'}, sha256 "
+            f"{git.get('service_sha256', '?')}). C = {scale['connections']:,} users, K = "
+            f"{scale['messages']:,} messages per pass, {scale['partitions']} partitions. "
+            f"Raw: `{out.relative_to(ROOT)}`.",
+            "",
+            render_scale(scale, report),
+            "",
+            "CPU while frames flowed (first to last frame), % of one core (the machine has"
+            f" {meta['cpus']}); load generator = client processes + producer:",
+            "",
+            render_scale_cpu(windows),
+            *(
+                [
+                    "",
+                    f"Noisy windows (the rest of the machine above {NOISY}% of a core): "
+                    + ", ".join(noisy)
+                    + ".",
+                ]
+                if noisy
+                else []
+            ),
+            *(["", render_capacity(report, scale)] if report["capacity"] else []),
+            SCALE_END,
+        ]
+    )
+    head, rest = text.split(SCALE_START, 1)
+    _, tail = rest.split(SCALE_END, 1)
+    DOC.write_text(head + block + tail)
+    log(f"updated the scale-out block of {DOC.relative_to(ROOT)}")
 
 
 def update_doc(results: dict[str, Any], out: Path) -> None:
@@ -1952,14 +2801,21 @@ async def amain(options: Options) -> int:
     bench.results["loadgen_peak"] = peak
     noisy = [w["window"] for w in shares if w.get("other", 0) > NOISY]
     bench.results["noisy_windows"] = noisy
+    scale = bench.results.get("scale")
+    if scale and not scale.get("setups"):
+        scale = None
+    if scale:
+        bench.results["scale_report"] = scale_report(scale)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{bench.run_id}.json"
     out.write_text(json.dumps(bench.results, indent=2, default=str) + "\n")
-    print()
-    print(render_table(rows))
-    print()
-    print(f"CPU, % of one core (the machine has {os.cpu_count()}), per measured window:")
-    print(render_cpu(shares))
+    if rows:
+        print()
+        print(render_table(rows))
+    if shares:
+        print()
+        print(f"CPU, % of one core (the machine has {os.cpu_count()}), per measured window:")
+        print(render_cpu(shares))
     if peak:
         print(
             f"load generator (client processes + producer): at most {peak['loadgen']:.0f}% of "
@@ -1984,8 +2840,36 @@ async def amain(options: Options) -> int:
             print()
             print(f"== {title} ==")
             print(render(big[key]))
+    if scale:
+        report = bench.results["scale_report"]
+        print()
+        print("== scale-out through Redis ==")
+        print(render_scale(scale, report))
+        print()
+        print("CPU, % of one core, while frames flowed:")
+        windows = scale_cpu_windows(scale)
+        print(render_scale_cpu(windows))
+        noisy_scale = [w["window"] for w in windows if w.get("other", 0) > NOISY]
+        if noisy_scale:
+            print(f"noisy: rest of the machine > {NOISY}% of a core in {', '.join(noisy_scale)}")
+        for name, r in scale.get("setups", {}).items():
+            if r.get("log_events"):
+                print(f"{name}: gateway log warnings/errors: {r['log_events']}")
+        if report["capacity"]:
+            print()
+            print(render_capacity(report, scale))
+        for name, r in scale.get("setups", {}).items():
+            if r.get("profile"):
+                from bench.profile_summary import render
+
+                print()
+                print(f"== scale {name}: one worker (native) ==")
+                print(render(r["profile"]))
     if options.update_doc and code == 0:
-        update_doc(bench.results, out)
+        # The latest-run table only from runs that measured its scenarios.
+        if options.scenarios - {"scale"}:
+            update_doc(bench.results, out)
+        update_scale_doc(bench.results, out)
     print()
     print(f"results: {out.relative_to(ROOT)}   process logs: {bench.logs}")
     failed = [r for r in rows if r["met"] is False]

@@ -1,0 +1,522 @@
+"""How far one Redis takes the gateway: PUBLISH to per-user channels, one subscriber each.
+
+The gateway's Redis path (``service/broker.py``) is, per notification, one PUBLISH on
+``<prefix><user id>`` sent in a pipeline of a whole consumer batch (up to 1000), read
+by the one process subscribed to that user. This measures that traffic against the
+Redis of ``--url`` without a gateway, so the figure is Redis's (and the client's):
+
+* ``S`` subscriber connections (like S gateway processes, one pub/sub connection
+  each) SUBSCRIBE to ``--channels`` per-user channels between them. They are raw
+  sockets that count bytes (every message has the same size), so reading costs
+  almost nothing and Redis, not the reader, is what is measured.
+* publishers, each its own process:
+
+  - ``py``: redis-py (hiredis) as the broker uses it: ``pipeline(transaction=False)``,
+    one ``publish(channel, payload)`` per message, ``execute()``, the next batch
+    once the replies are in (one batch in flight per publisher, as per gateway
+    process); the payload is the broker's JSON array, encoded per message;
+  - ``redis-benchmark``: the C client, ``-P`` pipelined, random channels
+    (``__rand_int__``): Redis's own ceiling with a publisher that costs little.
+
+For each test: messages/s received (first to last byte at the subscribers),
+whether all arrived, and CPU as % of one core of Redis, the publishers, the
+subscribers and the rest of the machine (Redis is single-threaded: near 100 % it
+is the limit). Prints one JSON line; ``bench/run.py --only scale`` runs it.
+
+``client-cost`` measures the publishing client alone (CPU per PUBLISH in one process):
+redis-py as the broker uses it, with ``socket_timeout=None``, and hand-packed with
+the replies parsed by ``hiredis.Reader``.
+
+    python -m bench.redis_capacity --url redis://127.0.0.1:6379/0 --messages 300000
+    python -m bench.redis_capacity client-cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import orjson
+import psutil
+import uvloop
+
+from bench import common
+
+# Channel names end in 12 decimal digits: what redis-benchmark's __rand_int__ expands to.
+USER_HEAD = "00000000-0000-4000-8000-"
+PONG = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+
+
+def channel(prefix: str, index: int) -> str:
+    return f"{prefix}{USER_HEAD}{index:012d}"
+
+
+def payload(prefix: str, index: int, seq: int) -> bytes:
+    """The broker's wire format: [message id, user id, created ms, title, body, origin]."""
+    user = f"{USER_HEAD}{index:012d}"
+    message_id = f"{USER_HEAD}{seq:012d}"
+    ts = common.now_us()
+    origin = f"{prefix}node:{'0' * 32}"
+    return orjson.dumps([message_id, user, ts // 1000, common.TITLE, common.body(ts, seq), origin])
+
+
+def resp(*args: str | bytes) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def message_bytes(prefix: str) -> int:
+    """Size of one pushed message as the subscriber reads it (RESP2)."""
+    ch = channel(prefix, 0).encode()
+    return len(resp(b"message", ch, payload(prefix, 0, 0)))
+
+
+def redis_address(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        return rest or "127.0.0.1", 6379
+    return host or "127.0.0.1", int(port)
+
+
+def listener_pid(port: int) -> int | None:
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return int(conn.pid) if conn.pid else None
+    return None
+
+
+def cpu_of(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return float(t.user + t.system)
+    except psutil.Error:
+        return 0.0
+
+
+def machine_busy() -> float:
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
+# -- subscribers ---------------------------------------------------------------------
+
+
+class Subscriber(asyncio.Protocol):
+    """One pub/sub connection: subscribes, then only counts bytes."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.setup = bytearray()
+        self.ready = asyncio.get_running_loop().create_future()
+        self.counting = False
+        self.bytes = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.lost = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("closed while subscribing"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.counting:
+            now = time.time()
+            if not self.first:
+                self.first = now
+            self.last = now
+            self.bytes += len(data)
+            return
+        self.setup += data
+        if self.setup.endswith(PONG) and not self.ready.done():
+            self.ready.set_result(None)
+
+    def reset(self) -> None:
+        self.bytes, self.first, self.last = 0, 0.0, 0.0
+
+
+async def subscribe(url: str, prefix: str, channels: int, connections: int) -> list[Subscriber]:
+    host, port = redis_address(url)
+    loop = asyncio.get_running_loop()
+    subs: list[Subscriber] = []
+    for i in range(connections):
+        _, sub = await loop.create_connection(Subscriber, host, port)
+        mine = [channel(prefix, c) for c in range(i, channels, connections)]
+        assert sub.transport is not None
+        for start in range(0, len(mine), 1000):
+            sub.transport.write(resp("SUBSCRIBE", *mine[start : start + 1000]))
+        sub.transport.write(resp("PING"))
+        await asyncio.wait_for(sub.ready, 60)
+        sub.counting = True
+        subs.append(sub)
+    return subs
+
+
+# -- publishers ------------------------------------------------------------------------
+
+
+async def publish(args: argparse.Namespace) -> dict[str, Any]:
+    """One publisher process, pipelined like RedisBroker.publish."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(args.url)
+    prefix = args.prefix
+    names = [channel(prefix, c).encode() for c in range(args.channels)]
+    receivers = 0
+    zero = 0
+    seq = args.offset
+    end = args.offset + args.count
+    began = time.time()
+    try:
+        while seq < end:
+            n = min(args.pipeline, end - seq)
+            async with client.pipeline(transaction=False) as pipe:
+                for s in range(seq, seq + n):
+                    index = s % args.channels
+                    pipe.publish(names[index], payload(prefix, index, s))
+                counts = await pipe.execute()
+            for c in counts:
+                receivers += int(c)
+                zero += int(c) == 0
+            seq += n
+    finally:
+        await client.aclose()
+    ended = time.time()
+    return {
+        "published": seq - args.offset,
+        "receivers": receivers,
+        "unreceived": zero,
+        "began": began,
+        "ended": ended,
+        "rate": (seq - args.offset) / max(1e-9, ended - began),
+        "cpu": time.process_time(),
+    }
+
+
+async def client_cost(args: argparse.Namespace) -> dict[str, float]:
+    """Client CPU per PUBLISH in one process, three ways, pipelines of ``--pipeline``:
+    redis-py as ``RedisBroker.publish`` uses it, the same with ``socket_timeout=None``
+    (redis-py then skips the ``asyncio.timeout`` around each reply), and one packed
+    buffer per pipeline with the replies parsed in one go by ``hiredis.Reader``.
+    Channels have no subscriber: this is the client's cost, not Redis's."""
+    import hiredis
+    from redis.asyncio import Redis
+
+    n = args.messages
+    prefix = f"bench:cost:{uuid.uuid4().hex[:8]}:"
+    payloads = [payload(prefix, i % args.channels, i) for i in range(n)]
+    names = [channel(prefix, c).encode() for c in range(args.channels)]
+
+    async def redis_py(**kwargs: Any) -> float:
+        client = Redis.from_url(args.url, **kwargs)
+        try:
+            t0 = time.process_time()
+            for start in range(0, n, args.pipeline):
+                async with client.pipeline(transaction=False) as pipe:
+                    for i in range(start, min(n, start + args.pipeline)):
+                        pipe.publish(names[i % args.channels], payloads[i])
+                    await pipe.execute()
+            return (time.process_time() - t0) / n * 1e6
+        finally:
+            await client.aclose()
+
+    async def packed() -> float:
+        host, port = redis_address(args.url)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            t0 = time.process_time()
+            for start in range(0, n, args.pipeline):
+                end = min(n, start + args.pipeline)
+                chunks = []
+                for i in range(start, end):
+                    ch, p = names[i % args.channels], payloads[i]
+                    chunks.append(
+                        b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                        % (len(ch), ch, len(p), p)
+                    )
+                writer.write(b"".join(chunks))
+                parser, replies = hiredis.Reader(), 0
+                while replies < end - start:
+                    data = await asyncio.wait_for(reader.read(65536), 10)
+                    if not data:
+                        raise ConnectionError("redis closed the connection")
+                    parser.feed(data)
+                    while parser.gets() is not False:
+                        replies += 1
+            return (time.process_time() - t0) / n * 1e6
+        finally:
+            writer.close()
+
+    out: dict[str, float] = {}
+    for name, run in (
+        ("redis_py_default_us", lambda: redis_py()),
+        ("redis_py_no_socket_timeout_us", lambda: redis_py(socket_timeout=None)),
+        ("packed_hiredis_us", packed),
+    ):
+        out[name] = min([await run() for _ in range(3)])  # best of 3
+    return out
+
+
+# -- one test --------------------------------------------------------------------------
+
+
+async def run_test(
+    args: argparse.Namespace,
+    subs: list[Subscriber],
+    *,
+    tool: str,
+    publishers: int,
+    redis_pid: int | None,
+    size: int,
+) -> dict[str, Any]:
+    total = args.messages
+    for s in subs:
+        s.reset()
+    procs: list[asyncio.subprocess.Process] = []
+    ps: list[psutil.Process] = []
+    redis0, me0, busy0, t0 = cpu_of(redis_pid), time.process_time(), machine_busy(), time.time()
+    if tool == "py":
+        for i in range(publishers):
+            share = total * (i + 1) // publishers - total * i // publishers
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "bench.redis_capacity",
+                    "publish",
+                    "--url",
+                    args.url,
+                    "--prefix",
+                    args.prefix,
+                    "--channels",
+                    str(args.channels),
+                    "--count",
+                    str(share),
+                    "--offset",
+                    str(total * i // publishers),
+                    "--pipeline",
+                    str(args.pipeline),
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            )
+    else:
+        host, port = redis_address(args.url)
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                args.redis_benchmark,
+                "-h",
+                host,
+                "-p",
+                str(port),
+                "-c",
+                str(publishers),
+                "-P",
+                str(args.pipeline),
+                "-n",
+                str(total),
+                "-r",
+                str(args.channels),
+                "--csv",
+                "PUBLISH",
+                f"{args.prefix}{USER_HEAD}__rand_int__",
+                payload(args.prefix, 0, 0).decode(),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        )
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            ps.append(psutil.Process(p.pid))
+    pub_cpu: dict[int, float] = {}
+
+    def sample_publishers() -> None:
+        for p in ps:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                pub_cpu[p.pid] = t.user + t.system
+
+    outputs: list[bytes] = []
+    deadline = time.monotonic() + args.budget
+    while any(p.returncode is None for p in procs) and time.monotonic() < deadline:
+        sample_publishers()
+        await asyncio.sleep(0.05)
+    for p in procs:
+        out, _ = await asyncio.wait_for(p.communicate(), 30)
+        outputs.append(out)
+    # The last messages may still be on their way to the subscribers.
+    expected = total * size
+    settle = time.monotonic() + 10
+    while sum(s.bytes for s in subs) < expected and time.monotonic() < settle:
+        await asyncio.sleep(0.02)
+    wall = time.time() - t0
+    received_bytes = sum(s.bytes for s in subs)
+    received = received_bytes // size
+    firsts = [s.first for s in subs if s.first]
+    first, last = (min(firsts), max(s.last for s in subs)) if firsts else (0.0, 0.0)
+    span = last - first
+    redis_s = cpu_of(redis_pid) - redis0
+    me_s = time.process_time() - me0
+    pub_s = sum(pub_cpu.values())
+    busy = machine_busy() - busy0
+    result: dict[str, Any] = {
+        "tool": tool,
+        "publishers": publishers,
+        "pipeline": args.pipeline,
+        "messages": total,
+        "received": received,
+        "complete": received_bytes == expected,
+        "odd_bytes": received_bytes % size,
+        "subscriber_lost": any(s.lost for s in subs),
+        "span_s": span,
+        "rate": received / span if span > 0 else 0.0,
+        "cpu": {
+            "redis": 100 * redis_s / wall,
+            "publishers": 100 * pub_s / wall,
+            "subscribers": 100 * me_s / wall,
+            "other": max(0.0, 100 * (busy - redis_s - pub_s - me_s) / wall),
+            "wall_s": wall,
+        },
+    }
+    # Redis's CPU over the span of the traffic only (the wall time above includes starts).
+    result["redis_core_share"] = min(1.0, redis_s / span) if span > 0 else None
+    if tool == "py":
+        answers = [json.loads(o.decode().strip().splitlines()[-1]) for o in outputs if o.strip()]
+        result["unreceived_replies"] = sum(a["unreceived"] for a in answers)
+        result["publisher_rates"] = [a["rate"] for a in answers]
+    else:
+        text = outputs[0].decode(errors="replace").strip().splitlines() if outputs else []
+        result["redis_benchmark_csv"] = text[-1] if text else ""
+    return result
+
+
+async def capacity(args: argparse.Namespace) -> dict[str, Any]:
+    host, port = redis_address(args.url)
+    redis_pid = listener_pid(port)
+    size = message_bytes(args.prefix)
+    subs = await subscribe(args.url, args.prefix, args.channels, args.subscribers)
+    tests: list[dict[str, Any]] = []
+    try:
+        plan: list[tuple[str, int]] = [("py", n) for n in args.py_publishers]
+        if args.redis_benchmark and shutil.which(args.redis_benchmark):
+            plan += [("redis-benchmark", n) for n in args.rb_clients]
+        for tool, n in plan:
+            result = await run_test(
+                args, subs, tool=tool, publishers=n, redis_pid=redis_pid, size=size
+            )
+            tests.append(result)
+            print(
+                f"[redis-capacity] {tool} x{n}: {result['rate']:,.0f} msg/s, redis "
+                f"{result['cpu']['redis']:.0f}% of a core, publishers "
+                f"{result['cpu']['publishers']:.0f}%, complete={result['complete']}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if any(s.lost for s in subs):
+                break
+            await asyncio.sleep(1.0)
+    finally:
+        for s in subs:
+            if s.transport is not None:
+                s.transport.close()
+    info: dict[str, Any] = {}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            [
+                "redis-cli",
+                "-h",
+                host,
+                "-p",
+                str(port),
+                "CONFIG",
+                "GET",
+                "client-output-buffer-limit",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.split("\n")
+        info["client_output_buffer_limit"] = out[1] if len(out) > 1 else ""
+    return {
+        "url_host": f"{host}:{port}",
+        "redis_pid": redis_pid,
+        "channels": args.channels,
+        "subscribers": args.subscribers,
+        "message_bytes": size,
+        "payload_bytes": len(payload(args.prefix, 0, 0)),
+        "tests": tests,
+        **info,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "client-cost":
+        p = argparse.ArgumentParser(prog="python -m bench.redis_capacity client-cost")
+        p.add_argument("--url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+        p.add_argument("--channels", type=int, default=10_000)
+        p.add_argument("--messages", type=int, default=50_000)
+        p.add_argument("--pipeline", type=int, default=1000)
+        print(json.dumps(uvloop.run(client_cost(p.parse_args(sys.argv[2:])))), flush=True)
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "publish":
+        p = argparse.ArgumentParser(prog="python -m bench.redis_capacity publish")
+        p.add_argument("--url", required=True)
+        p.add_argument("--prefix", required=True)
+        p.add_argument("--channels", type=int, required=True)
+        p.add_argument("--count", type=int, required=True)
+        p.add_argument("--offset", type=int, default=0)
+        p.add_argument("--pipeline", type=int, default=1000)
+        a = p.parse_args(sys.argv[2:])
+        print(json.dumps(uvloop.run(publish(a))), flush=True)
+        return
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.redis_capacity",
+        description="PUBLISH throughput to per-user channels with one subscriber each.",
+    )
+    parser.add_argument("--url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--prefix", default=f"bench:cap:{uuid.uuid4().hex[:8]}:")
+    parser.add_argument("--channels", type=int, default=10_000, help="per-user channels (10000)")
+    parser.add_argument("--subscribers", type=int, default=2, help="pub/sub connections (2)")
+    parser.add_argument("--messages", type=int, default=300_000, help="per test (300000)")
+    parser.add_argument("--pipeline", type=int, default=1000, help="PUBLISHes per pipeline")
+    parser.add_argument(
+        "--py-publishers",
+        default="1,2",
+        help="redis-py publisher processes, one test per value (1,2)",
+    )
+    parser.add_argument(
+        "--rb-clients", default="2", help="redis-benchmark connections, one test per value (2)"
+    )
+    parser.add_argument(
+        "--redis-benchmark",
+        default="redis-benchmark",
+        help="the redis-benchmark binary; empty skips it",
+    )
+    parser.add_argument("--budget", type=float, default=120, help="seconds per test at most")
+    args = parser.parse_args()
+    args.py_publishers = [int(x) for x in args.py_publishers.split(",") if x.strip()]
+    args.rb_clients = [int(x) for x in args.rb_clients.split(",") if x.strip()]
+    common.raise_nofile()
+    print(json.dumps(uvloop.run(capacity(args))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
