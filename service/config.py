@@ -34,7 +34,7 @@ class Settings:
     kafka_topic: str = "notification.send"
     kafka_group_id: str = "notify-ws"
     kafka_dlq_topic: str = "notification.send.dlq"
-    kafka_max_batch: int = 1000
+    kafka_max_batch: int = 5000
 
     database_url: str = "postgresql://notify:notify@127.0.0.1:5432/notify"
     database_pool_size: int = 10
