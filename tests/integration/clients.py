@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import subprocess
 import uuid
 from typing import Any
 
@@ -13,6 +15,8 @@ import httpx
 from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+
+from .gateway import ROOT
 
 
 def message(user_id: str, subject: str = "s", content: str = "c", **extra: Any) -> dict[str, Any]:
@@ -92,3 +96,17 @@ async def readiness_once_consuming(base_url: str, timeout: float = 30.0) -> http
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.2)
+
+
+async def console_produce(bootstrap: str, topic: str, line: str) -> None:
+    """Produce one line with Kafka's own console producer, as the platform's operators do."""
+    await asyncio.to_thread(
+        subprocess.run,
+        ["scripts/kafka.sh", "produce", topic],
+        input=line + "\n",
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap},
+        check=True,
+        timeout=60,
+    )

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer
 from service.notification import Notification
 from service.store import Store
 
+from .clients import console_produce
 from .gateway import ROOT
 
 
@@ -24,16 +25,7 @@ async def test_console_producer_line_is_read_back_by_aiokafka(
 ) -> None:
     """A line typed into Kafka's console producer arrives intact at an aiokafka consumer."""
     line = '{"hello": "мир", "n": 1}'
-    await asyncio.to_thread(
-        subprocess.run,
-        ["scripts/kafka.sh", "produce", topics[0]],
-        input=line + "\n",
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
-        check=True,
-        timeout=60,
-    )
+    await console_produce(kafka_bootstrap, topics[0], line)
     consumer = AIOKafkaConsumer(
         topics[0], bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
     )

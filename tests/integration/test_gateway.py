@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -13,9 +11,9 @@ from websockets.asyncio.client import connect
 
 from dev.auth_server import AuthStandIn
 
-from .clients import close_code, message, produce, receive, silent, wait_stored
+from .clients import close_code, console_produce, message, produce, receive, silent, wait_stored
 from .conftest import GatewayFactory
-from .gateway import ROOT, Gateway
+from .gateway import Gateway
 
 SEED_LINE = (
     '{"message_id": "123e4567-e89b-12d3-a456-426614174000","delivery_method": "push",'
@@ -31,16 +29,7 @@ async def test_platform_scenario_with_console_producer(
     """The seed's line, produced with Kafka's own console producer, reaches the client as-is."""
     token = auth_server.issue(SEED_USER)
     async with connect(gateway.ws_url(token)) as ws:
-        await asyncio.to_thread(
-            subprocess.run,
-            ["scripts/kafka.sh", "produce", topics[0]],
-            input=SEED_LINE + "\n",
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
-            check=True,
-            timeout=60,
-        )
+        await console_produce(kafka_bootstrap, topics[0], SEED_LINE)
         raw = await asyncio.wait_for(ws.recv(), 30)
     assert json.loads(raw) == {
         "title": "Новый фильм",
