@@ -149,15 +149,9 @@ class Connection:
         return True
 
     def _written(self, notification: Notification) -> None:
-        """Book a frame handed to the socket."""
-        self.mark_written(notification.message_id)
+        """Book a live frame handed to the socket."""
+        self.mark_written(notification)
         self._metrics.observe_delivery(notification.created_ms)
-        if self._socket.buffered():
-            if self._unsent is None:
-                self._unsent = deque(maxlen=_UNSENT_LIMIT)
-            self._unsent.append(notification)
-        elif self._unsent:
-            self._unsent.clear()
 
     def _reclaim_unsent(self) -> None:
         """Hand back the frames still in the socket's buffer: they will never be sent."""
@@ -203,8 +197,14 @@ class Connection:
     def seen(self, message_id: str) -> bool:
         return self._seen is not None and message_id in self._seen
 
-    def mark_written(self, message_id: str) -> None:
-        """Remember a written message id, so a redelivery is not sent twice here."""
+    def mark_written(self, notification: Notification) -> None:
+        """Book a frame handed to the socket, live or flushed from the store.
+
+        Its id is remembered, so a redelivery is not sent twice here; while the
+        socket's buffer is not empty the frame is remembered too, to be stored
+        again if the connection is aborted before it leaves.
+        """
+        message_id = notification.message_id
         if self._seen is None or self._seen_order is None:
             self._seen = set()
             self._seen_order = deque()
@@ -212,6 +212,12 @@ class Connection:
         self._seen_order.append(message_id)
         if len(self._seen_order) > _SEEN_LIMIT:
             self._seen.discard(self._seen_order.popleft())
+        if self._socket.buffered():
+            if self._unsent is None:
+                self._unsent = deque(maxlen=_UNSENT_LIMIT)
+            self._unsent.append(notification)
+        elif self._unsent:
+            self._unsent.clear()
 
     async def write(self, frame: str) -> None:
         """Send one text frame; the watchdog closes the socket if it takes too long."""

@@ -106,7 +106,9 @@ class Outlet(Protocol):
         """Write one frame now (only from the connection's own writer)."""
         ...
 
-    def mark_written(self, message_id: str) -> None: ...
+    def mark_written(self, notification: Notification) -> None:
+        """Book a frame ``write`` handed to the socket."""
+        ...
 
 
 class Batch:
@@ -443,7 +445,7 @@ class Router:
                     notification = stored.notification
                     if not outlet.seen(notification.message_id):
                         await outlet.write(notification.frame)
-                        outlet.mark_written(notification.message_id)
+                        outlet.mark_written(notification)
                         written += 1
                         self._metrics.flushed.inc()
                     done.append(notification.message_id)

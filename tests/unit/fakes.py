@@ -144,8 +144,8 @@ class FakeOutlet:
         await asyncio.sleep(0)
         self.frames.append(frame)
 
-    def mark_written(self, message_id: str) -> None:
-        self._seen.add(message_id)
+    def mark_written(self, notification: Notification) -> None:
+        self._seen.add(notification.message_id)
 
 
 class PeerGone(Exception):

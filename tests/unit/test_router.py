@@ -254,7 +254,7 @@ async def test_flush_skips_what_this_connection_already_wrote(
     already, fresh = notification("alice"), notification("alice")
     backlog.put(already, fresh)
     tab = FakeOutlet("alice")
-    tab.mark_written(already.message_id)
+    tab.mark_written(already)
     assert await router.flush_backlog(tab) == 1
     assert tab.frames == [fresh.frame]
     assert backlog.rows == {}
@@ -521,3 +521,20 @@ async def test_frames_left_in_the_socket_buffer_are_stored_on_abort(
     connection.abort(1013, "too slow to keep up")
     await router.drain()
     assert sorted(backlog.stored_ids) == sorted(n.message_id for n in sent)
+
+
+async def test_flushed_frames_left_in_the_socket_buffer_are_stored_again_on_abort(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """Stored frames flushed into a buffer the client never read are stored again on abort."""
+    stored = [notification("alice", f"s{i}") for i in range(3)]
+    backlog.put(*stored)
+    connection, socket = clients.open("alice", start=False)
+    socket.buffered_bytes = 10_000  # a client that stopped reading
+    clients.start(connection)
+    await until(lambda: connection._idle)
+    assert socket.frames == [n.frame for n in stored]
+    assert backlog.rows == {}
+    connection.abort(1013, "too slow to keep up")
+    await router.drain()
+    assert sorted(backlog.stored_ids) == sorted(n.message_id for n in stored)
