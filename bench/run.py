@@ -836,12 +836,7 @@ class Bench:
 
     def _find_kafka(self) -> int | None:
         """The broker process listening on our bootstrap port (others may run their own)."""
-        port = int(self.o.kafka.split(",")[0].rpartition(":")[2])
-        with contextlib.suppress(psutil.Error):
-            for conn in psutil.net_connections("tcp"):
-                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                    return int(conn.pid) if conn.pid else None
-        return None
+        return self._listener(int(self.o.kafka.split(",")[0].rpartition(":")[2]))
 
     def kafka_cpu(self) -> float:
         if self.kafka_pid is None:
