@@ -10,7 +10,7 @@ from websockets.asyncio.client import connect
 
 from dev.auth_server import AuthStandIn
 
-from .clients import close_code, message, produce, receive, silent
+from .clients import close_code, message, produce, receive, silent, wait_connections
 from .conftest import GatewayFactory
 
 SECRET = "integration-secret-of-32-bytes-at-least"
@@ -45,6 +45,8 @@ async def test_per_user_connection_limit(
     gateway = gateway_factory(MAX_CONNECTIONS_PER_USER="2")
     token = auth_server.issue("greedy")
     async with connect(gateway.ws_url(token)), connect(gateway.ws_url(token)):
+        # The handshake completes before the token check: wait until both count.
+        await wait_connections(gateway.base, 2)
         code, reason = await close_code(gateway.ws_url(token))
         assert code == 4429 and "user" in reason
         async with connect(gateway.ws_url(auth_server.issue("other"))) as other:
