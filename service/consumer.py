@@ -185,7 +185,10 @@ class Consumer:
             log.warning("commit_failed", extra={"error": str(exc)[:300]})
 
     def _report_lag(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        assigned = consumer.assignment()
         for partition, next_offset in offsets.items():
+            if partition not in assigned:
+                continue  # revoked by a rebalance since the fetch: no longer ours to report
             highwater = consumer.highwater(partition)
             if highwater is not None:
                 self._metrics.consumer_lag.labels(str(partition.partition)).set(
