@@ -11,10 +11,14 @@ Redis of ``--url`` without a gateway, so the figure is Redis's (and the client's
   almost nothing and Redis, not the reader, is what is measured.
 * publishers, each its own process:
 
-  - ``py``: redis-py (hiredis) as the broker uses it: ``pipeline(transaction=False)``,
-    one ``publish(channel, payload)`` per message, ``execute()``, the next batch
-    once the replies are in (one batch in flight per publisher, as per gateway
-    process); the payload is the broker's JSON array, encoded per message;
+  - ``py``: the gateway's own ``RedisBroker.publish`` (``service/broker.py``): per
+    batch of ``--pipeline`` notifications, one buffer of packed PUBLISHes (channel
+    ``<prefix><user id>``, payload the broker's JSON array, encoded per message)
+    written to a ``service/resp.py`` connection and its replies parsed by
+    ``hiredis.Reader``; the next batch once the replies are in (one batch in flight
+    per publisher, as per gateway process). The ``Notification`` objects are made
+    per batch in the same process; the CPU spent in ``publish()`` alone is reported
+    per message (``publisher_client_us``);
   - ``redis-benchmark``: the C client, ``-P`` pipelined, random channels
     (``__rand_int__``): Redis's own ceiling with a publisher that costs little.
 
@@ -23,9 +27,10 @@ whether all arrived, and CPU as % of one core of Redis, the publishers, the
 subscribers and the rest of the machine (Redis is single-threaded: near 100 % it
 is the limit). Prints one JSON line; ``bench/run.py --only scale`` runs it.
 
-``client-cost`` measures the publishing client alone (CPU per PUBLISH in one process):
-redis-py as the broker uses it, with ``socket_timeout=None``, and hand-packed with
-the replies parsed by ``hiredis.Reader``.
+``client-cost`` measures the publishing client alone (CPU per PUBLISH in one process,
+from ``Notification`` objects to the replies, channels without a subscriber): the
+gateway's ``RedisBroker.publish``, and for comparison redis-py as the broker used it
+before (``pipeline(transaction=False)``), by default and with ``socket_timeout=None``.
 
     python -m bench.redis_capacity --url redis://127.0.0.1:6379/0 --messages 300000
     python -m bench.redis_capacity client-cost
@@ -45,11 +50,12 @@ import time
 import uuid
 from typing import Any
 
-import orjson
 import psutil
 import uvloop
 
 from bench import common
+from service.broker import RedisBroker, encode
+from service.notification import Notification
 
 # Channel names end in 12 decimal digits: what redis-benchmark's __rand_int__ expands to.
 USER_HEAD = "00000000-0000-4000-8000-"
@@ -60,13 +66,24 @@ def channel(prefix: str, index: int) -> str:
     return f"{prefix}{USER_HEAD}{index:012d}"
 
 
-def payload(prefix: str, index: int, seq: int) -> bytes:
-    """The broker's wire format: [message id, user id, created ms, title, body, origin]."""
+def notification(index: int, seq: int, ts_us: int) -> Notification:
+    """Message ``seq`` for user ``index``: the same length for every index, seq and time."""
     user = f"{USER_HEAD}{index:012d}"
     message_id = f"{USER_HEAD}{seq:012d}"
-    ts = common.now_us()
-    origin = f"{prefix}node:{'0' * 32}"
-    return orjson.dumps([message_id, user, ts // 1000, common.TITLE, common.body(ts, seq), origin])
+    body = common.body(ts_us, seq)
+    return Notification.build(message_id, user, common.TITLE, body, ts_us // 1000)
+
+
+def origin(prefix: str) -> str:
+    """Stands for the publisher's control channel: ``RedisBroker`` uses ``<prefix>node:``
+    and 32 hex digits (a uuid4), so the payload has the size the broker's has."""
+    return f"{prefix}node:{'0' * 32}"
+
+
+def payload(prefix: str, index: int, seq: int) -> bytes:
+    """The broker's wire format (``service.broker.encode``):
+    [message id, user id, created ms, title, body, origin]."""
+    return encode(notification(index, seq, common.now_us()), origin(prefix))
 
 
 def resp(*args: str | bytes) -> bytes:
@@ -175,102 +192,95 @@ async def subscribe(url: str, prefix: str, channels: int, connections: int) -> l
 
 
 async def publish(args: argparse.Namespace) -> dict[str, Any]:
-    """One publisher process, pipelined like RedisBroker.publish."""
-    from redis.asyncio import Redis
+    """One publisher process: the gateway's ``RedisBroker.publish``, one batch in flight.
 
-    client = Redis.from_url(args.url)
-    prefix = args.prefix
-    names = [channel(prefix, c).encode() for c in range(args.channels)]
+    The broker's channel for a user is ``<prefix><user id>``, so with ``--prefix`` and
+    the users of :func:`channel` it publishes on the channels the subscribers hold.
+    """
+    broker = RedisBroker(args.url, args.prefix)
     receivers = 0
     zero = 0
+    publish_cpu = 0.0
     seq = args.offset
     end = args.offset + args.count
     began = time.time()
     try:
         while seq < end:
             n = min(args.pipeline, end - seq)
-            async with client.pipeline(transaction=False) as pipe:
-                for s in range(seq, seq + n):
-                    index = s % args.channels
-                    pipe.publish(names[index], payload(prefix, index, s))
-                counts = await pipe.execute()
+            ts = common.now_us()
+            batch = [notification(s % args.channels, s, ts) for s in range(seq, seq + n)]
+            t0 = time.process_time()
+            counts = await broker.publish(batch)
+            publish_cpu += time.process_time() - t0
             for c in counts:
-                receivers += int(c)
-                zero += int(c) == 0
+                receivers += c
+                zero += c == 0
             seq += n
     finally:
-        await client.aclose()
+        await broker.close()
     ended = time.time()
+    published = seq - args.offset
     return {
-        "published": seq - args.offset,
+        "published": published,
         "receivers": receivers,
         "unreceived": zero,
         "began": began,
         "ended": ended,
-        "rate": (seq - args.offset) / max(1e-9, ended - began),
+        "rate": published / max(1e-9, ended - began),
         "cpu": time.process_time(),
+        "publish_us": publish_cpu / max(1, published) * 1e6,
     }
 
 
 async def client_cost(args: argparse.Namespace) -> dict[str, float]:
-    """Client CPU per PUBLISH in one process, three ways, pipelines of ``--pipeline``:
-    redis-py as ``RedisBroker.publish`` uses it, the same with ``socket_timeout=None``
-    (redis-py then skips the ``asyncio.timeout`` around each reply), and one packed
-    buffer per pipeline with the replies parsed in one go by ``hiredis.Reader``.
-    Channels have no subscriber: this is the client's cost, not Redis's."""
-    import hiredis
+    """Client CPU per PUBLISH in one process, pipelines of ``--pipeline``, each way
+    from the same ``Notification`` objects to their replies (channel and payload made
+    per message, as the broker does): the gateway's ``RedisBroker.publish`` (one packed
+    buffer on a ``service/resp.py`` connection, replies parsed by ``hiredis.Reader``);
+    redis-py as the broker used it before (``Redis.from_url``, ``pipeline(transaction=
+    False)``, one ``publish`` per message, ``execute()``); and the same with
+    ``socket_timeout=None`` (redis-py then skips the ``asyncio.timeout`` around each
+    reply). Channels have no subscriber: this is the client's cost, not Redis's.
+    Each is the best of 3 runs, on a connection opened before the clock starts."""
     from redis.asyncio import Redis
 
-    n = args.messages
+    n: int = args.messages
     prefix = f"bench:cost:{uuid.uuid4().hex[:8]}:"
-    payloads = [payload(prefix, i % args.channels, i) for i in range(n)]
-    names = [channel(prefix, c).encode() for c in range(args.channels)]
+    ts = common.now_us()
+    notifications = [notification(i % args.channels, i, ts) for i in range(n)]
+    batches = [notifications[i : i + args.pipeline] for i in range(0, n, args.pipeline)]
+    control = origin(prefix)
+
+    async def gateway_broker() -> float:
+        broker = RedisBroker(args.url, prefix)
+        try:
+            await broker.publish(batches[0][:1])  # opens the command connection
+            t0 = time.process_time()
+            for batch in batches:
+                await broker.publish(batch)
+            return (time.process_time() - t0) / n * 1e6
+        finally:
+            await broker.close()
 
     async def redis_py(**kwargs: Any) -> float:
         client = Redis.from_url(args.url, **kwargs)
         try:
+            await client.ping()  # connects
             t0 = time.process_time()
-            for start in range(0, n, args.pipeline):
+            for batch in batches:
                 async with client.pipeline(transaction=False) as pipe:
-                    for i in range(start, min(n, start + args.pipeline)):
-                        pipe.publish(names[i % args.channels], payloads[i])
+                    for m in batch:
+                        pipe.publish(f"{prefix}{m.user_id}".encode(), encode(m, control))
                     await pipe.execute()
             return (time.process_time() - t0) / n * 1e6
         finally:
             await client.aclose()
 
-    async def packed() -> float:
-        host, port = redis_address(args.url)
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            t0 = time.process_time()
-            for start in range(0, n, args.pipeline):
-                end = min(n, start + args.pipeline)
-                chunks = []
-                for i in range(start, end):
-                    ch, p = names[i % args.channels], payloads[i]
-                    chunks.append(
-                        b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-                        % (len(ch), ch, len(p), p)
-                    )
-                writer.write(b"".join(chunks))
-                parser, replies = hiredis.Reader(), 0
-                while replies < end - start:
-                    data = await asyncio.wait_for(reader.read(65536), 10)
-                    if not data:
-                        raise ConnectionError("redis closed the connection")
-                    parser.feed(data)
-                    while parser.gets() is not False:
-                        replies += 1
-            return (time.process_time() - t0) / n * 1e6
-        finally:
-            writer.close()
-
     out: dict[str, float] = {}
     for name, run in (
+        ("gateway_broker_us", gateway_broker),
         ("redis_py_default_us", lambda: redis_py()),
         ("redis_py_no_socket_timeout_us", lambda: redis_py(socket_timeout=None)),
-        ("packed_hiredis_us", packed),
     ):
         out[name] = min([await run() for _ in range(3)])  # best of 3
     return out
@@ -402,6 +412,8 @@ async def run_test(
         answers = [json.loads(o.decode().strip().splitlines()[-1]) for o in outputs if o.strip()]
         result["unreceived_replies"] = sum(a["unreceived"] for a in answers)
         result["publisher_rates"] = [a["rate"] for a in answers]
+        # CPU in RedisBroker.publish alone, per message (without making the notifications).
+        result["publisher_client_us"] = [a["publish_us"] for a in answers]
     else:
         text = outputs[0].decode(errors="replace").strip().splitlines() if outputs else []
         result["redis_benchmark_csv"] = text[-1] if text else ""
@@ -469,38 +481,56 @@ async def capacity(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "client-cost":
-        p = argparse.ArgumentParser(prog="python -m bench.redis_capacity client-cost")
+        p = argparse.ArgumentParser(
+            prog="python -m bench.redis_capacity client-cost",
+            description="Client CPU per PUBLISH (µs, best of 3, channels without a subscriber): "
+            "the gateway's RedisBroker.publish (gateway_broker_us) and redis-py as the broker "
+            "used it before, by default (redis_py_default_us) and with socket_timeout=None "
+            "(redis_py_no_socket_timeout_us). Prints one JSON line.",
+        )
         p.add_argument("--url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-        p.add_argument("--channels", type=int, default=10_000)
-        p.add_argument("--messages", type=int, default=50_000)
-        p.add_argument("--pipeline", type=int, default=1000)
+        p.add_argument("--channels", type=int, default=10_000, help="per-user channels (10000)")
+        p.add_argument("--messages", type=int, default=50_000, help="per run (50000)")
+        p.add_argument("--pipeline", type=int, default=1000, help="PUBLISHes per pipeline (1000)")
         print(json.dumps(uvloop.run(client_cost(p.parse_args(sys.argv[2:])))), flush=True)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "publish":
-        p = argparse.ArgumentParser(prog="python -m bench.redis_capacity publish")
+        p = argparse.ArgumentParser(
+            prog="python -m bench.redis_capacity publish",
+            description="One publisher process of a test (started by the test itself): "
+            "RedisBroker.publish of --pipeline notifications at a time, one batch in flight.",
+        )
         p.add_argument("--url", required=True)
-        p.add_argument("--prefix", required=True)
+        p.add_argument("--prefix", required=True, help="the broker's channel prefix")
         p.add_argument("--channels", type=int, required=True)
-        p.add_argument("--count", type=int, required=True)
-        p.add_argument("--offset", type=int, default=0)
+        p.add_argument("--count", type=int, required=True, help="messages to publish")
+        p.add_argument("--offset", type=int, default=0, help="first sequence number")
         p.add_argument("--pipeline", type=int, default=1000)
         a = p.parse_args(sys.argv[2:])
         print(json.dumps(uvloop.run(publish(a))), flush=True)
         return
     parser = argparse.ArgumentParser(
         prog="python -m bench.redis_capacity",
-        description="PUBLISH throughput to per-user channels with one subscriber each.",
+        description="PUBLISH throughput to per-user channels with one subscriber each: "
+        "publishers running the gateway's RedisBroker.publish, then redis-benchmark.",
+        epilog="python -m bench.redis_capacity client-cost --help: the publishing client's "
+        "CPU per PUBLISH alone.",
     )
     parser.add_argument("--url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--prefix", default=f"bench:cap:{uuid.uuid4().hex[:8]}:")
+    parser.add_argument(
+        "--prefix",
+        default=f"bench:cap:{uuid.uuid4().hex[:8]}:",
+        help="channel prefix (the broker's), random by default",
+    )
     parser.add_argument("--channels", type=int, default=10_000, help="per-user channels (10000)")
     parser.add_argument("--subscribers", type=int, default=2, help="pub/sub connections (2)")
     parser.add_argument("--messages", type=int, default=300_000, help="per test (300000)")
-    parser.add_argument("--pipeline", type=int, default=1000, help="PUBLISHes per pipeline")
+    parser.add_argument("--pipeline", type=int, default=1000, help="PUBLISHes per pipeline (1000)")
     parser.add_argument(
         "--py-publishers",
         default="1,2",
-        help="redis-py publisher processes, one test per value (1,2)",
+        help="publisher processes running the gateway's RedisBroker.publish, one test per "
+        "value (1,2)",
     )
     parser.add_argument(
         "--rb-clients", default="2", help="redis-benchmark connections, one test per value (2)"

@@ -29,13 +29,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from .notification import Notification
+from .resp import Address, RedisConnection, RedisUnavailable, ReplyError, pack
 from .router import BrokerUnavailable
 
 log = logging.getLogger("notify.broker")
@@ -64,9 +60,9 @@ class Receiver(Protocol):
         ...
 
 
-def encode(notification: Notification, origin: bytes) -> bytes:
+def encode(notification: Notification, origin: str) -> bytes:
     n = notification
-    return orjson.dumps([n.message_id, n.user_id, n.created_ms, n.title, n.body, origin.decode()])
+    return orjson.dumps([n.message_id, n.user_id, n.created_ms, n.title, n.body, origin])
 
 
 def decode(data: bytes) -> tuple[Notification, bytes]:
@@ -78,27 +74,34 @@ class RedisBroker:
     """Pub/sub fan-out over one Redis. ``start()`` once, ``close()`` is idempotent.
 
     ``subscribe``/``unsubscribe`` are reference-counted per user and safe to call
-    from many connection handlers at once.
+    from many connection handlers at once. Commands on each connection go out in
+    call order, so an UNSUBSCRIBE never overtakes a later SUBSCRIBE of the user.
     """
 
-    def __init__(self, url: str, prefix: str = "user:") -> None:
-        self._url = url
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "user:",
+        *,
+        timeout: float = 5.0,
+        ping_interval: float = 10.0,
+    ) -> None:
+        self._address = Address.parse(url)
         self._prefix = prefix
-        # No hidden retries inside redis-py: a broken connection must surface
-        # here, so that the subscriber knows it may have missed messages.
-        self._client: Redis = Redis.from_url(url, retry=Retry(NoBackoff(), 0))
-        self._pubsub: PubSub | None = None
+        self._timeout = timeout
+        self._ping_interval = ping_interval
+        self._node = uuid.uuid4().hex
+        self._control = f"{prefix}node:{self._node}".encode()
+        self._origin = self._control.decode()
+        self._commands: RedisConnection | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._pubsub: RedisConnection | None = None
         self._refs: dict[str, int] = {}
-        # Commands go out in call order: an UNSUBSCRIBE must never overtake a
-        # later SUBSCRIBE of the same user.
-        self._send_lock = asyncio.Lock()
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._control = f"{prefix}node:{uuid.uuid4().hex}".encode()
         self._receiver: Receiver | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._draining: asyncio.Event | None = None
-        self._leaving: set[asyncio.Task[None]] = set()
         self.healthy = False
 
     def channel(self, user_id: str) -> bytes:
@@ -126,17 +129,16 @@ class RedisBroker:
         """
         count = self._refs.get(user_id, 0)
         self._refs[user_id] = count + 1
-        if count > 0 and self.channel(user_id) not in self._confirmations:
-            return
         channel = self.channel(user_id)
+        if count > 0 and channel not in self._confirmations:
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._confirmations.setdefault(channel, []).append(waiter)
         try:
             if count == 0:
-                async with self._send_lock:
-                    await self._send("SUBSCRIBE", channel)
+                self._send_subscribed(pack("SUBSCRIBE", channel))
             await asyncio.wait_for(asyncio.shield(waiter), wait)
-        except (TimeoutError, BrokerUnavailable, RedisError, OSError) as exc:
+        except (TimeoutError, BrokerUnavailable) as exc:
             # Give the reference back, or this process would stay subscribed to
             # the user for good and take (then store) all their notifications.
             waiters = self._confirmations.get(channel)
@@ -148,18 +150,21 @@ class RedisBroker:
             raise BrokerUnavailable(f"subscribe failed: {type(exc).__name__}") from None
 
     def unsubscribe(self, user_id: str) -> None:
-        """Drop one reference; the channel is left when the last one goes."""
+        """Drop one reference; the channel is left when the last one goes.
+
+        A message published before Redis processed the UNSUBSCRIBE is still
+        received and, with no connection of the user left here, stored.
+        """
         count = self._refs.get(user_id, 0) - 1
         if count > 0:
             self._refs[user_id] = count
             return
         self._refs.pop(user_id, None)
         if not self._closing:
-            # In the background: a message published meanwhile is still received
-            # and, with no connection left here, stored by the router.
-            task = asyncio.get_running_loop().create_task(self._leave(user_id))
-            self._leaving.add(task)
-            task.add_done_callback(self._leaving.discard)
+            # On failure nothing is lost: a reconnect subscribes only to the
+            # channels still referenced.
+            with contextlib.suppress(BrokerUnavailable):
+                self._send_subscribed(pack("UNSUBSCRIBE", self.channel(user_id)))
 
     async def publish(self, notifications: Sequence[Notification]) -> list[int]:
         """PUBLISH each notification on its user's channel; how many processes got each.
@@ -169,27 +174,18 @@ class RedisBroker:
         """
         if not notifications:
             return []
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for n in notifications:
-                    pipe.publish(self.channel(n.user_id), encode(n, self._control))
-                counts: list[Any] = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from None
-        return [int(c) for c in counts]
+        prefix, origin = self._prefix, self._origin
+        payload = b"".join(
+            [_publish(f"{prefix}{n.user_id}".encode(), encode(n, origin)) for n in notifications]
+        )
+        return await self._call(payload, len(notifications), "publish")
 
     async def publish_flush(self, user_ids: Iterable[str]) -> None:
         """Tell the processes holding these users to re-read the store. Raises BrokerUnavailable."""
-        users = list(user_ids)
-        if not users:
-            return
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for user_id in users:
-                    pipe.publish(self.channel(user_id), FLUSH_HINT)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from None
+        channels = [self.channel(user_id) for user_id in user_ids]
+        if channels:
+            payload = b"".join([_publish(channel, FLUSH_HINT) for channel in channels])
+            await self._call(payload, len(channels), "publish")
 
     async def acknowledge(self, by_origin: dict[bytes, list[str]]) -> None:
         """Tell each publishing process which of its notifications were written or stored.
@@ -202,21 +198,18 @@ class RedisBroker:
         own = by_origin.get(self._control)
         if own and self._receiver is not None:
             self._receiver.acknowledged(own)
-        if not remote:
-            return
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for origin, ids in remote.items():
-                    pipe.publish(origin, ACK + orjson.dumps(ids))
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"acknowledge failed: {type(exc).__name__}") from None
+        if remote:
+            payload = b"".join(
+                [_publish(origin, ACK + orjson.dumps(ids)) for origin, ids in remote.items()]
+            )
+            await self._call(payload, len(remote), "acknowledge")
 
     async def ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self._client.ping(), 2.0))
-        except (RedisError, OSError, TimeoutError):
+            replies = await self._call(pack("PING"), 1, "ping", wait=2.0)
+        except BrokerUnavailable:
             return False
+        return replies == [b"PONG"]
 
     async def drain(self, grace: float) -> None:
         """Leave every channel and read what was published before Redis confirmed.
@@ -229,10 +222,9 @@ class RedisBroker:
             return
         self._draining = asyncio.Event()
         try:
-            async with self._send_lock:
-                await self._send("UNSUBSCRIBE")
+            self._send_subscribed(pack("UNSUBSCRIBE"))
             await asyncio.wait_for(self._draining.wait(), grace)
-        except (TimeoutError, BrokerUnavailable, RedisError, OSError) as exc:
+        except (TimeoutError, BrokerUnavailable) as exc:
             log.warning("broker_drain_incomplete", extra={"error": type(exc).__name__})
 
     async def close(self) -> None:
@@ -241,105 +233,153 @@ class RedisBroker:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await self._drop_pubsub()
-        await self._client.aclose()
+        for connection in (self._pubsub, self._commands):
+            if connection is not None:
+                connection.close()
+        self._pubsub = self._commands = None
 
-    async def _send(self, *args: Any) -> None:
-        if self._pubsub is None:
+    async def _call(
+        self, payload: bytes, count: int, what: str, wait: float | None = None
+    ) -> list[Any]:
+        """Run packed commands on the command connection (opened on demand)."""
+        try:
+            connection = self._commands
+            if connection is None or not connection.is_open:
+                connection = await self._open_commands()
+            replies = await connection.call(payload, count, wait or self._timeout)
+        except RedisUnavailable as exc:
+            raise BrokerUnavailable(f"{what} failed: {exc}") from None
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                raise BrokerUnavailable(f"{what} refused: {str(reply)[:200]}")
+        return replies
+
+    async def _open_commands(self) -> RedisConnection:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # one attempt at a time; the others share it
+            connection = self._commands
+            if connection is None or not connection.is_open:
+                connection = await RedisConnection.open(
+                    self._address, name=f"notify-ws:{self._node}", wait=self._timeout
+                )
+                self._commands = connection
+            return connection
+
+    def _send_subscribed(self, payload: bytes) -> None:
+        pubsub = self._pubsub
+        if pubsub is None or not self.healthy:
             raise BrokerUnavailable("not connected to Redis")
-        await self._pubsub.execute_command(*args)
-
-    async def _leave(self, user_id: str) -> None:
-        async with self._send_lock:
-            if user_id in self._refs or self._closing:
-                return  # the user came back meanwhile: stay subscribed
-            # On failure nothing is lost: a reconnect subscribes only to the
-            # channels still referenced.
-            with contextlib.suppress(BrokerUnavailable, RedisError, OSError):
-                await self._send("UNSUBSCRIBE", self.channel(user_id))
-
-    async def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.send(payload)
+        except RedisUnavailable as exc:
+            raise BrokerUnavailable(str(exc)) from None
 
     async def _run(self) -> None:
         delay = 0.2
         first = True
-        while True:
+        while not self._closing:
             try:
-                await self._connect()
-                if not first:
-                    log.info("redis_resubscribed", extra={"channels": len(self._refs)})
-                    assert self._receiver is not None
-                    self._receiver.resync()
-                first = False
-                delay = 0.2
-                await self._read()
-                return
-            except (RedisError, OSError) as exc:
-                self.healthy = False
-                log.error(
-                    "redis_subscriber_error", extra={"error": f"{type(exc).__name__}: {exc}"[:300]}
-                )
-                await self._drop_pubsub()
-                for waiters in self._confirmations.values():
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_exception(BrokerUnavailable("redis connection lost"))
-                self._confirmations.clear()
-                if self._closing:
-                    return
+                pubsub = await self._connect()
+            except RedisUnavailable as exc:
+                log.error("redis_subscriber_error", extra={"error": str(exc)[:300]})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                continue
+            if not first:
+                log.info("redis_resubscribed", extra={"channels": len(self._refs)})
+                assert self._receiver is not None
+                self._receiver.resync()
+            first, delay = False, 0.2
+            await self._watch(pubsub)
+            self.healthy = False
+            self._pubsub = None
+            for waiters in self._confirmations.values():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(BrokerUnavailable("redis connection lost"))
+            self._confirmations.clear()
+            if not self._closing:
+                log.error("redis_subscriber_error", extra={"error": "pub/sub connection lost"})
+                await asyncio.sleep(delay)
 
-    async def _connect(self) -> None:
-        pubsub = Redis.from_url(self._url, retry=Retry(NoBackoff(), 0)).pubsub()
+    async def _connect(self) -> RedisConnection:
+        """Open the pub/sub connection and subscribe to every channel in use.
+
+        Returns once Redis confirmed all of them: only then may the receiver
+        re-read the store (a flush hint sent before would have been missed).
+        """
+        pubsub = await RedisConnection.open(
+            self._address, name=f"notify-ws:{self._node}:pubsub", wait=self._timeout
+        )
+        pubsub.listen(self._on_replies)
         channels = [self._control] + [self.channel(user) for user in self._refs]
-        await pubsub.execute_command("SUBSCRIBE", *channels)
+        last: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirmations.setdefault(channels[-1], []).append(last)
+        try:
+            pubsub.send(pack("SUBSCRIBE", *channels))
+            await asyncio.wait_for(asyncio.shield(last), self._timeout)
+        except (RedisUnavailable, TimeoutError, BrokerUnavailable) as exc:
+            pubsub.close()
+            self._confirmations.pop(channels[-1], None)
+            raise RedisUnavailable(f"subscribe failed: {type(exc).__name__}") from None
         self._pubsub = pubsub
         self.healthy = True
+        return pubsub
 
-    async def _read(self) -> None:
-        pubsub = self._pubsub
-        assert pubsub is not None and self._receiver is not None
-        receiver = self._receiver
-        while True:
-            response = await pubsub.parse_response(block=True)
-            burst = _Burst()
-            # Take everything already buffered in one go: one delivery batch per burst.
-            while response is not None:
-                if self._handle(response, burst):
-                    burst.hand_to(receiver)
-                    if self._draining is not None:
-                        self._draining.set()
-                    return
-                response = await pubsub.parse_response(block=False, timeout=0)
-            burst.hand_to(receiver)
+    async def _watch(self, pubsub: RedisConnection) -> None:
+        """Return when the connection is gone; PING it when quiet, drop it if Redis is silent."""
+        while pubsub.is_open:
+            await asyncio.wait([pubsub.closed], timeout=self._ping_interval)
+            loop = asyncio.get_running_loop()
+            if not pubsub.is_open or loop.time() - pubsub.last_read < self._ping_interval:
+                continue
+            pinged = loop.time()
+            with contextlib.suppress(RedisUnavailable):
+                pubsub.send(pack("PING"))
+            await asyncio.wait([pubsub.closed], timeout=self._timeout)
+            if pubsub.is_open and pubsub.last_read < pinged:
+                log.error("redis_subscriber_silent", extra={"seconds": self._timeout})
+                pubsub.close()
 
-    def _handle(self, response: Any, burst: _Burst) -> bool:
-        """Sort one pub/sub reply; True once every channel is left while draining."""
-        kind = response[0]
-        if kind == b"message":
-            channel, data = response[1], response[2]
-            if data == FLUSH_HINT:
-                burst.hints.append(channel[len(self._prefix) :].decode())
-            elif channel == self._control:
-                if data.startswith(ACK):
-                    burst.acks.extend(orjson.loads(data[1:]))
-            else:
-                try:
-                    burst.received.append(decode(data))
-                except (ValueError, TypeError):
-                    log.error("broker_message_unreadable", extra={"bytes": len(data)})
-        elif kind == b"subscribe":
-            for waiter in self._confirmations.pop(response[1], []):
-                if not waiter.done():
-                    waiter.set_result(None)
-        elif kind == b"unsubscribe":
-            return self._draining is not None and int(response[2]) == 0
-        return False
+    def _on_replies(self, replies: list[Any]) -> None:
+        """Sort one read of the pub/sub connection and hand it over as one burst."""
+        burst = _Burst()
+        prefix_length = len(self._prefix)
+        for reply in replies:
+            if type(reply) is not list:
+                log.error("redis_subscriber_reply", extra={"reply": str(reply)[:200]})
+                continue
+            kind = reply[0]
+            if kind == b"message":
+                channel, data = reply[1], reply[2]
+                if data == FLUSH_HINT:
+                    burst.hints.append(channel[prefix_length:].decode())
+                elif channel == self._control:
+                    if data.startswith(ACK):
+                        burst.acks.extend(orjson.loads(data[1:]))
+                else:
+                    try:
+                        burst.received.append(decode(data))
+                    except (ValueError, TypeError):
+                        log.error("broker_message_unreadable", extra={"bytes": len(data)})
+            elif kind == b"subscribe":
+                for waiter in self._confirmations.pop(reply[1], []):
+                    if not waiter.done():
+                        waiter.set_result(None)
+            elif kind == b"unsubscribe" and self._draining is not None and reply[2] == 0:
+                self._draining.set()
+        assert self._receiver is not None
+        burst.hand_to(self._receiver)
+
+
+def _publish(channel: bytes, message: bytes) -> bytes:
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(channel),
+        channel,
+        len(message),
+        message,
+    )
 
 
 class _Burst:

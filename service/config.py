@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .resp import Address
+
 T = TypeVar("T")
 
 DEFAULT_USER_ID_FIELDS = ("id", "user_id", "uuid", "sub", "claims.sub", "user.id")
@@ -273,9 +275,11 @@ class _Reader:
 
     def redis(self, name: str) -> str:
         def parse(raw: str) -> str:
-            if not re.match(r"rediss?://|unix://", raw):
-                # The URL may hold a password: never echo it.
-                raise ConfigError(f"{name}: expected a redis://, rediss:// or unix:// URL")
+            try:
+                Address.parse(raw)
+            except ValueError as exc:
+                # The URL may hold a password: the message never echoes it.
+                raise ConfigError(f"{name}: {exc}") from None
             return raw
 
         return self._parse(name, "", parse)

@@ -122,6 +122,8 @@ def test_jwt_mode_with_a_public_key_and_rs256_is_accepted() -> None:
         ({"KAFKA_TOPIC": " "}, "KAFKA_TOPIC"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
         ({"DATABASE_URL": "mysql://notify@db/notify"}, "DATABASE_URL"),
+        ({"REDIS_URL": "redis://:hunter2@redis:port"}, "REDIS_URL"),
+        ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL"),
     ],
 )
 def test_a_wrong_value_is_refused_naming_the_variable(env: dict[str, str], variable: str) -> None:
