@@ -1,10 +1,12 @@
 """Fixtures of the reliability suite: its own Kafka and PostgreSQL, gateways, and the figures.
 
-The suite never touches the shared Kafka (9092) or PostgreSQL (5432): session
-fixtures start private ones with ``scripts/kafka.sh`` / ``scripts/postgres.sh``
-on other ports (``RELIABILITY_KAFKA_PORT``, ``RELIABILITY_KAFKA_CONTROLLER_PORT``,
-``RELIABILITY_PG_PORT``; default 19092, 19093, 15432) and stop them at the end
-(``RELIABILITY_KEEP_SERVICES=1`` leaves them running for the next session).
+The suite never touches the shared Kafka (9092), PostgreSQL (5432) or Redis
+(6379): session fixtures start private ones with ``scripts/kafka.sh`` /
+``scripts/postgres.sh`` / ``scripts/redis.sh`` on other ports
+(``RELIABILITY_KAFKA_PORT``, ``RELIABILITY_KAFKA_CONTROLLER_PORT``,
+``RELIABILITY_PG_PORT``, ``RELIABILITY_REDIS_PORT``; default 19092, 19093, 15432,
+16379) and stop them at the end (``RELIABILITY_KEEP_SERVICES=1`` leaves them
+running for the next session).
 
 Each scenario records a row of figures; at the end of the session they are
 written to ``.cache/reliability/last-run.json``, which ``python
@@ -36,7 +38,7 @@ from dev.auth_server import AuthStandIn
 from tests.integration.gateway import ROOT, Gateway
 
 from .harness import SCALE, Figures, delete_topics, new_topics
-from .services import KafkaBroker, Postgres, TcpProxy
+from .services import KafkaBroker, Postgres, RedisServer, TcpProxy
 
 RESULTS = ROOT / ".cache" / "reliability"
 LOGS = RESULTS / "logs" / SCALE
@@ -101,6 +103,18 @@ async def postgres(exclusive: None) -> AsyncIterator[Postgres]:
     yield cluster
     if not os.environ.get("RELIABILITY_KEEP_SERVICES"):
         await asyncio.to_thread(cluster.stop)
+
+
+@pytest.fixture(scope="session")
+def redis(exclusive: None) -> Iterator[RedisServer]:
+    """The suite's own Redis (for the scenarios with several gateway processes)."""
+    server = RedisServer(
+        _port("RELIABILITY_REDIS_PORT", 16379), ROOT / ".cache" / "redis-reliability"
+    )
+    server.start()
+    yield server
+    if not os.environ.get("RELIABILITY_KEEP_SERVICES"):
+        server.stop()
 
 
 class Bench:

@@ -58,6 +58,9 @@ class Sizes:
     bad_input_examples: int
     security_users: int
     security_messages: int
+    scale_users: int
+    scale_messages: int
+    scale_rate: int
 
 
 SIZES = {
@@ -77,6 +80,9 @@ SIZES = {
         bad_input_examples=25,
         security_users=30,
         security_messages=600,
+        scale_users=40,
+        scale_messages=2_000,
+        scale_rate=250,
     ),
     "full": Sizes(
         kill_messages=10_000,
@@ -94,6 +100,9 @@ SIZES = {
         bad_input_examples=200,
         security_users=200,
         security_messages=5_000,
+        scale_users=200,
+        scale_messages=10_000,
+        scale_rate=1_000,
     ),
 }
 SIZE = SIZES[SCALE]

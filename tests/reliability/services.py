@@ -1,8 +1,9 @@
-"""Private Kafka and PostgreSQL for the reliability suite, and a TCP proxy to cut the auth service.
+"""Private Kafka, PostgreSQL and Redis for the reliability suite, and a TCP proxy to cut auth.
 
-The scenarios restart Kafka and stop PostgreSQL, so they never touch the shared
-ones on 9092 / 5432: ``scripts/kafka.sh`` and ``scripts/postgres.sh`` start
-instances of their own on other ports with their own cache directories.
+The scenarios restart Kafka and Redis and stop PostgreSQL, so they never touch
+the shared ones on 9092 / 5432 / 6379: ``scripts/kafka.sh``, ``scripts/postgres.sh``
+and ``scripts/redis.sh`` start instances of their own on other ports with their
+own cache directories.
 """
 
 from __future__ import annotations
@@ -109,6 +110,24 @@ class Postgres:
 
     def stop(self) -> None:
         _run(["scripts/postgres.sh", "stop"], self.env)
+
+
+class RedisServer:
+    """A Redis of the suite's own (``scripts/redis.sh`` with another port). Blocking."""
+
+    def __init__(self, port: int, cache: Path) -> None:
+        self.port = port
+        self.env = {"REDIS_PORT": str(port), "REDIS_CACHE": str(cache)}
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        _run(["scripts/redis.sh", "start"], self.env)
+
+    def stop(self) -> None:
+        _run(["scripts/redis.sh", "stop"], self.env)
 
 
 class TcpProxy:

@@ -1,0 +1,224 @@
+"""Scenario 9: two gateway processes routed through Redis, under faults.
+
+Users are spread as a load balancer would spread them: some on process A, some
+on process B, some with a device on each, the rest offline. Both processes share
+one consumer group, so about half of each user's messages are consumed by the
+process that does not hold them and travel through Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaProducer
+
+from tests.integration.gateway import Gateway
+
+from .conftest import Bench
+from .harness import (
+    SIZE,
+    Client,
+    Figures,
+    Ledger,
+    committed,
+    drain,
+    readiness,
+    scrape,
+    stream,
+    until,
+)
+from .services import RedisServer
+
+
+class Pair:
+    """Two gateway processes in one consumer group behind one Redis, and their users' clients."""
+
+    def __init__(self, bench: Bench, redis: RedisServer, label: str) -> None:
+        self.bench = bench
+        self.redis = redis
+        self.label = label
+        self.ledger = Ledger()
+        users = [bench.user(label, i) for i in range(SIZE.scale_users)]
+        quarter = len(users) // 4
+        self.on_a, self.on_b = users[:quarter], users[quarter : 2 * quarter]
+        self.on_both, self.offline = users[2 * quarter : 3 * quarter], users[3 * quarter :]
+        self.users = users
+        self.clients: list[Client] = []
+        self.a: Gateway
+        self.b: Gateway
+
+    async def start(self) -> tuple[str, str]:
+        bench = self.bench
+        topics = await bench.topics(partitions=4)
+        shared = {
+            "KAFKA_GROUP_ID": f"notify-ws-rel-{uuid.uuid4().hex[:8]}",
+            "REDIS_URL": self.redis.url,
+            "REDIS_CHANNEL_PREFIX": f"rel-{bench.run}:",
+        }
+        self.a = await bench.gateway(topics, **shared)
+        self.b = await bench.gateway(topics, **shared)
+        ledger = self.ledger
+
+        def a_then_b(token: str) -> str:
+            # A load balancer sends the clients of a dead process to the other one.
+            a = self.a
+            alive = a.process is not None and a.process.poll() is None
+            return (a if alive else self.b).ws_url(token)
+
+        for user in self.on_a + self.on_both:
+            self.clients.append(Client(ledger, user, bench.token(user), a_then_b))
+        for user in self.on_b + self.on_both:
+            self.clients.append(Client(ledger, user, bench.token(user), self.b.ws_url))
+        return topics
+
+    async def connected(self) -> None:
+        on_a = len(self.on_a) + len(self.on_both)
+        on_b = len(self.on_b) + len(self.on_both)
+
+        async def both() -> bool:
+            a, b = await scrape(self.a.base), await scrape(self.b.base)
+            return a.get("notify_connections") == on_a and b.get("notify_connections") == on_b
+
+        await until(both, 60, "clients connected to both processes")
+
+    async def drain_offline(self, timeout: float) -> None:
+        """The offline users connect (to B, the survivor) and read their backlog."""
+        late = [Client(self.ledger, u, self.bench.token(u), self.b.ws_url) for u in self.offline]
+        await drain(self.ledger, late, timeout=timeout)
+
+
+async def test_two_processes_one_sigkilled_mid_stream_lose_nothing(
+    bench: Bench,
+    redis: RedisServer,
+    producer: AIOKafkaProducer,
+    figures: Callable[[str], Figures],
+) -> None:
+    """One of two processes SIGKILLed mid-stream: its partitions and its users move, none lost."""
+    row = figures("9a. one of 2 processes (through Redis) SIGKILLed mid-stream")
+    row.recovery = "kill to the last message delivered (offline users drained)"
+    pair = Pair(bench, redis, "pair-kill")
+    topics = await pair.start()
+    ledger = pair.ledger
+    stop = asyncio.Event()
+    keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in pair.clients]
+    producing: asyncio.Task[object] | None = None
+    try:
+        await pair.connected()
+        choose = random.Random(9).choice
+        producing = asyncio.create_task(
+            stream(
+                producer,
+                topics[0],
+                lambda: ledger.message(choose(pair.users)),
+                rate=SIZE.scale_rate,
+                count=SIZE.scale_messages,
+            )
+        )
+        # Kill with most of the stream still to come, and some of it in flight.
+        await until(lambda: ledger.received >= SIZE.scale_messages // 8, 120, "stream flowing")
+        await asyncio.to_thread(pair.a.kill)
+        killed = time.monotonic()
+        row.notes["delivered before the kill"] = ledger.received
+        await producing
+        await pair.drain_offline(timeout=300)
+        await ledger.wait_complete(timeout=300, idle=30)
+    finally:
+        stop.set()
+        if producing is not None:
+            producing.cancel()
+            keepers.append(producing)
+        await asyncio.gather(*keepers, return_exceptions=True)
+    row.count(ledger)
+    row.connections = len(pair.clients) + len(pair.offline)
+    done = ledger.completed_at()
+    row.recovery_s = round(done - killed, 1) if done else None
+    survivor = await scrape(pair.b.base)
+    row.notes["stored by the survivor for want of an ack"] = int(
+        survivor.get("notify_ack_timeouts_total", 0)
+    )
+    offsets = await committed(bench.kafka.bootstrap, pair.b.env["KAFKA_GROUP_ID"])
+    row.notes["committed at the end"] = sum(offsets.values())
+
+    assert pair.b.process is not None and pair.b.process.poll() is None, "the survivor died"
+    assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
+    assert not ledger.foreign, "a frame reached another user"
+    assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
+
+
+async def test_redis_restarted_under_two_processes_loses_nothing(
+    bench: Bench,
+    redis: RedisServer,
+    producer: AIOKafkaProducer,
+    figures: Callable[[str], Figures],
+) -> None:
+    """Redis down mid-stream: both processes turn unready, pause, resubscribe; none lost."""
+    row = figures("9b. Redis restarted under 2 processes mid-stream")
+    row.recovery = "Redis back to the last message delivered"
+    pair = Pair(bench, redis, "pair-redis")
+    topics = await pair.start()
+    ledger = pair.ledger
+    stop = asyncio.Event()
+    keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in pair.clients]
+    producing: asyncio.Task[object] | None = None
+    try:
+        await pair.connected()
+        choose = random.Random(10).choice
+        producing = asyncio.create_task(
+            stream(
+                producer,
+                topics[0],
+                lambda: ledger.message(choose(pair.users)),
+                rate=SIZE.scale_rate,
+                count=SIZE.scale_messages,
+            )
+        )
+        await until(lambda: ledger.received >= SIZE.scale_messages // 8, 120, "stream flowing")
+        went_down = time.monotonic()
+        await asyncio.to_thread(redis.stop)
+
+        async def both_unready() -> bool:
+            answers = [await readiness(g.base) for g in (pair.a, pair.b)]
+            return all(
+                status == 503 and body.get("checks", {}).get("redis") is False
+                for status, body in answers
+            )
+
+        row.notes["both unready after (s)"] = round(
+            await until(both_unready, 30, "both processes report Redis down"), 1
+        )
+        await asyncio.sleep(2)
+        await asyncio.to_thread(redis.start)
+        back = time.monotonic()
+        row.notes["Redis down (s)"] = round(back - went_down, 1)
+
+        async def both_ready() -> bool:
+            answers = [await readiness(g.base) for g in (pair.a, pair.b)]
+            return all(status == 200 for status, _ in answers)
+
+        row.notes["both ready again after (s)"] = round(
+            await until(both_ready, 60, "both processes ready again"), 1
+        )
+        await producing
+        await pair.drain_offline(timeout=240)
+        await ledger.wait_complete(timeout=240, idle=30)
+    finally:
+        stop.set()
+        if producing is not None:
+            producing.cancel()
+            keepers.append(producing)
+        await asyncio.gather(*keepers, return_exceptions=True)
+    row.count(ledger)
+    row.connections = len(pair.clients) + len(pair.offline)
+    done = ledger.completed_at()
+    row.recovery_s = round(done - back, 1) if done else None
+    row.notes["client reconnects"] = sum(c.connections - 1 for c in pair.clients)
+
+    for gateway in (pair.a, pair.b):
+        assert gateway.process is not None and gateway.process.poll() is None, "a process died"
+    assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
+    assert not ledger.foreign, "a frame reached another user"
+    assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
