@@ -102,6 +102,7 @@ class RedisBroker:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._draining: asyncio.Event | None = None
+        self._subscribed = asyncio.Event()  # set while ``healthy``
         self.healthy = False
 
     def channel(self, user_id: str) -> bytes:
@@ -115,11 +116,18 @@ class RedisBroker:
     def task(self) -> asyncio.Task[None] | None:
         return self._task
 
-    async def start(self, receiver: Receiver) -> None:
-        """Start the subscriber task; it connects (retrying while Redis is down)."""
+    async def start(self, receiver: Receiver, wait: float = 0.0) -> None:
+        """Start the subscriber task; it connects (retrying while Redis is down).
+
+        Returns once subscribed, or after ``wait`` seconds with Redis still out of
+        reach (the task keeps trying; meanwhile ``healthy`` is False).
+        """
         self._receiver = receiver
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="redis-subscriber")
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), wait)
 
     async def subscribe(self, user_id: str, wait: float = 5.0) -> None:
         """Subscribe this process to the user's channel; returns once Redis confirmed.
@@ -293,6 +301,7 @@ class RedisBroker:
             first, delay = False, 0.2
             await self._watch(pubsub)
             self.healthy = False
+            self._subscribed.clear()
             self._pubsub = None
             for waiters in self._confirmations.values():
                 for waiter in waiters:
@@ -325,6 +334,7 @@ class RedisBroker:
             raise RedisUnavailable(f"subscribe failed: {type(exc).__name__}") from None
         self._pubsub = pubsub
         self.healthy = True
+        self._subscribed.set()
         return pubsub
 
     async def _watch(self, pubsub: RedisConnection) -> None:

@@ -91,7 +91,9 @@ class Node:
     async def start(self) -> None:
         await self.store.start()
         if self.broker is not None:
-            await self.broker.start(self.router)
+            # A worker serves as soon as this returns: wait (bounded) for the pub/sub
+            # connection, or its first clients would be turned away with 4503.
+            await self.broker.start(self.router, wait=5.0)
             self._supervise(self.broker.task)
         self.consumer.start()
         self._supervise(self.consumer.task)

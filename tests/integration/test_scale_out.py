@@ -209,3 +209,45 @@ async def test_a_failed_subscribe_leaves_no_subscription_behind() -> None:
         assert not broker.subscribed("someone")
     finally:
         await broker.close()
+
+
+async def test_a_starting_process_serves_only_once_subscribed_to_redis(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn, redis_url: str
+) -> None:
+    """A client arriving the moment the port opens is served, not told to retry (4503)."""
+    from .gateway import free_port
+
+    upstream = redis_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = upstream.rpartition(":")
+
+    async def slow_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Redis a second away: the gateway's pub/sub connection comes up late.
+        await asyncio.sleep(1.0)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    proxy = await asyncio.start_server(slow_redis, "127.0.0.1", free_port())
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    try:
+        gateway = gateway_factory(start=False, REDIS_URL=f"redis://127.0.0.1:{proxy_port}/0")
+        gateway.start(wait_ready=False)
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            with contextlib.suppress(OSError):
+                _, probe = await asyncio.open_connection("127.0.0.1", gateway.port)
+                probe.close()
+                break
+            assert asyncio.get_running_loop().time() < deadline, "the port never opened"
+            await asyncio.sleep(0.01)
+        async with connect(gateway.ws_url(auth_server.issue("early-bird"))) as ws:
+            assert await silent(ws, 0.3)
+    finally:
+        proxy.close()
