@@ -25,9 +25,10 @@ INTRO = """\
 The gateway promises at least once, per user (DESIGN.md §3): every push message is
 written to a socket of its user or kept in PostgreSQL until the user connects, and
 nothing is dropped silently. `tests/reliability/` tries to break that promise with
-real processes on loopback: the gateway (`python -m service`), Kafka and PostgreSQL
-of the suite's own (started with `scripts/kafka.sh` / `scripts/postgres.sh` on ports
-19092/19093 and 15432, so the shared ones are never restarted), the auth stand-in
+real processes on loopback: the gateway (`python -m service`; two of them through
+Redis in scenario 9), Kafka, PostgreSQL and Redis of the suite's own (started with
+`scripts/kafka.sh` / `scripts/postgres.sh` / `scripts/redis.sh` on ports 19092/19093,
+15432 and 16379, so the shared ones are never restarted), the auth stand-in
 `dev/auth_server.py` behind a TCP proxy that can cut it, and real WebSocket clients.
 
 Every scenario sends known `message_id`s to known users, some connected and some
@@ -76,6 +77,11 @@ SCENARIOS = """\
    error body; (b) a disallowed `Origin` refused with 4403 before the auth service is
    asked; (c) across many users with look-alike ids (case, prefixes, UUID spellings),
    no frame ever reaches a user it does not name.
+9. **Two processes through Redis** (one consumer group, users on either, some with a
+   device on each, the rest offline): (a) one process SIGKILLed mid-stream, its clients
+   reconnecting to the other (as through a load balancer), which takes over its
+   partitions; (b) Redis stopped mid-stream and started again: both processes must turn
+   unready, pause, resubscribe and lose nothing.
 """
 
 
