@@ -332,6 +332,12 @@ class RedisBroker:
             pubsub.close()
             self._confirmations.pop(channels[-1], None)
             raise RedisUnavailable(f"subscribe failed: {type(exc).__name__}") from None
+        # A user whose last connection left while this was under way is still in
+        # the SUBSCRIBE above (its UNSUBSCRIBE could not be sent): leave it now, or
+        # this process would take, and store, that user's notifications for good.
+        gone = [c for c in channels[1:] if c[len(self._prefix) :].decode() not in self._refs]
+        if gone:
+            pubsub.send(pack("UNSUBSCRIBE", *gone))
         self._pubsub = pubsub
         self.healthy = True
         self._subscribed.set()

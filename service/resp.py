@@ -140,8 +140,8 @@ class RedisConnection(asyncio.Protocol):
                     )
                 hello = []
                 if address.password:
-                    login = (address.username, address.password) if address.username else ()
-                    hello.append(pack("AUTH", *login) if login else pack("AUTH", address.password))
+                    login = [address.username] if address.username else []
+                    hello.append(pack("AUTH", *login, address.password))
                 if address.db:
                     hello.append(pack("SELECT", address.db))
                 hello.append(pack("CLIENT", "SETNAME", name))
