@@ -13,16 +13,17 @@ store, flush on connect, connect storm, memory per idle connection. Prints one t
 and writes it as JSON to ``bench/results/<timestamp>.json``.
 
 Scale-out (issue 7, ``--only scale``; part of the default run): the live fan-out with
-C users through three gateway set-ups in turn, 1 process without Redis, 1 process
-with ``REDIS_URL``, 2 workers (``NOTIFY_WORKERS=2``) with it, each on its own topic
-of ``--scale-partitions`` partitions; then Redis alone (``bench/redis_capacity.py``).
+C users through five gateway set-ups in turn, 1 process without Redis, 1 process
+with ``REDIS_URL``, 2 workers (``NOTIFY_WORKERS=2``) with it, and the last two again
+with each process capped at ``--scale-quota`` of a core (a cgroup), each on its own
+topic of ``--scale-partitions`` partitions; then Redis alone (``bench/redis_capacity.py``).
 A set-up's CPU is summed over its process tree (Sanic's manager and its workers).
 
-    python -m bench.run                  # everything, defaults (~6 minutes)
+    python -m bench.run                  # everything, defaults (~5.5 minutes)
     python -m bench.run --quick          # small sizes, ~2-3 minutes
     python -m bench.run --only store,flush
     python -m bench.run --only live --profile   # py-spy the gateway during fan-out
-    python -m bench.run --only scale            # scale-out through Redis (~1.5 minutes)
+    python -m bench.run --only scale            # scale-out through Redis (~2.5 minutes)
 
 How "Kafka to socket" is measured: the K messages are produced *before* the
 gateway's consumer starts. The gateway bootstraps Kafka through a small TCP gate
@@ -71,8 +72,8 @@ PY = sys.executable
 HOST = "127.0.0.1"
 WS_PATH = "/api/v1/notify/ws"
 SCENARIOS = ("live", "paced", "store", "flush", "storm", "memory", "scale")
-# ``scale`` (1 process, 1 process + Redis, 2 workers + Redis, and Redis's own capacity)
-# adds ~1.5 minutes to the default run (~6 in all). Without a reachable Redis, a default
+# ``scale`` (the set-ups of SCALE_SETUPS, and Redis's own capacity) adds ~2.5 minutes to
+# the default run (~5.5 in all). Without a reachable Redis, a default
 # run skips it; ``--only scale`` fails instead.
 DEFAULT_SCENARIOS = SCENARIOS
 SCALE_SETUPS = {
