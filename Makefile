@@ -74,7 +74,7 @@ $(BIN)/.bench-installed: $(BIN)/.installed bench/requirements.txt
 	$(BIN)/pip install --quiet -r bench/requirements.txt
 	touch $@
 
-# make bench                 everything, defaults (~4 min); make bench ARGS=--quick (~2 min)
+# make bench                 everything, defaults (~5.5 min); make bench ARGS=--quick (~2 min)
 # make bench ARGS="--only store,flush"   make bench ARGS="--only live --profile"
 bench: $(BIN)/.bench-installed up
 	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$(LOCAL_KAFKA)} \
