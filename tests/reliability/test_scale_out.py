@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaProducer
 
@@ -90,6 +90,60 @@ class Pair:
         late = [Client(self.ledger, u, self.bench.token(u), self.b.ws_url) for u in self.offline]
         await drain(self.ledger, late, timeout=timeout)
 
+    async def run(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        seed: int,
+        fault: Callable[[], Awaitable[float]],
+        row: Figures,
+    ) -> None:
+        """Stream to every user, run ``fault`` once an eighth arrived, drain, fill ``row``.
+
+        ``fault`` returns the ``time.monotonic()`` recovery is counted from. The clients
+        stay connected throughout (reconnecting when dropped); the offline users connect
+        at the end.
+        """
+        ledger = self.ledger
+        stop = asyncio.Event()
+        keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in self.clients]
+        producing: asyncio.Task[object] | None = None
+        try:
+            await self.connected()
+            choose = random.Random(seed).choice
+            producing = asyncio.create_task(
+                stream(
+                    producer,
+                    topic,
+                    lambda: ledger.message(choose(self.users)),
+                    rate=SIZE.scale_rate,
+                    count=SIZE.scale_messages,
+                )
+            )
+            # Most of the stream still to come, and some of it in flight.
+            await until(lambda: ledger.received >= SIZE.scale_messages // 8, 120, "stream flowing")
+            row.notes["delivered before the fault"] = ledger.received
+            since = await fault()
+            await producing
+            await self.drain_offline(timeout=300)
+            await ledger.wait_complete(timeout=300, idle=30)
+        finally:
+            stop.set()
+            if producing is not None:
+                producing.cancel()
+                keepers.append(producing)
+            await asyncio.gather(*keepers, return_exceptions=True)
+        row.count(ledger)
+        row.connections = len(self.clients) + len(self.offline)
+        done = ledger.completed_at()
+        row.recovery_s = round(done - since, 1) if done else None
+
+    def assert_nothing_lost(self) -> None:
+        ledger = self.ledger
+        assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
+        assert not ledger.foreign, "a frame reached another user"
+        assert ledger.same_connection_duplicates == 0, "a message was written twice to one socket"
+
 
 async def test_two_processes_one_sigkilled_mid_stream_lose_nothing(
     bench: Bench,
@@ -102,40 +156,12 @@ async def test_two_processes_one_sigkilled_mid_stream_lose_nothing(
     row.recovery = "kill to the last message delivered (offline users drained)"
     pair = Pair(bench, redis, "pair-kill")
     topics = await pair.start()
-    ledger = pair.ledger
-    stop = asyncio.Event()
-    keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in pair.clients]
-    producing: asyncio.Task[object] | None = None
-    try:
-        await pair.connected()
-        choose = random.Random(9).choice
-        producing = asyncio.create_task(
-            stream(
-                producer,
-                topics[0],
-                lambda: ledger.message(choose(pair.users)),
-                rate=SIZE.scale_rate,
-                count=SIZE.scale_messages,
-            )
-        )
-        # Kill with most of the stream still to come, and some of it in flight.
-        await until(lambda: ledger.received >= SIZE.scale_messages // 8, 120, "stream flowing")
+
+    async def kill_a() -> float:
         await asyncio.to_thread(pair.a.kill)
-        killed = time.monotonic()
-        row.notes["delivered before the kill"] = ledger.received
-        await producing
-        await pair.drain_offline(timeout=300)
-        await ledger.wait_complete(timeout=300, idle=30)
-    finally:
-        stop.set()
-        if producing is not None:
-            producing.cancel()
-            keepers.append(producing)
-        await asyncio.gather(*keepers, return_exceptions=True)
-    row.count(ledger)
-    row.connections = len(pair.clients) + len(pair.offline)
-    done = ledger.completed_at()
-    row.recovery_s = round(done - killed, 1) if done else None
+        return time.monotonic()
+
+    await pair.run(producer, topics[0], 9, kill_a, row)
     survivor = await scrape(pair.b.base)
     row.notes["stored by the survivor for want of an ack"] = int(
         survivor.get("notify_ack_timeouts_total", 0)
@@ -144,9 +170,7 @@ async def test_two_processes_one_sigkilled_mid_stream_lose_nothing(
     row.notes["committed at the end"] = sum(offsets.values())
 
     assert pair.b.process is not None and pair.b.process.poll() is None, "the survivor died"
-    assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
-    assert not ledger.foreign, "a frame reached another user"
-    assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
+    pair.assert_nothing_lost()
 
 
 async def test_redis_restarted_under_two_processes_loses_nothing(
@@ -160,65 +184,34 @@ async def test_redis_restarted_under_two_processes_loses_nothing(
     row.recovery = "Redis back to the last message delivered"
     pair = Pair(bench, redis, "pair-redis")
     topics = await pair.start()
-    ledger = pair.ledger
-    stop = asyncio.Event()
-    keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in pair.clients]
-    producing: asyncio.Task[object] | None = None
-    try:
-        await pair.connected()
-        choose = random.Random(10).choice
-        producing = asyncio.create_task(
-            stream(
-                producer,
-                topics[0],
-                lambda: ledger.message(choose(pair.users)),
-                rate=SIZE.scale_rate,
-                count=SIZE.scale_messages,
-            )
+
+    async def both(ready: bool) -> bool:
+        answers = [await readiness(g.base) for g in (pair.a, pair.b)]
+        if ready:
+            return all(status == 200 for status, _ in answers)
+        return all(
+            status == 503 and body.get("checks", {}).get("redis") is False
+            for status, body in answers
         )
-        await until(lambda: ledger.received >= SIZE.scale_messages // 8, 120, "stream flowing")
+
+    async def restart_redis() -> float:
         went_down = time.monotonic()
         await asyncio.to_thread(redis.stop)
-
-        async def both_unready() -> bool:
-            answers = [await readiness(g.base) for g in (pair.a, pair.b)]
-            return all(
-                status == 503 and body.get("checks", {}).get("redis") is False
-                for status, body in answers
-            )
-
         row.notes["both unready after (s)"] = round(
-            await until(both_unready, 30, "both processes report Redis down"), 1
+            await until(lambda: both(ready=False), 30, "both processes report Redis down"), 1
         )
         await asyncio.sleep(2)
         await asyncio.to_thread(redis.start)
         back = time.monotonic()
         row.notes["Redis down (s)"] = round(back - went_down, 1)
-
-        async def both_ready() -> bool:
-            answers = [await readiness(g.base) for g in (pair.a, pair.b)]
-            return all(status == 200 for status, _ in answers)
-
         row.notes["both ready again after (s)"] = round(
-            await until(both_ready, 60, "both processes ready again"), 1
+            await until(lambda: both(ready=True), 60, "both processes ready again"), 1
         )
-        await producing
-        await pair.drain_offline(timeout=240)
-        await ledger.wait_complete(timeout=240, idle=30)
-    finally:
-        stop.set()
-        if producing is not None:
-            producing.cancel()
-            keepers.append(producing)
-        await asyncio.gather(*keepers, return_exceptions=True)
-    row.count(ledger)
-    row.connections = len(pair.clients) + len(pair.offline)
-    done = ledger.completed_at()
-    row.recovery_s = round(done - back, 1) if done else None
+        return back
+
+    await pair.run(producer, topics[0], 10, restart_redis, row)
     row.notes["client reconnects"] = sum(c.connections - 1 for c in pair.clients)
 
     for gateway in (pair.a, pair.b):
         assert gateway.process is not None and gateway.process.poll() is None, "a process died"
-    assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
-    assert not ledger.foreign, "a frame reached another user"
-    assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
+    pair.assert_nothing_lost()
