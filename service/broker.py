@@ -286,9 +286,10 @@ class RedisBroker:
     async def _run(self) -> None:
         delay = 0.2
         first = True
+        previous: RedisConnection | None = None
         while not self._closing:
             try:
-                pubsub = await self._connect()
+                pubsub = await self._connect(previous)
             except RedisUnavailable as exc:
                 log.error("redis_subscriber_error", extra={"error": str(exc)[:300]})
                 await asyncio.sleep(delay)
@@ -298,8 +299,9 @@ class RedisBroker:
                 log.info("redis_resubscribed", extra={"channels": len(self._refs)})
                 assert self._receiver is not None
                 self._receiver.resync()
-            first, delay = False, 0.2
+            first, delay, previous = False, 0.2, None
             await self._watch(pubsub)
+            previous = pubsub
             self.healthy = False
             self._subscribed.clear()
             self._pubsub = None
@@ -312,15 +314,20 @@ class RedisBroker:
                 log.error("redis_subscriber_error", extra={"error": "pub/sub connection lost"})
                 await asyncio.sleep(delay)
 
-    async def _connect(self) -> RedisConnection:
+    async def _connect(self, previous: RedisConnection | None = None) -> RedisConnection:
         """Open the pub/sub connection and subscribe to every channel in use.
 
         Returns once Redis confirmed all of them: only then may the receiver
         re-read the store (a flush hint sent before would have been missed).
         """
-        pubsub = await RedisConnection.open(
-            self._address, name=f"notify-ws:{self._node}:pubsub", wait=self._timeout
-        )
+        name = f"notify-ws:{self._node}:pubsub"
+        pubsub = await RedisConnection.open(self._address, name=name, wait=self._timeout)
+        if previous is not None:
+            try:
+                await self._kill_stale(pubsub, previous, name)
+            except RedisUnavailable:
+                pubsub.close()
+                raise
         pubsub.listen(self._on_replies)
         channels = [self._control] + [self.channel(user) for user in self._refs]
         last: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -342,6 +349,26 @@ class RedisBroker:
         self.healthy = True
         self._subscribed.set()
         return pubsub
+
+    async def _kill_stale(
+        self, pubsub: RedisConnection, previous: RedisConnection, name: str
+    ) -> None:
+        """Make Redis drop the previous pub/sub connection if it still holds it.
+
+        One dropped here for silence (half-open: a NAT or a network fault) may still
+        be subscribed at Redis's end, counted as a receiver of this process's users
+        without ever acknowledging: every such notification would wait out the ack
+        timeout and be stored. Its id is checked against this process's name first
+        (ids start again when Redis restarts).
+        """
+        old = previous.client_id
+        if not old:
+            return
+        listing = await pubsub.call(pack("CLIENT", "LIST", "ID", old), 1, self._timeout)
+        fields = listing[0].split() if isinstance(listing[0], bytes) else []
+        if f"name={name}".encode() in fields:
+            await pubsub.call(pack("CLIENT", "KILL", "ID", old), 1, self._timeout)
+            log.warning("redis_stale_subscriber_dropped", extra={"client_id": old})
 
     async def _watch(self, pubsub: RedisConnection) -> None:
         """Return when the connection is gone; PING it when quiet, drop it if Redis is silent."""

@@ -118,10 +118,11 @@ class RedisConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.last_read = self._loop.time()
+        self.client_id = 0  # Redis's id of this connection (CLIENT ID), once open
 
     @classmethod
     async def open(cls, address: Address, *, name: str, wait: float) -> RedisConnection:
-        """Connect, log in, select the database and name the client (``CLIENT SETNAME``).
+        """Connect, log in, select the database, name the client (``CLIENT SETNAME``).
 
         Raises:
             RedisUnavailable: Redis could not be reached or refused the login within
@@ -145,6 +146,7 @@ class RedisConnection(asyncio.Protocol):
                 if address.db:
                     hello.append(pack("SELECT", address.db))
                 hello.append(pack("CLIENT", "SETNAME", name))
+                hello.append(pack("CLIENT", "ID"))
                 replies = await connection.call(b"".join(hello), len(hello), wait)
         except (OSError, TimeoutError) as exc:
             connection.close()
@@ -156,6 +158,7 @@ class RedisConnection(asyncio.Protocol):
             if isinstance(reply, ReplyError):
                 connection.close()
                 raise RedisUnavailable(f"refused at login: {str(reply)[:200]}")
+        connection.client_id = replies[-1]
         return connection
 
     @property

@@ -193,3 +193,59 @@ async def test_a_silent_redis_times_out_instead_of_hanging(
             await broker.subscribe("ivan", wait=0.5)
         assert time.monotonic() - began < 3.0
         assert not broker.subscribed("ivan") and not broker.healthy
+
+
+class FreezingProxy:
+    """A TCP proxy to Redis whose open connections can go silent (half-open, as behind a
+    NAT that forgot them): ``freeze()`` drops their bytes without closing them."""
+
+    def __init__(self, upstream: Address) -> None:
+        self.upstream = upstream
+        self.frozen: set[asyncio.StreamWriter] = set()
+        self.open: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    def freeze(self) -> None:
+        self.frozen |= self.open
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.open:
+            writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.upstream.host, self.upstream.port)
+        self.open |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    if sink not in self.frozen:
+                        sink.write(data)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_silent_pubsub_connection_is_noticed_and_replaced(
+    brokers: Callable[..., RedisBroker], redis_url: str
+) -> None:
+    """A pub/sub connection that stops answering (half-open) is pinged, dropped and replaced."""
+    proxy = FreezingProxy(Address.parse(redis_url))
+    url = await proxy.start()
+    try:
+        holder = Receiver()
+        holding = brokers(holder, url, timeout=0.5, ping_interval=0.5)
+        await until(lambda: holding.healthy)
+        await holding.subscribe("judy")
+        proxy.freeze()  # both of the broker's connections go silent, neither is closed
+        await until(lambda: holder.resyncs == 1 and holding.healthy, timeout=10)
+
+        assert await brokers(Receiver()).publish([note("judy")]) == [1]
+        await until(lambda: len(holder.received) == 1)
+    finally:
+        proxy.close()
