@@ -12,17 +12,24 @@ stored: the publisher commits its Kafka offsets only then.
 Wire format of a notification on a channel: the JSON array
 ``[message_id, user_id, created_ms, title, body, origin control channel]``.
 
-The broker owns two Redis connections: a client for PUBLISH (pipelined per
-batch) and one pub/sub connection read by the named task ``redis-subscriber``.
-If the pub/sub connection breaks, the broker reconnects with backoff, subscribes
-to every channel again, and asks the receiver to re-read the store for all its
-users, since messages published meanwhile were stored as "offline".
+The broker owns two Redis connections (``service/resp.py``): one for PUBLISH
+(pipelined per batch) and one pub/sub connection read by the named task
+``redis-subscriber``. If the pub/sub connection breaks or goes silent, the
+broker reconnects with backoff, subscribes to every channel again, and asks the
+receiver to re-read the store for all its users, since messages published
+meanwhile were stored as "offline".
+
+Presence: each process keeps ``<prefix>alive:<node id>`` set (``presence_ttl``,
+refreshed three times per TTL) and drops, with CLIENT KILL, the pub/sub
+connections of peers whose key expired: a process whose machine died leaves
+them open at Redis, still counted as receivers that will never acknowledge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
@@ -85,12 +92,19 @@ class RedisBroker:
         *,
         timeout: float = 5.0,
         ping_interval: float = 10.0,
+        presence_ttl: float = 10.0,
     ) -> None:
         self._address = Address.parse(url)
         self._prefix = prefix
         self._timeout = timeout
         self._ping_interval = ping_interval
+        self._presence_ttl = presence_ttl
         self._node = uuid.uuid4().hex
+        # Client names carry a tag of the prefix: processes of another deployment on
+        # the same Redis (another prefix) are none of this one's business.
+        tag = hashlib.sha256(prefix.encode()).hexdigest()[:8]
+        self._names = f"notify-ws:{tag}:"
+        self.name = f"{self._names}{self._node}"
         self._control = f"{prefix}node:{self._node}".encode()
         self._origin = self._control.decode()
         self._commands: RedisConnection | None = None
@@ -269,7 +283,7 @@ class RedisBroker:
             connection = self._commands
             if connection is None or not connection.is_open:
                 connection = await RedisConnection.open(
-                    self._address, name=f"notify-ws:{self._node}", wait=self._timeout
+                    self._address, name=self.name, wait=self._timeout
                 )
                 self._commands = connection
             return connection
@@ -320,7 +334,12 @@ class RedisBroker:
         Returns once Redis confirmed all of them: only then may the receiver
         re-read the store (a flush hint sent before would have been missed).
         """
-        name = f"notify-ws:{self._node}:pubsub"
+        try:
+            # Alive before the pub/sub connection shows this process's name.
+            await self._announce()
+        except BrokerUnavailable as exc:
+            raise RedisUnavailable(str(exc)) from None
+        name = f"{self.name}:pubsub"
         pubsub = await RedisConnection.open(self._address, name=name, wait=self._timeout)
         if previous is not None:
             try:
@@ -371,19 +390,67 @@ class RedisBroker:
             log.warning("redis_stale_subscriber_dropped", extra={"client_id": old})
 
     async def _watch(self, pubsub: RedisConnection) -> None:
-        """Return when the connection is gone; PING it when quiet, drop it if Redis is silent."""
+        """Return when the connection is gone. Meanwhile keep this process's presence,
+        drop dead peers, PING the connection when quiet and drop it if Redis is silent."""
+        loop = asyncio.get_running_loop()
+        tick = min(self._presence_ttl / 3, self._ping_interval, self._timeout)
+        pinged: float | None = None
         while pubsub.is_open:
-            await asyncio.wait([pubsub.closed], timeout=self._ping_interval)
-            loop = asyncio.get_running_loop()
-            if not pubsub.is_open or loop.time() - pubsub.last_read < self._ping_interval:
-                continue
-            pinged = loop.time()
-            with contextlib.suppress(RedisUnavailable):
-                pubsub.send(pack("PING"))
-            await asyncio.wait([pubsub.closed], timeout=self._timeout)
-            if pubsub.is_open and pubsub.last_read < pinged:
+            await asyncio.wait([pubsub.closed], timeout=tick)
+            if not pubsub.is_open:
+                return
+            with contextlib.suppress(BrokerUnavailable):
+                # On failure the next tick tries again; Redis being down shows elsewhere.
+                await self._announce()
+                await self._reap()
+            now = loop.time()
+            if pinged is not None and pubsub.last_read >= pinged:
+                pinged = None
+            if pinged is not None and now - pinged >= self._timeout:
                 log.error("redis_subscriber_silent", extra={"seconds": self._timeout})
                 pubsub.close()
+            elif pinged is None and now - pubsub.last_read >= self._ping_interval:
+                with contextlib.suppress(RedisUnavailable):
+                    pubsub.send(pack("PING"))
+                pinged = now
+
+    async def _announce(self) -> None:
+        """Mark this process alive for ``presence_ttl`` seconds. Raises BrokerUnavailable."""
+        ttl_ms = int(self._presence_ttl * 1000)
+        key = f"{self._prefix}alive:{self._node}"
+        await self._call(pack("SET", key, "1", "PX", ttl_ms), 1, "presence")
+
+    async def _reap(self) -> None:
+        """Drop the pub/sub connections of peers that stopped announcing themselves.
+
+        A process whose machine died leaves its connections open at Redis's end until
+        TCP gives up, which can take many minutes; Redis keeps counting it as a
+        receiver of its users, and each of their notifications would wait out the ack
+        timeout before being stored. Raises BrokerUnavailable.
+        """
+        listing = await self._call(pack("CLIENT", "LIST", "TYPE", "pubsub"), 1, "reap")
+        peers: dict[str, list[bytes]] = {}
+        head, tail = self._names.encode(), b":pubsub"
+        for line in listing[0].splitlines() if isinstance(listing[0], bytes) else []:
+            fields = dict(field.split(b"=", 1) for field in line.split() if b"=" in field)
+            name = fields.get(b"name", b"")
+            if name.startswith(head) and name.endswith(tail) and b"id" in fields:
+                node = name[len(head) : -len(tail)].decode()
+                if node != self._node:
+                    peers.setdefault(node, []).append(fields[b"id"])
+        if not peers:
+            return
+        nodes = list(peers)
+        keys = b"".join([pack("EXISTS", f"{self._prefix}alive:{node}") for node in nodes])
+        alive = await self._call(keys, len(nodes), "reap")
+        for node, present in zip(nodes, alive, strict=True):
+            if present:
+                continue
+            for client_id in peers[node]:
+                # An error reply (already gone) is fine: it is what was wanted.
+                with contextlib.suppress(BrokerUnavailable):
+                    await self._call(pack("CLIENT", "KILL", "ID", client_id), 1, "reap")
+            log.warning("redis_dead_peer_dropped", extra={"node": node})
 
     def _on_replies(self, replies: list[Any]) -> None:
         """Sort one read of the pub/sub connection and hand it over as one burst."""

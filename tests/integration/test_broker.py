@@ -62,7 +62,7 @@ async def kill_connection(url: str, broker: RedisBroker, kind: str) -> None:
     """Make Redis drop one of this broker's connections (``pubsub`` or ``normal``)."""
     listing = await redis_command(url, "CLIENT", "LIST", "TYPE", kind)
     assert isinstance(listing, bytes)
-    name = f"name=notify-ws:{broker._node}" + (":pubsub" if kind == "pubsub" else "")
+    name = f"name={broker.name}" + (":pubsub" if kind == "pubsub" else "")
     ids = [
         line.split()[0].removeprefix("id=")
         for line in listing.decode().splitlines()
@@ -247,5 +247,31 @@ async def test_a_silent_pubsub_connection_is_noticed_and_replaced(
 
         assert await brokers(Receiver()).publish([note("judy")]) == [1]
         await until(lambda: len(holder.received) == 1)
+    finally:
+        proxy.close()
+
+
+async def test_a_dead_peer_stops_counting_as_a_receiver(
+    brokers: Callable[..., RedisBroker], redis_url: str
+) -> None:
+    """A peer whose machine died (connections left open at Redis) is dropped by the others."""
+    proxy = FreezingProxy(Address.parse(redis_url))
+    url = await proxy.start()
+    try:
+        peer = brokers(Receiver(), url, presence_ttl=1.0)
+        await until(lambda: peer.healthy)
+        await peer.subscribe("kate")
+        # The machine dies: the process stops, its sockets stay open at Redis's end.
+        assert peer.task is not None
+        peer.task.cancel()
+        proxy.freeze()
+
+        watcher = brokers(Receiver(), presence_ttl=1.0)
+        await until(lambda: watcher.healthy)
+        assert await watcher.publish([note("kate")]) == [1]  # still counted
+        deadline = time.monotonic() + 10
+        while await watcher.publish([note("kate")]) != [0]:
+            assert time.monotonic() < deadline, "the dead peer still counts as a receiver"
+            await asyncio.sleep(0.2)
     finally:
         proxy.close()
