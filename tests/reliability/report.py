@@ -81,7 +81,9 @@ SCENARIOS = """\
    device on each, the rest offline): (a) one process SIGKILLed mid-stream, its clients
    reconnecting to the other (as through a load balancer), which takes over its
    partitions; (b) Redis stopped mid-stream and started again: both processes must turn
-   unready, pause, resubscribe and lose nothing.
+   unready, pause, resubscribe and lose nothing; (c) one process frozen with SIGSTOP (a
+   hung machine: its sockets stay open) for longer than the presence TTL and Kafka's
+   session timeout, then resumed: the other carries on, nothing is lost.
 """
 
 

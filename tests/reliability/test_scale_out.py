@@ -9,7 +9,9 @@ process that does not hold them and travel through Redis.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,11 +39,13 @@ from .services import RedisServer
 class Pair:
     """Two gateway processes in one consumer group behind one Redis, and their users' clients."""
 
-    def __init__(self, bench: Bench, redis: RedisServer, label: str) -> None:
+    def __init__(
+        self, bench: Bench, redis: RedisServer, label: str, *, keep_latency: bool = False
+    ) -> None:
         self.bench = bench
         self.redis = redis
         self.label = label
-        self.ledger = Ledger()
+        self.ledger = Ledger(keep_latency=keep_latency)
         users = [bench.user(label, i) for i in range(SIZE.scale_users)]
         quarter = len(users) // 4
         self.on_a, self.on_b = users[:quarter], users[quarter : 2 * quarter]
@@ -211,6 +215,54 @@ async def test_redis_restarted_under_two_processes_loses_nothing(
 
     await pair.run(producer, topics[0], 10, restart_redis, row)
     row.notes["client reconnects"] = sum(c.connections - 1 for c in pair.clients)
+
+    for gateway in (pair.a, pair.b):
+        assert gateway.process is not None and gateway.process.poll() is None, "a process died"
+    pair.assert_nothing_lost()
+
+
+FREEZE_S = 15.0  # past the presence TTL and Kafka's session timeout (10 s each)
+
+
+async def test_a_frozen_process_loses_nothing_and_the_other_carries_on(
+    bench: Bench,
+    redis: RedisServer,
+    producer: AIOKafkaProducer,
+    figures: Callable[[str], Figures],
+) -> None:
+    """One of two processes frozen (SIGSTOP: a hung machine, its sockets open) then resumed."""
+    row = figures("9c. one of 2 processes frozen (SIGSTOP) 15 s mid-stream, then resumed")
+    row.recovery = "resume to the last message delivered"
+    pair = Pair(bench, redis, "pair-freeze", keep_latency=True)
+    topics = await pair.start()
+    window: list[float] = []
+
+    async def freeze_a() -> float:
+        assert pair.a.process is not None
+        pid = pair.a.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        window.append(time.time())
+        try:
+            await asyncio.sleep(FREEZE_S)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            window.append(time.time())
+        return time.monotonic()
+
+    await pair.run(producer, topics[0], 11, freeze_a, row)
+    on_b = set(pair.on_b)
+    waits = [
+        wait
+        for sent, user, wait in pair.ledger.latencies
+        if user in on_b and window[0] <= sent <= window[1]
+    ]
+    row.notes["messages sent during the freeze to users of the running process"] = len(waits)
+    if waits:
+        row.notes["their longest wait (s)"] = round(max(waits), 1)
+    survivor = await scrape(pair.b.base)
+    row.notes["stored by the running process for want of an ack"] = int(
+        survivor.get("notify_ack_timeouts_total", 0)
+    )
 
     for gateway in (pair.a, pair.b):
         assert gateway.process is not None and gateway.process.poll() is None, "a process died"
