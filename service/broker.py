@@ -114,7 +114,8 @@ class RedisBroker:
         self._confirmations: dict[bytes, list[asyncio.Future[None]]] = {}
         self._receiver: Receiver | None = None
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._closing = False  # draining or closed: no new subscriptions
+        self._closed = False  # no new connections either
         self._draining: asyncio.Event | None = None
         self._subscribed = asyncio.Event()  # set while ``healthy``
         self.healthy = False
@@ -250,15 +251,17 @@ class RedisBroker:
             log.warning("broker_drain_incomplete", extra={"error": type(exc).__name__})
 
     async def close(self) -> None:
-        self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        self._closing = self._closed = True
+        # Connections first: the subscriber task then ends by itself even if the
+        # cancellation below is lost (asyncio.wait_for can swallow one on 3.11).
         for connection in (self._pubsub, self._commands):
             if connection is not None:
                 connection.close()
         self._pubsub = self._commands = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _call(
         self, payload: bytes, count: int, what: str, wait: float | None = None
@@ -267,6 +270,8 @@ class RedisBroker:
         try:
             connection = self._commands
             if connection is None or not connection.is_open:
+                if self._closed:
+                    raise RedisUnavailable("broker closed")
                 connection = await self._open_commands()
             replies = await connection.call(payload, count, wait or self._timeout)
         except RedisUnavailable as exc:
@@ -315,6 +320,7 @@ class RedisBroker:
                 self._receiver.resync()
             first, delay, previous = False, 0.2, None
             await self._watch(pubsub)
+            pubsub.close()  # a no-op unless closing
             previous = pubsub
             self.healthy = False
             self._subscribed.clear()
@@ -395,9 +401,9 @@ class RedisBroker:
         loop = asyncio.get_running_loop()
         tick = min(self._presence_ttl / 3, self._ping_interval, self._timeout)
         pinged: float | None = None
-        while pubsub.is_open:
+        while pubsub.is_open and not self._closing:
             await asyncio.wait([pubsub.closed], timeout=tick)
-            if not pubsub.is_open:
+            if not pubsub.is_open or self._closing:
                 return
             with contextlib.suppress(BrokerUnavailable):
                 # On failure the next tick tries again; Redis being down shows elsewhere.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -46,6 +47,9 @@ class Gateway:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Its own process group: with NOTIFY_WORKERS > 1, SIGKILL must reach the
+            # Sanic workers too, or they outlive the test.
+            start_new_session=True,
         )
         log.close()
         if wait_ready:
@@ -71,12 +75,20 @@ class Gateway:
         process = self.process
         if process is None or process.poll() is not None:
             return process.returncode if process else None
+        if sig == signal.SIGKILL:
+            return self._kill_group(process)
         process.send_signal(sig)
         try:
             return process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait(10)
+            return self._kill_group(process)
+
+    @staticmethod
+    def _kill_group(process: subprocess.Popen[bytes]) -> int:
+        """SIGKILL the process and everything in its group (Sanic's workers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait(10)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
