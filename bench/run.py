@@ -85,15 +85,18 @@ SCALE_SETUPS = {
     # on 2 cores the load generator, Kafka and Redis leave 2 uncapped workers ~1.4 cores,
     # so only with a cap do 2 processes get twice the CPU of 1 and show what a second
     # process (or machine) adds.
+    "singleq": ("1 process, no Redis, capped", 1, False, 1),  # only with --scale-setups
     "redis1q": ("1 process + Redis, capped", 1, True, 1),
     "redis2q": ("2 workers + Redis, capped", 2, True, 1),
 }
+DEFAULT_SCALE_SETUPS = ("single", "redis1", "redis2", "redis1q", "redis2q")
 # Ratios reported: (numerator, denominator, held to the scale-out target).
 SCALE_RATIOS = (
     ("redis2", "redis1", True),
     ("redis2q", "redis1q", True),
     ("redis2", "single", False),
     ("redis1", "single", False),
+    ("singleq", "single", False),
 )
 FLUSH_RUNS = 3  # users with a stored backlog, flushed one after another; the median counts
 
@@ -151,7 +154,7 @@ class Options:
     update_doc: bool
     scale_named: bool = False
     scale_connections: int = 10_000
-    scale_setups: list[str] = field(default_factory=lambda: list(SCALE_SETUPS))
+    scale_setups: list[str] = field(default_factory=lambda: list(DEFAULT_SCALE_SETUPS))
     scale_partitions: int = 4
     scale_quota: float = 0.5
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -204,7 +207,7 @@ def parse_options(argv: list[str]) -> Options:
     )
     parser.add_argument(
         "--scale-setups",
-        default=",".join(SCALE_SETUPS),
+        default=",".join(DEFAULT_SCALE_SETUPS),
         help=f"scale: which gateway set-ups, in order ({','.join(SCALE_SETUPS)})",
     )
     parser.add_argument(
