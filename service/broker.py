@@ -103,8 +103,8 @@ class RedisBroker:
         # Client names carry a tag of the prefix: processes of another deployment on
         # the same Redis (another prefix) are none of this one's business.
         tag = hashlib.sha256(prefix.encode()).hexdigest()[:8]
-        self._names = f"notify-ws:{tag}:"
-        self.name = f"{self._names}{self._node}"
+        self._name_prefix = f"notify-ws:{tag}:"
+        self.name = f"{self._name_prefix}{self._node}"
         self._control = f"{prefix}node:{self._node}".encode()
         self._origin = self._control.decode()
         self._commands: RedisConnection | None = None
@@ -436,7 +436,7 @@ class RedisBroker:
         """
         listing = await self._call(pack("CLIENT", "LIST", "TYPE", "pubsub"), 1, "reap")
         peers: dict[str, list[bytes]] = {}
-        head, tail = self._names.encode(), b":pubsub"
+        head, tail = self._name_prefix.encode(), b":pubsub"
         for line in listing[0].splitlines() if isinstance(listing[0], bytes) else []:
             fields = dict(field.split(b"=", 1) for field in line.split() if b"=" in field)
             name = fields.get(b"name", b"")
