@@ -47,6 +47,16 @@ def pack(*parts: bytes | str | int) -> bytes:
     )
 
 
+def client_list(reply: Any) -> list[dict[bytes, bytes]]:
+    """The connections in a ``CLIENT LIST`` reply, each as its ``field=value`` pairs."""
+    if not isinstance(reply, bytes):
+        return []
+    return [
+        dict(field.split(b"=", 1) for field in line.split() if b"=" in field)
+        for line in reply.splitlines()
+    ]
+
+
 @dataclass(frozen=True)
 class Address:
     """Where Redis is and how to log in, from a ``redis://``, ``rediss://`` or ``unix://`` URL.
