@@ -13,8 +13,10 @@ import pytest
 
 from service.broker import RedisBroker
 from service.notification import Notification
-from service.resp import Address, RedisConnection, pack
+from service.resp import Address, RedisConnection, client_list, pack
 from service.router import BrokerUnavailable
+
+from .redis_proxy import RedisProxy
 
 
 class Receiver:
@@ -61,13 +63,8 @@ async def redis_command(url: str, *command: str) -> object:
 async def kill_connection(url: str, broker: RedisBroker, kind: str) -> None:
     """Make Redis drop one of this broker's connections (``pubsub`` or ``normal``)."""
     listing = await redis_command(url, "CLIENT", "LIST", "TYPE", kind)
-    assert isinstance(listing, bytes)
-    name = f"name={broker.name}" + (":pubsub" if kind == "pubsub" else "")
-    ids = [
-        line.split()[0].removeprefix("id=")
-        for line in listing.decode().splitlines()
-        if name in line.split()
-    ]
+    name = (broker.name + (":pubsub" if kind == "pubsub" else "")).encode()
+    ids = [client[b"id"] for client in client_list(listing) if client.get(b"name") == name]
     assert len(ids) == 1, listing
     assert await redis_command(url, "CLIENT", "KILL", "ID", ids[0]) == 1
 
@@ -195,47 +192,11 @@ async def test_a_silent_redis_times_out_instead_of_hanging(
         assert not broker.subscribed("ivan") and not broker.healthy
 
 
-class FreezingProxy:
-    """A TCP proxy to Redis whose open connections can go silent (half-open, as behind a
-    NAT that forgot them): ``freeze()`` drops their bytes without closing them."""
-
-    def __init__(self, upstream: Address) -> None:
-        self.upstream = upstream
-        self.frozen: set[asyncio.StreamWriter] = set()
-        self.open: set[asyncio.StreamWriter] = set()
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
-
-    def freeze(self) -> None:
-        self.frozen |= self.open
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writer in self.open:
-            writer.transport.abort()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self.upstream.host, self.upstream.port)
-        self.open |= {writer, up_writer}
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(65536):
-                    if sink not in self.frozen:
-                        sink.write(data)
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
 async def test_a_silent_pubsub_connection_is_noticed_and_replaced(
     brokers: Callable[..., RedisBroker], redis_url: str
 ) -> None:
     """A pub/sub connection that stops answering (half-open) is pinged, dropped and replaced."""
-    proxy = FreezingProxy(Address.parse(redis_url))
+    proxy = RedisProxy(redis_url)
     url = await proxy.start()
     try:
         holder = Receiver()
@@ -255,7 +216,7 @@ async def test_a_dead_peer_stops_counting_as_a_receiver(
     brokers: Callable[..., RedisBroker], redis_url: str
 ) -> None:
     """A peer whose machine died (connections left open at Redis) is dropped by the others."""
-    proxy = FreezingProxy(Address.parse(redis_url))
+    proxy = RedisProxy(redis_url)
     url = await proxy.start()
     try:
         peer = brokers(Receiver(), url, presence_ttl=1.0)

@@ -26,6 +26,7 @@ from .clients import (
     wait_stored,
 )
 from .conftest import GatewayFactory
+from .redis_proxy import RedisProxy
 
 
 async def test_two_processes_deliver_to_every_connection_of_a_user(
@@ -215,29 +216,11 @@ async def test_a_starting_process_serves_only_once_subscribed_to_redis(
     gateway_factory: GatewayFactory, auth_server: AuthStandIn, redis_url: str
 ) -> None:
     """A client arriving the moment the port opens is served, not told to retry (4503)."""
-    from .gateway import free_port
-
-    upstream = redis_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
-    host, _, port = upstream.rpartition(":")
-
-    async def slow_redis(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Redis a second away: the gateway's pub/sub connection comes up late.
-        await asyncio.sleep(1.0)
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    proxy = await asyncio.start_server(slow_redis, "127.0.0.1", free_port())
-    proxy_port = proxy.sockets[0].getsockname()[1]
+    # Redis a second away: the gateway's pub/sub connection comes up late.
+    proxy = RedisProxy(redis_url, connect_delay=1.0)
+    proxy_url = await proxy.start()
     try:
-        gateway = gateway_factory(start=False, REDIS_URL=f"redis://127.0.0.1:{proxy_port}/0")
+        gateway = gateway_factory(start=False, REDIS_URL=proxy_url)
         gateway.start(wait_ready=False)
         deadline = asyncio.get_running_loop().time() + 30
         while True:
