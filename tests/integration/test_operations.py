@@ -135,6 +135,11 @@ async def test_sigterm_mid_stream_loses_nothing(
     received: list[str] = []
     token = auth_server.issue(online)
     async with connect(gateway.ws_url(token)) as ws:
+        # A first frame comes only after the connection's backlog read; frames arriving
+        # during that read are queued, and a burst of 1,500 would overflow the queue
+        # (SEND_QUEUE_SIZE) and close the client with 1013 before the test begins.
+        await produce(producer, topics[0], message(online, subject="warm-up"))
+        received += [f["title"] for f in await receive(ws, 1)]
         producing = asyncio.create_task(produce(producer, topics[0], *sent))
         received += [f["title"] for f in await receive(ws, 50)]
         started = time.monotonic()
