@@ -12,7 +12,7 @@ import httpx
 from bench import common
 from bench.harness import Harness
 from bench.processes import HOST, PY, Child, free_port, log
-from bench.results import Baseline
+from bench.results import Baseline, Connect, Frames
 from bench.scenarios.flush import flush_series
 
 SCENARIOS = ("live", "paced", "flush", "storm", "memory")
@@ -43,25 +43,33 @@ async def run(h: Harness) -> None:
         await asyncio.sleep(0.1)
     res = h.results.baseline = Baseline()
 
+    async def open_connections(count: int) -> Connect:
+        return await h.connect_storm(
+            base, port=port, path="/ws", population=common.LIVE, count=count, auth="user"
+        )
+
+    async def blast(count: int) -> Frames:
+        """K frames round-robin to the ``count`` clients connected, as fast as it can."""
+        log(f"baseline: blast {o.messages} frames to {count}")
+        frames = await h.measure_frames(
+            base,
+            o.messages,
+            lambda: h.http.post(url + f"/blast?k={o.messages}", timeout=10),
+            budget=300,
+        )
+        log(f"  {frames.rate:.0f} frames/s")
+        return frames
+
     if o.wants("live", "paced", "storm", "memory"):
         await h.warm_up(port, "/ws", "user")
         rss0 = base.rss()
         log(f"baseline: connecting {o.big}")
-        connect = res.connect_big = await h.connect_storm(
-            base, port=port, path="/ws", population=common.LIVE, count=o.big, auth="user"
-        )
+        connect = res.connect_big = await open_connections(o.big)
         await asyncio.sleep(2)
         res.rss_per_conn_kb = (base.rss() - rss0) / max(1, connect.ok) / 1024
         log(f"  {connect.rate:.0f} handshakes/s, {res.rss_per_conn_kb:.1f} KB/conn")
         if o.wants("live"):
-            log(f"baseline: blast {o.messages} frames to {o.big}")
-            res.live_big = await h.measure_frames(
-                base,
-                o.messages,
-                lambda: h.http.post(url + f"/blast?k={o.messages}", timeout=10),
-                budget=300,
-            )
-            log(f"  {res.live_big.rate:.0f} frames/s")
+            res.live_big = await blast(o.big)
         if o.wants("paced"):
             n = int(o.paced_rate * o.paced_seconds)
             log(f"baseline: paced {o.paced_rate:.0f}/s for {o.paced_seconds:.0f} s")
@@ -84,16 +92,7 @@ async def run(h: Harness) -> None:
         await lg.close_all()
         await wait_empty(h, url)
     if o.wants("live"):
-        log(f"baseline: blast {o.messages} frames to {o.small}")
-        await h.connect_storm(
-            base, port=port, path="/ws", population=common.LIVE, count=o.small, auth="user"
-        )
-        res.live_small = await h.measure_frames(
-            base,
-            o.messages,
-            lambda: h.http.post(url + f"/blast?k={o.messages}", timeout=10),
-            budget=300,
-        )
-        log(f"  {res.live_small.rate:.0f} frames/s")
+        await open_connections(o.small)
+        res.live_small = await blast(o.small)
         await lg.close_all()
     await base.stop()

@@ -18,7 +18,7 @@ from bench.gate import Gate
 from bench.harness import Harness
 from bench.processes import WS_PATH, log
 from bench.profiling import Profiler
-from bench.results import Census, Fanout, ObjectsPerConnection
+from bench.results import Census, Connect, Fanout, ObjectsPerConnection
 
 
 def objects_per_connection(before: Census, after: Census, n: int) -> ObjectsPerConnection:
@@ -68,25 +68,30 @@ async def run(h: Harness, count: int, big: bool) -> None:
             res.profiles[window] = await profiler.stop()
             profiler = None
 
-    try:
-        await gw.wait_http(h.http, "/health/live")
-        await h.warm_up(gw.port, WS_PATH, "token")
-        census0 = await gw.census() if big else None
-        rss0 = gw.rss()
-        log(f"gateway {count}: connecting {count} (remote auth, uncached)")
-        salt = f"{h.run_id}-{label}"
-        await profile("connect-uncached")
-        connect = res.connect = await h.connect_storm(
+    async def storm(window: str) -> Connect:
+        """The C users connect, every time with the same tokens: the first storm's are
+        new to the gateway (uncached), a second storm's are in its cache."""
+        await profile(window)
+        connect = await h.connect_storm(
             gw,
             port=gw.port,
             path=WS_PATH,
             population=common.LIVE,
             count=count,
             auth="token",
-            salt=salt,
+            salt=f"{h.run_id}-{label}",
             count_registered=True,
         )
-        await profiled("connect-uncached")
+        await profiled(window)
+        return connect
+
+    try:
+        await gw.wait_http(h.http, "/health/live")
+        await h.warm_up(gw.port, WS_PATH, "token")
+        census0 = await gw.census() if big else None
+        rss0 = gw.rss()
+        log(f"gateway {count}: connecting {count} (remote auth, uncached)")
+        connect = res.connect = await storm(window="connect-uncached")
         await asyncio.sleep(2)
         res.rss_per_conn_kb = (gw.rss() - rss0) / max(1, connect.ok) / 1024
         log(f"  {connect.rate:.0f} handshakes/s, {res.rss_per_conn_kb:.1f} KB/conn")
@@ -159,19 +164,8 @@ async def run(h: Harness, count: int, big: bool) -> None:
             await h.wait_connections(gw, 0)
             checks = await h.auth_checks()
             log(f"gateway {count}: reconnecting {count} with the same tokens (cached)")
-            await profile("connect-cached")
-            cached = await h.connect_storm(
-                gw,
-                port=gw.port,
-                path=WS_PATH,
-                population=common.LIVE,
-                count=count,
-                auth="token",
-                salt=salt,
-                count_registered=True,
-            )
+            cached = await storm(window="connect-cached")
             cached.auth_service_calls = await h.auth_checks() - checks
-            await profiled("connect-cached")
             res.connect_cached = cached
             log(f"  {cached.rate:.0f} handshakes/s, {cached.auth_service_calls} auth service calls")
         await lg.close_all()
