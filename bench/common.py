@@ -51,7 +51,9 @@ def frame(ts_us: int, seq: int) -> str:
 
 
 def message(user: str, ts_us: int, seq: int) -> bytes:
-    """A Kafka value of the input contract (DESIGN.md §2) for ``user``."""
+    """A Kafka value for ``user`` as the gateway takes it (README, "Kafka input"): one JSON
+    object with ``message_id``, ``delivery_method`` ``push``, ``user_id``, ``subject`` and
+    ``content``."""
     return orjson.dumps(
         {
             "message_id": str(uuid.uuid4()),

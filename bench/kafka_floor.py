@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer
 from bench import common
 
 
-async def consume(args: argparse.Namespace) -> dict[str, float]:
+async def consume(args: argparse.Namespace) -> dict[str, float | None]:
     consumer = AIOKafkaConsumer(
         args.topic,
         bootstrap_servers=args.bootstrap,

@@ -5,15 +5,15 @@ the top functions by self time (the leaf) and by inclusive time (anywhere on the
 stack), and self time grouped by area (Sanic's websocket layer, the websockets
 protocol, aiokafka, the gateway's own code, metrics, the event loop...).
 
-    python -m bench.profile_summary bench/results/<run>-pyspy.txt
+    python -m bench.profile_summary <process-log directory>/pyspy-<window>.txt
 """
 
 from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 AREAS = (
     ("sanic/server/websockets", "Sanic websocket layer (impl.py: send lock, send_data)"),
@@ -72,7 +72,25 @@ def is_gc(frame: str) -> bool:
 GC = "CPython cyclic garbage collector (gc_collect_main)"
 
 
-def summarize(path: Path, top: int = 20) -> dict[str, Any]:
+@dataclass
+class Share:
+    function: str  # a function, an area or a native leaf
+    share: float  # % of the samples
+
+
+@dataclass
+class Summary:
+    """Shares of non-idle samples: by function (self, inclusive), area and native leaf."""
+
+    samples: int
+    self_time: list[Share] = field(default_factory=list)
+    inclusive: list[Share] = field(default_factory=list)
+    areas: list[Share] = field(default_factory=list)
+    native_leaves: list[Share] = field(default_factory=list)
+    raw: str = ""  # the py-spy file
+
+
+def summarize(path: Path, top: int = 20) -> Summary:
     """Shares of samples by function and by area.
 
     Self time goes to the innermost *Python* frame (with ``--native`` the leaf is
@@ -107,33 +125,38 @@ def summarize(path: Path, top: int = 20) -> dict[str, Any]:
             if not any(root in frame for root in ROOTS):
                 inclusive[frame] += count
     if total == 0:
-        return {"samples": 0}
+        return Summary(samples=0, raw=str(path))
 
-    def share(items: list[tuple[str, int]]) -> list[dict[str, Any]]:
-        return [{"function": f, "share": round(100.0 * n / total, 1)} for f, n in items]
+    def share(items: list[tuple[str, int]]) -> list[Share]:
+        return [Share(f, round(100.0 * n / total, 1)) for f, n in items]
 
-    return {
-        "samples": total,
-        "self": share(self_time.most_common(top)),
-        "inclusive": share(inclusive.most_common(top)),
-        "areas": share(areas.most_common()),
-        "native_leaves": share(native.most_common(10)),
-    }
+    return Summary(
+        samples=total,
+        self_time=share(self_time.most_common(top)),
+        inclusive=share(inclusive.most_common(top)),
+        areas=share(areas.most_common()),
+        native_leaves=share(native.most_common(10)),
+        raw=str(path),
+    )
 
 
-def render(summary: dict[str, Any], top: int = 15) -> str:
-    if not summary.get("samples"):
+def render(summary: Summary, top: int = 15) -> str:
+    if not summary.samples:
         return "profile: no samples"
-    lines = [f"py-spy profile of the gateway: {summary['samples']} samples (non-idle)"]
+
+    def lines_of(shares: list[Share]) -> list[str]:
+        return [f"  {a.share:5.1f}%  {a.function}" for a in shares]
+
+    lines = [f"py-spy profile of the gateway: {summary.samples} samples (non-idle)"]
     lines.append("self time by area:")
-    lines += [f"  {a['share']:5.1f}%  {a['function']}" for a in summary["areas"]]
+    lines += lines_of(summary.areas)
     lines.append("top functions, self time:")
-    lines += [f"  {a['share']:5.1f}%  {a['function']}" for a in summary["self"][:top]]
+    lines += lines_of(summary.self_time[:top])
     lines.append("top functions, inclusive:")
-    lines += [f"  {a['share']:5.1f}%  {a['function']}" for a in summary["inclusive"][:top]]
-    if summary.get("native_leaves"):
+    lines += lines_of(summary.inclusive[:top])
+    if summary.native_leaves:
         lines.append("native leaves (C functions the samples were in):")
-        lines += [f"  {a['share']:5.1f}%  {a['function']}" for a in summary["native_leaves"][:8]]
+        lines += lines_of(summary.native_leaves[:8])
     return "\n".join(lines)
 
 

@@ -25,12 +25,9 @@ Redis of ``--url`` without a gateway, so the figure is Redis's (and the client's
 For each test: messages/s received (first to last byte at the subscribers),
 whether all arrived, and CPU as % of one core of Redis, the publishers, the
 subscribers and the rest of the machine (Redis is single-threaded: near 100 % it
-is the limit). Prints one JSON line; ``bench/run.py --only scale`` runs it.
+is the limit). Prints one JSON line; ``python -m bench.run --only scale`` runs it.
 
-``client-cost`` measures the publishing client alone (CPU per PUBLISH in one process,
-from ``Notification`` objects to the replies, channels without a subscriber): the
-gateway's ``RedisBroker.publish``, and for comparison redis-py as the broker used it
-before (``pipeline(transaction=False)``), by default and with ``socket_timeout=None``.
+``client-cost`` measures the publishing client alone (``bench/redis_client_cost.py``).
 
     python -m bench.redis_capacity --url redis://127.0.0.1:6379/0 --messages 300000
     python -m bench.redis_capacity client-cost
@@ -54,6 +51,7 @@ import psutil
 import uvloop
 
 from bench import common
+from bench.cpu import listener_pid, machine_busy, process_cpu
 from service.broker import RedisBroker, encode
 from service.notification import Notification
 
@@ -106,29 +104,6 @@ def redis_address(url: str) -> tuple[str, int]:
     if not sep:
         return rest or "127.0.0.1", 6379
     return host or "127.0.0.1", int(port)
-
-
-def listener_pid(port: int) -> int | None:
-    with contextlib.suppress(psutil.Error):
-        for conn in psutil.net_connections("tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                return int(conn.pid) if conn.pid else None
-    return None
-
-
-def cpu_of(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return float(t.user + t.system)
-    except psutil.Error:
-        return 0.0
-
-
-def machine_busy() -> float:
-    t = psutil.cpu_times()
-    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
 # -- subscribers ---------------------------------------------------------------------
@@ -232,60 +207,6 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def client_cost(args: argparse.Namespace) -> dict[str, float]:
-    """Client CPU per PUBLISH in one process, pipelines of ``--pipeline``, each way
-    from the same ``Notification`` objects to their replies (channel and payload made
-    per message, as the broker does): the gateway's ``RedisBroker.publish`` (one packed
-    buffer on a ``service/resp.py`` connection, replies parsed by ``hiredis.Reader``);
-    redis-py as the broker used it before (``Redis.from_url``, ``pipeline(transaction=
-    False)``, one ``publish`` per message, ``execute()``); and the same with
-    ``socket_timeout=None`` (redis-py then skips the ``asyncio.timeout`` around each
-    reply). Channels have no subscriber: this is the client's cost, not Redis's.
-    Each is the best of 3 runs, on a connection opened before the clock starts."""
-    from redis.asyncio import Redis
-
-    n: int = args.messages
-    prefix = f"bench:cost:{uuid.uuid4().hex[:8]}:"
-    ts = common.now_us()
-    notifications = [notification(i % args.channels, i, ts) for i in range(n)]
-    batches = [notifications[i : i + args.pipeline] for i in range(0, n, args.pipeline)]
-    control = origin(prefix)
-
-    async def gateway_broker() -> float:
-        broker = RedisBroker(args.url, prefix)
-        try:
-            await broker.publish(batches[0][:1])  # opens the command connection
-            t0 = time.process_time()
-            for batch in batches:
-                await broker.publish(batch)
-            return (time.process_time() - t0) / n * 1e6
-        finally:
-            await broker.close()
-
-    async def redis_py(**kwargs: Any) -> float:
-        client = Redis.from_url(args.url, **kwargs)
-        try:
-            await client.ping()  # connects
-            t0 = time.process_time()
-            for batch in batches:
-                async with client.pipeline(transaction=False) as pipe:
-                    for m in batch:
-                        pipe.publish(f"{prefix}{m.user_id}".encode(), encode(m, control))
-                    await pipe.execute()
-            return (time.process_time() - t0) / n * 1e6
-        finally:
-            await client.aclose()
-
-    out: dict[str, float] = {}
-    for name, run in (
-        ("gateway_broker_us", gateway_broker),
-        ("redis_py_default_us", lambda: redis_py()),
-        ("redis_py_no_socket_timeout_us", lambda: redis_py(socket_timeout=None)),
-    ):
-        out[name] = min([await run() for _ in range(3)])  # best of 3
-    return out
-
-
 # -- one test --------------------------------------------------------------------------
 
 
@@ -303,7 +224,12 @@ async def run_test(
         s.reset()
     procs: list[asyncio.subprocess.Process] = []
     ps: list[psutil.Process] = []
-    redis0, me0, busy0, t0 = cpu_of(redis_pid), time.process_time(), machine_busy(), time.time()
+    redis0, me0, busy0, t0 = (
+        process_cpu(redis_pid),
+        time.process_time(),
+        machine_busy(),
+        time.time(),
+    )
     if tool == "py":
         for i in range(publishers):
             share = total * (i + 1) // publishers - total * i // publishers
@@ -383,7 +309,7 @@ async def run_test(
     firsts = [s.first for s in subs if s.first]
     first, last = (min(firsts), max(s.last for s in subs)) if firsts else (0.0, 0.0)
     span = last - first
-    redis_s = cpu_of(redis_pid) - redis0
+    redis_s = process_cpu(redis_pid) - redis0
     me_s = time.process_time() - me0
     pub_s = sum(pub_cpu.values())
     busy = machine_busy() - busy0
@@ -492,6 +418,8 @@ def main() -> None:
         p.add_argument("--channels", type=int, default=10_000, help="per-user channels (10000)")
         p.add_argument("--messages", type=int, default=50_000, help="per run (50000)")
         p.add_argument("--pipeline", type=int, default=1000, help="PUBLISHes per pipeline (1000)")
+        from bench.redis_client_cost import client_cost
+
         print(json.dumps(uvloop.run(client_cost(p.parse_args(sys.argv[2:])))), flush=True)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "publish":

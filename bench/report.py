@@ -1,0 +1,323 @@
+"""The report of a run: table rows, CPU windows and their text. Pure functions of
+``Results`` and ``Options``; nothing here measures, prints or writes files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.cpu import CpuShares
+from bench.options import FLUSH_RUNS, Options
+from bench.results import Fanout, Frames, Results
+
+NOISY = 50  # % of one core used by everything else in a window: its figures are suspect
+
+
+@dataclass
+class Row:
+    """One figure of the table: the gateway's value, the baseline's, and the target."""
+
+    figure: str
+    unit: str
+    gateway: float | None
+    baseline: float | None
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.gateway is not None and self.baseline:
+            return self.gateway / self.baseline
+        return None
+
+
+@dataclass
+class Window:
+    """CPU of one measured window (its name is where it sits in the results)."""
+
+    name: str
+    cpu: CpuShares
+    throttled: list[float] | None = None
+
+
+def rate(frames: Frames | None) -> float | None:
+    return None if frames is None else frames.rate
+
+
+def latency(frames: Frames | None, q: str) -> float | None:
+    if frames is None or frames.latency_ms is None:
+        return None
+    return frames.latency_ms.get(q)
+
+
+def fanout_rows(o: Options, r: Results) -> list[Row]:
+    """Kafka to socket and produced live, at both connection counts."""
+    b = r.baseline
+    rows: list[Row] = []
+    for count, big in ((o.small, False), (o.big, True)):
+        g = r.fanout.get(count)
+        if g is None:
+            continue
+        base_live = None if b is None else (b.live_big if big else b.live_small)
+        if g.drain is not None:
+            value, base = g.drain.rate, rate(base_live)
+            target, met = "", None
+            if big:
+                target = ">= 20,000/s and >= 0.6x"
+                met = bool(value and value >= 20_000 and base and value / base >= 0.6)
+                met = met and g.drain.complete
+            rows.append(
+                Row(
+                    f"fan-out {count} conns, Kafka->socket (pre-produced)",
+                    "msg/s",
+                    value,
+                    base,
+                    target,
+                    met,
+                    "" if g.drain.complete else "INCOMPLETE",
+                )
+            )
+        if g.live is not None:
+            producer = g.live.producer.rate if g.live.producer else 0
+            rows.append(
+                Row(
+                    f"fan-out {count} conns, produced live",
+                    "msg/s",
+                    g.live.rate,
+                    rate(base_live),
+                    note=f"producer {producer:.0f}/s",
+                )
+            )
+            for q in ("p50", "p99"):
+                rows.append(
+                    Row(
+                        f"fan-out {count} live, latency {q}",
+                        "ms",
+                        latency(g.live, q),
+                        None,
+                        note="producer outruns the gateway: mostly time queued in Kafka",
+                    )
+                )
+    return rows
+
+
+def paced_rows(o: Options, r: Results, g: Fanout) -> list[Row]:
+    """Paced latency at the big count, the gateway's GC pauses, Kafka alone."""
+    rows: list[Row] = []
+    paced = g.paced
+    if paced is None:
+        return rows
+    base = r.baseline.paced if r.baseline else None
+    for q in ("p50", "p99", "p999"):
+        value = latency(paced, q)
+        target, met = "", None
+        if q == "p99":
+            target = "<= 25 ms"
+            met = value is not None and value <= 25 and paced.complete
+        rows.append(
+            Row(
+                f"paced {o.paced_rate:.0f}/s x {o.paced_seconds:.0f} s, {o.big} conns, {q}",
+                "ms",
+                value,
+                latency(base, q),
+                target,
+                met,
+                "baseline: bare Sanic, stamped at send" if q == "p50" else "",
+            )
+        )
+    if paced.gc:
+        rows.append(
+            Row(
+                "paced: longest GC pause in the gateway",
+                "ms",
+                paced.gc.max_ms,
+                None,
+                note=f"{paced.gc.full_collections} full collections, {paced.gc.full_ms:.0f} ms",
+            )
+        )
+    for floor, how in (
+        (r.kafka_floor, "commit per batch"),
+        (r.kafka_floor_no_commit, "no commit"),
+    ):
+        if floor is None:
+            continue
+        for q in ("p50", "p99"):
+            note = ""
+            if q == "p50" and floor.commit_ms_p50:
+                note = f"commit round trip p50 {floor.commit_ms_p50:.1f} ms"
+            rows.append(
+                Row(
+                    f"paced {o.paced_rate:.0f}/s, Kafka alone ({how}), {q}",
+                    "ms",
+                    None,
+                    floor.p50 if q == "p50" else floor.p99,
+                    note=note,
+                )
+            )
+    return rows
+
+
+def table(o: Options, r: Results) -> list[Row]:
+    """The rows of the latest-run table of docs/performance.md, in its order."""
+    b = r.baseline
+    base_connect = b.connect_big.rate if b and b.connect_big else None
+    g = r.fanout.get(o.big) or Fanout(connections=o.big)
+    rows = fanout_rows(o, r) + paced_rows(o, r, g)
+    s = r.store
+    if s is not None and s.rate is not None:
+        rows.append(
+            Row(
+                "offline store into PostgreSQL",
+                "msg/s",
+                s.rate,
+                s.bare_insert.rate if s.bare_insert else None,
+                ">= 20,000/s",
+                bool(s.rate >= 20_000 and s.complete),
+                "baseline: bare asyncpg INSERT..unnest, 1000/batch",
+            )
+        )
+    if s is not None and s.flush is not None:
+        value = s.flush.median.to_last_ms
+        rows.append(
+            Row(
+                f"flush {o.flush} stored on connect, to last frame (median of {FLUSH_RUNS})",
+                "ms",
+                value,
+                b.flush.median.to_last_ms if b and b.flush else None,
+                "<= 250 ms",
+                bool(value <= 250 and s.flush.median.complete),
+                "baseline: bare Sanic sends from memory",
+            )
+        )
+    if g.connect is not None:
+        rows.append(
+            Row(
+                f"connect {o.big}, remote auth uncached",
+                "hs/s",
+                g.connect.rate,
+                base_connect,
+                note="fast asyncio auth stand-in; baseline: no auth",
+            )
+        )
+    if g.connect_cached is not None:
+        cached = g.connect_cached
+        rows.append(
+            Row(
+                f"connect {o.big}, remote auth cached",
+                "hs/s",
+                cached.rate,
+                base_connect,
+                ">= 1,000/s",
+                bool(cached.rate and cached.rate >= 1000 and cached.ok == o.big),
+                f"{cached.auth_service_calls} auth calls",
+            )
+        )
+    if r.storm_jwt is not None:
+        rows.append(
+            Row(f"connect {o.storm}, AUTH_MODE=jwt (local)", "hs/s", r.storm_jwt.rate, base_connect)
+        )
+    if g.rss_per_conn_kb is not None and o.wants("memory"):
+        rows.append(
+            Row(
+                f"RSS per idle connection at {o.big}",
+                "KB",
+                g.rss_per_conn_kb,
+                b.rss_per_conn_kb if b else None,
+                "<= 35 KB",
+                g.rss_per_conn_kb <= 35,
+            )
+        )
+    if g.gc_objects_per_conn is not None:
+        per = g.gc_objects_per_conn
+        top = ", ".join(f"{k} {v:.0f}" for k, v in list(per.by_type.items())[:4])
+        rows.append(
+            Row(
+                f"GC-tracked objects per idle connection at {o.big}",
+                "objects",
+                per.total,
+                None,
+                note=top,
+            )
+        )
+    return rows
+
+
+def windows(o: Options, r: Results) -> list[Window]:
+    """Where the CPU went in each measured window, in the order they ran (scale apart)."""
+    out: list[Window] = []
+
+    def add(name: str, cpu: CpuShares | None) -> None:
+        if cpu is not None:
+            out.append(Window(name, cpu))
+
+    b = r.baseline
+    if b is not None:
+        add("baseline.connect_big", b.connect_big.cpu if b.connect_big else None)
+        add(f"baseline.live_{o.big}", b.live_big.cpu if b.live_big else None)
+        add("baseline.paced", b.paced.cpu if b.paced else None)
+        add(f"baseline.live_{o.small}", b.live_small.cpu if b.live_small else None)
+    for count, g in r.fanout.items():
+        add(f"gateway_{count}.connect", g.connect.cpu if g.connect else None)
+        for name, frames in (("drain", g.drain), ("live", g.live), ("paced", g.paced)):
+            add(f"gateway_{count}.{name}", frames.cpu if frames else None)
+        add(f"gateway_{count}.connect_cached", g.connect_cached.cpu if g.connect_cached else None)
+    add("storm_jwt", r.storm_jwt.cpu if r.storm_jwt else None)
+    add("store", r.store.cpu if r.store else None)
+    return out
+
+
+def noisy(ws: list[Window]) -> list[str]:
+    return [w.name for w in ws if w.cpu.other > NOISY]
+
+
+def peak(ws: list[Window]) -> Window | None:
+    """The window where the load generator worked hardest."""
+    return max(ws, key=lambda w: w.cpu.load) if ws else None
+
+
+def fmt(value: float | bool | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "-"
+    if unit in ("msg/s", "hs/s") or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def render_table(rows: list[Row]) -> str:
+    head = ["figure", "unit", "gateway", "baseline", "ratio", "target", "met?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for r in rows:
+        cells = [
+            r.figure,
+            r.unit,
+            fmt(r.gateway, r.unit),
+            fmt(r.baseline, r.unit),
+            "-" if r.ratio is None else f"{r.ratio:.2f}x",
+            r.target or "-",
+            "-" if r.met is None else fmt(r.met),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_cpu(ws: list[Window]) -> str:
+    lines = [
+        "| window | load generator | server | kafka | postgres | auth stand-in | rest of machine"
+        " | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for w in ws:
+        c = w.cpu
+        lines.append(
+            f"| {w.name} | {c.load:.0f}% | {c.server:.0f}% | {c.kafka:.0f}% | "
+            f"{c.postgres:.0f}% | {c.auth:.0f}% | {c.other:.0f}% | {c.wall_s:.1f} |"
+        )
+    return "\n".join(lines)
