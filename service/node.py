@@ -86,7 +86,11 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
+        # Called once when a background task dies; the application stops the
+        # process with it (``python -m service`` then exits with status 70).
         self.on_fatal: Callable[[], None] | None = None
+        # The name of the background task that died, if one did.
+        self.failure: str | None = None
 
     async def start(self) -> None:
         await self.store.start()
@@ -108,7 +112,13 @@ class Node:
         self._supervise(task)
 
     def _supervise(self, task: asyncio.Task[None] | None) -> None:
-        """A background loop that dies unexpectedly stops the process: never a silent half-node."""
+        """A background task that ends while the node is not stopping stops the process.
+
+        Never a silent half-node: a node without its consumer takes connections and
+        delivers nothing. The first such task is named in ``failure`` and ``on_fatal``
+        is called once; the process then exits non-zero, so that an orchestrator
+        restarts it (README, "Exit status").
+        """
 
         def done(finished: asyncio.Task[None]) -> None:
             if finished.cancelled() or self.stopping:
@@ -119,6 +129,9 @@ class Node:
                 extra={"task": finished.get_name(), "error": repr(exc)},
                 exc_info=exc,
             )
+            if self.failure is not None:
+                return
+            self.failure = finished.get_name()
             if self.on_fatal is not None:
                 self.on_fatal()
 
