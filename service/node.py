@@ -28,6 +28,7 @@ from .config import Settings
 from .connection import GOING_AWAY, TRY_AGAIN_LATER, Connection
 from .consumer import Consumer
 from .hub import Hub
+from .limits import raise_open_files
 from .metrics import Metrics
 from .router import Router, StoreUnavailable
 from .store import Store
@@ -93,6 +94,12 @@ class Node:
         self.failure: str | None = None
 
     async def start(self) -> None:
+        """Start the parts in the order of the module docstring.
+
+        Also raises this process's open-file limit (``limits.raise_open_files``) and
+        warns when it stays below what ``MAX_CONNECTIONS`` needs.
+        """
+        raise_open_files(self.settings.max_connections)
         await self.store.start()
         if self.broker is not None:
             # A worker serves as soon as this returns: wait (bounded) for the pub/sub
