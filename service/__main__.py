@@ -78,7 +78,7 @@ def _serve_workers(settings: Settings, env: dict[str, str]) -> bool:
     logs.configure(settings.log_level)
     loader = AppLoader(factory=app_from_environment)
     app = loader.load()
-    # Made before the workers start, handed to each of them; ``app.stop_failed`` sets it.
+    # Made before the workers start, handed to each of them; ``service.app.stop_failed`` sets it.
     failed = multiprocessing.get_context("spawn").Value("b", 0)
 
     @app.main_process_start
