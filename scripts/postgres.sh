@@ -2,10 +2,16 @@
 # A private PostgreSQL cluster for development and tests: installed from Debian's
 # packages when missing, kept under .cache/postgres, listening on loopback only.
 #
-#   scripts/postgres.sh start|stop|status|dsn|psql|reset
+#   scripts/postgres.sh start|stop|status|dsn|psql|reset|where
 #
 # Knobs: PG_PORT (5432), PG_DB (notify), PG_USER (notify), PG_PASSWORD (notify),
 #        PG_CACHE (<repo>/.cache/postgres).
+#
+# As root, the server runs as the package's `postgres` user, which must reach the
+# cluster's directory. A checkout inside a home directory (0700, such as /root) is out
+# of its reach: then the cluster lives in the postgres user's home instead, under
+# notify-ws/<checkout name>-<hash of PG_CACHE>, so two checkouts never share one.
+# `scripts/postgres.sh where` prints the directory in use.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,12 +19,9 @@ PG_PORT=${PG_PORT:-5432}
 PG_DB=${PG_DB:-notify}
 PG_USER=${PG_USER:-notify}
 PG_PASSWORD=${PG_PASSWORD:-notify}
-PG_CACHE=${PG_CACHE:-$ROOT/.cache/postgres}
-DATA=$PG_CACHE/data
-RUN=$PG_CACHE/run
-LOG=$PG_CACHE/postgres.log
+PG_CACHE=$(realpath -m "${PG_CACHE:-$ROOT/.cache/postgres}")
 
-usage() { echo "usage: $0 start|stop|status|dsn|psql|reset" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|status|dsn|psql|reset|where" >&2; exit 2; }
 
 dsn() { echo "postgresql://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"; }
 
@@ -36,21 +39,41 @@ install_server() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
 }
 
-# PostgreSQL refuses to run as root; as root we run it as the package's postgres user.
+# PostgreSQL refuses to run as root; as root we run it as the package's postgres user
+# (from /: the current directory may be out of its reach, and every path here is absolute).
 as_owner() {
     if [ "$(id -u)" -eq 0 ]; then
-        runuser -u postgres -- "$@"
+        (cd / && runuser -u postgres -- "$@")
     else
         "$@"
     fi
+}
+
+# Where the cluster lives: PG_CACHE, unless the postgres user cannot reach it (see above).
+place_cluster() {
+    HOME_DIR=$PG_CACHE
+    if [ "$(id -u)" -eq 0 ] && id postgres >/dev/null 2>&1; then
+        mkdir -p "$PG_CACHE"
+        if ! runuser -u postgres -- test -x "$PG_CACHE" 2>/dev/null; then
+            local base digest
+            base=$(getent passwd postgres | cut -d: -f6)
+            digest=$(printf '%s' "$PG_CACHE" | sha256sum | cut -c1-12)
+            HOME_DIR=$base/notify-ws/$(basename "$ROOT")-$digest
+            mkdir -p "$HOME_DIR"
+            chown postgres: "$base/notify-ws" "$HOME_DIR"
+        fi
+    fi
+    DATA=$HOME_DIR/data
+    RUN=$HOME_DIR/run
+    LOG=$HOME_DIR/postgres.log
 }
 
 is_running() { [ -f "$DATA/postmaster.pid" ] && as_owner "$(bindir)/pg_ctl" -D "$DATA" status >/dev/null 2>&1; }
 
 init_cluster() {
     [ -f "$DATA/PG_VERSION" ] && return 0
-    mkdir -p "$PG_CACHE" "$RUN"
-    [ "$(id -u)" -eq 0 ] && chown -R postgres: "$PG_CACHE"
+    mkdir -p "$HOME_DIR" "$RUN"
+    [ "$(id -u)" -eq 0 ] && chown -R postgres: "$HOME_DIR"
     as_owner "$(bindir)/initdb" -D "$DATA" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
         -E UTF8 --locale=C.UTF-8 >/dev/null
     # Tuned for a throwaway test cluster: durability is not the point here.
@@ -86,6 +109,7 @@ create_role_and_db() {
 
 start() {
     install_server
+    place_cluster
     init_cluster
     if is_running; then
         echo "postgres: already running"
@@ -114,6 +138,9 @@ status() {
     if [ -n "$(bindir)" ] && is_running; then echo "postgres: running at $(dsn)"; else echo "postgres: stopped"; return 1; fi
 }
 
+# stop/status/reset need the same place; before the server is installed there is none.
+[ "${1:-}" = start ] || place_cluster
+
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
@@ -121,5 +148,6 @@ case "${1:-}" in
     dsn) dsn ;;
     psql) shift; PGPASSWORD=$PG_PASSWORD psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$PG_DB" "$@" ;;
     reset) stop; rm -rf "$DATA" ;;
+    where) echo "$HOME_DIR" ;;
     *) usage ;;
 esac

@@ -1,12 +1,26 @@
-"""``python -m service``: run the gateway in one process, configured from the environment."""
+"""``python -m service``: run the gateway, configured from the environment.
+
+Exit status (README, "Exit status"): 0 after a clean stop (SIGTERM, SIGINT);
+2 for a configuration error; 70 when a background task (the Kafka consumer, the
+Redis subscriber, a periodic loop) died and stopped the process, with
+``--workers`` too: one worker's failure stops every worker and the main process
+exits 70; 1 when the gateway could not start (a traceback says why).
+"""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
+from typing import Any
 
 from .config import ConfigError, Settings
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+# sysexits.h's EX_SOFTWARE: an internal error the process cannot recover from.
+EXIT_TASK_DIED = 70
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,27 +36,37 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(env)
     except ConfigError as exc:
         print(f"notify-ws: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
 
-    if settings.workers == 1:
-        from . import logs
-        from .app import create_app
-
-        logs.configure(settings.log_level)
-        create_app(settings).run(
-            host=settings.host,
-            port=settings.port,
-            single_process=True,
-            access_log=False,
-            motd=False,
-        )
-    else:
-        _serve_workers(settings, env)
-    return 0
+    failed = _serve_one(settings) if settings.workers == 1 else _serve_workers(settings, env)
+    return EXIT_TASK_DIED if failed else EXIT_OK
 
 
-def _serve_workers(settings: Settings, env: dict[str, str]) -> None:
-    """Several worker processes behind one port, each a whole node, routed through Redis."""
+def _serve_one(settings: Settings) -> bool:
+    """The gateway in this process; whether it stopped because a background task died."""
+    from . import logs
+    from .app import create_app
+
+    logs.configure(settings.log_level)
+    app = create_app(settings)
+    app.run(
+        host=settings.host,
+        port=settings.port,
+        single_process=True,
+        access_log=False,
+        motd=False,
+    )
+    return app.ctx.node.failure is not None
+
+
+def _serve_workers(settings: Settings, env: dict[str, str]) -> bool:
+    """Several worker processes behind one port, each a whole node, routed through Redis.
+
+    A worker whose background task dies stops the whole service rather than being
+    restarted alone: the failure shows in the exit status, where an orchestrator
+    counts it and backs off, instead of a loop of restarts inside one container.
+    Returns whether that happened.
+    """
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
@@ -54,6 +78,13 @@ def _serve_workers(settings: Settings, env: dict[str, str]) -> None:
     logs.configure(settings.log_level)
     loader = AppLoader(factory=app_from_environment)
     app = loader.load()
+    # Made before the workers start, handed to each of them; ``service.app.stop_failed`` sets it.
+    failed = multiprocessing.get_context("spawn").Value("b", 0)
+
+    @app.main_process_start
+    async def share_failure_flag(app: Sanic[Any, Any]) -> None:
+        app.shared_ctx.failed = failed
+
     app.prepare(
         host=settings.host,
         port=settings.port,
@@ -62,6 +93,7 @@ def _serve_workers(settings: Settings, env: dict[str, str]) -> None:
         motd=False,
     )
     Sanic.serve(primary=app, app_loader=loader)
+    return bool(failed.value)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def create_app(
 
     @app.before_server_start
     async def start_node(app: Sanic[Any, Any]) -> None:
-        gateway.on_fatal = app.stop
+        gateway.on_fatal = lambda: stop_failed(app)
         await gateway.start()
 
     @app.on_response  # type: ignore[untyped-decorator]
@@ -169,6 +169,19 @@ def create_app(
         await gateway.stop()
 
     return app
+
+
+def stop_failed(app: Sanic[Any, Any]) -> None:
+    """A background task of the node died: stop, and make the exit status say so.
+
+    In a worker process ``app.stop()`` also tells Sanic's manager to stop every
+    worker; the shared flag (made by ``python -m service``) tells the main process
+    to exit non-zero. See ``service/__main__.py``.
+    """
+    failed = getattr(app.shared_ctx, "failed", None)
+    if failed is not None:
+        failed.value = 1
+    app.stop()
 
 
 async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str) -> None:

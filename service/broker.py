@@ -147,6 +147,10 @@ class RedisBroker:
     async def subscribe(self, user_id: str, wait: float = 5.0) -> None:
         """Subscribe this process to the user's channel; returns once Redis confirmed.
 
+        A call that does not return normally (it times out, Redis is down, or it is
+        cancelled because the client left meanwhile) takes nothing: its reference
+        is given back, and the channel is left if no one else holds it.
+
         Raises:
             BrokerUnavailable: Redis did not confirm within ``wait`` seconds.
         """
@@ -162,15 +166,23 @@ class RedisBroker:
                 self._send_subscribed(pack("SUBSCRIBE", channel))
             await asyncio.wait_for(asyncio.shield(waiter), wait)
         except (TimeoutError, BrokerUnavailable) as exc:
-            # Give the reference back, or this process would stay subscribed to
-            # the user for good and take (then store) all their notifications.
-            waiters = self._confirmations.get(channel)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._confirmations[channel]
-            self.unsubscribe(user_id)
+            self._give_back(user_id, channel, waiter)
             raise BrokerUnavailable(f"subscribe failed: {type(exc).__name__}") from None
+        except asyncio.CancelledError:
+            # The caller never gets to unsubscribe: its client went away while
+            # Redis had not confirmed yet (Sanic cancels the handler).
+            self._give_back(user_id, channel, waiter)
+            raise
+
+    def _give_back(self, user_id: str, channel: bytes, waiter: asyncio.Future[None]) -> None:
+        """Undo a subscribe that did not complete, or this process would stay subscribed
+        to the user for good and take (then store) all their notifications."""
+        waiters = self._confirmations.get(channel)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._confirmations[channel]
+        self.unsubscribe(user_id)
 
     def unsubscribe(self, user_id: str) -> None:
         """Drop one reference; the channel is left when the last one goes.

@@ -28,6 +28,7 @@ from .config import Settings
 from .connection import GOING_AWAY, TRY_AGAIN_LATER, Connection
 from .consumer import Consumer
 from .hub import Hub
+from .limits import raise_open_files
 from .metrics import Metrics
 from .router import Router, StoreUnavailable
 from .store import Store
@@ -86,9 +87,19 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
+        # Called once when a background task dies; the application stops the
+        # process with it (``python -m service`` then exits with status 70).
         self.on_fatal: Callable[[], None] | None = None
+        # The name of the background task that died, if one did.
+        self.failure: str | None = None
 
     async def start(self) -> None:
+        """Start the parts in the order of the module docstring.
+
+        Also raises this process's open-file limit (``limits.raise_open_files``) and
+        warns when it stays below what ``MAX_CONNECTIONS`` needs.
+        """
+        raise_open_files(self.settings.max_connections)
         await self.store.start()
         if self.broker is not None:
             # A worker serves as soon as this returns: wait (bounded) for the pub/sub
@@ -108,7 +119,13 @@ class Node:
         self._supervise(task)
 
     def _supervise(self, task: asyncio.Task[None] | None) -> None:
-        """A background loop that dies unexpectedly stops the process: never a silent half-node."""
+        """A background task that ends while the node is not stopping stops the process.
+
+        Never a silent half-node: a node without its consumer takes connections and
+        delivers nothing. The first such task is named in ``failure`` and ``on_fatal``
+        is called once; the process then exits non-zero, so that an orchestrator
+        restarts it (README, "Exit status").
+        """
 
         def done(finished: asyncio.Task[None]) -> None:
             if finished.cancelled() or self.stopping:
@@ -119,6 +136,9 @@ class Node:
                 extra={"task": finished.get_name(), "error": repr(exc)},
                 exc_info=exc,
             )
+            if self.failure is not None:
+                return
+            self.failure = finished.get_name()
             if self.on_fatal is not None:
                 self.on_fatal()
 

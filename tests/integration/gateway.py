@@ -23,9 +23,13 @@ def free_port() -> int:
 
 
 class Gateway:
-    """Starts, stops and kills one gateway process; its JSON log goes to ``log_path``."""
+    """Starts, stops and kills one gateway process; its JSON log goes to ``log_path``.
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    ``module`` is what ``python -m`` runs: ``service``, or a test's wrapper of it.
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path, module: str = "service") -> None:
+        self.module = module
         self.port = free_port()
         self.env = {**os.environ, **env, "NOTIFY_HOST": "127.0.0.1", "NOTIFY_PORT": str(self.port)}
         self.log_path = log_path
@@ -42,7 +46,7 @@ class Gateway:
     def start(self, *, wait_ready: bool = True, timeout: float = 60.0) -> Gateway:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service"],
+            [sys.executable, "-m", self.module],
             cwd=ROOT,
             env=self.env,
             stdout=log,

@@ -1,4 +1,4 @@
-"""A TCP proxy in front of Redis for tests: slow to connect, or going silent on demand."""
+"""A TCP proxy in front of Redis for tests: slow to connect, slow to answer, or going silent."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ class RedisProxy:
     ``connect_delay`` holds each new connection that long before it reaches Redis (a
     Redis far away). ``freeze()`` makes the open connections drop their bytes without
     closing them (half-open, as behind a NAT that forgot them); new ones still work.
+    ``hold()`` keeps Redis's replies back (commands still reach Redis) until
+    ``release()`` hands them on: a reply that is late, not lost.
     """
 
     def __init__(self, redis_url: str, connect_delay: float = 0.0) -> None:
@@ -21,6 +23,7 @@ class RedisProxy:
         self.connect_delay = connect_delay
         self.frozen: set[asyncio.StreamWriter] = set()
         self.open: set[asyncio.StreamWriter] = set()
+        self.held: dict[asyncio.StreamWriter, list[bytes]] | None = None
         self.server: asyncio.Server | None = None
 
     async def start(self) -> str:
@@ -30,6 +33,14 @@ class RedisProxy:
 
     def freeze(self) -> None:
         self.frozen |= self.open
+
+    def hold(self) -> None:
+        self.held = {}
+
+    def release(self) -> None:
+        held, self.held = self.held or {}, None
+        for writer, chunks in held.items():
+            writer.write(b"".join(chunks))
 
     def close(self) -> None:
         if self.server is not None:
@@ -42,11 +53,17 @@ class RedisProxy:
         up_reader, up_writer = await asyncio.open_connection(self.upstream.host, self.upstream.port)
         self.open |= {writer, up_writer}
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, replies: bool
+        ) -> None:
             with contextlib.suppress(OSError):
                 while data := await source.read(65536):
-                    if sink not in self.frozen:
+                    if sink in self.frozen:
+                        continue
+                    if replies and self.held is not None:
+                        self.held.setdefault(sink, []).append(data)
+                    else:
                         sink.write(data)
             sink.close()  # one side ended: so does the other
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))

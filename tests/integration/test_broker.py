@@ -192,6 +192,43 @@ async def test_a_silent_redis_times_out_instead_of_hanging(
         assert not broker.subscribed("ivan") and not broker.healthy
 
 
+async def test_a_subscribe_cancelled_while_pending_leaves_no_subscription(
+    brokers: Callable[..., RedisBroker], redis_url: str
+) -> None:
+    """A client that leaves before Redis confirmed its SUBSCRIBE leaves no channel behind."""
+    proxy = RedisProxy(redis_url)
+    url = await proxy.start()
+    try:
+        broker = brokers(Receiver(), url)
+        await until(lambda: broker.healthy)
+        channel = broker.channel("liam").decode()
+
+        async def receivers() -> int:
+            reply = await redis_command(redis_url, "PUBSUB", "NUMSUB", channel)
+            assert isinstance(reply, list)
+            return int(reply[1])
+
+        proxy.hold()  # Redis gets the SUBSCRIBE; its confirmation waits in the proxy
+        pending = asyncio.create_task(broker.subscribe("liam"))
+        deadline = time.monotonic() + 5
+        while await receivers() != 1:
+            assert time.monotonic() < deadline, "the SUBSCRIBE never reached Redis"
+            await asyncio.sleep(0.02)
+        pending.cancel()  # what Sanic does to the handler when its client goes away
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        proxy.release()
+
+        assert not broker.subscribed("liam")
+        deadline = time.monotonic() + 5
+        while await receivers() != 0:
+            assert time.monotonic() < deadline, "the channel is still subscribed at Redis"
+            await asyncio.sleep(0.05)
+        assert await broker.publish([note("liam")]) == [0]  # offline: stored, not lost here
+    finally:
+        proxy.close()
+
+
 async def test_a_silent_pubsub_connection_is_noticed_and_replaced(
     brokers: Callable[..., RedisBroker], redis_url: str
 ) -> None:

@@ -1,4 +1,4 @@
-"""The deploy files (Dockerfile, .dockerignore, docker-compose.yml) against DESIGN.md §1 and §5.
+"""The deploy files (Dockerfile, .dockerignore, docker-compose*.yml) against DESIGN.md §1 and §5.
 
 No Docker engine is needed: the files are parsed and checked for the facts the
 platform's scenario depends on, and ``scripts/lint-docker.sh`` lints them.
@@ -16,8 +16,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from service.config import Settings
+from service.limits import FD_MARGIN
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+SCALE_FILE = ROOT / "docker-compose.scale.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 LINT_SCRIPT = ROOT / "scripts" / "lint-docker.sh"
@@ -290,6 +294,111 @@ def test_compose_names_the_seed_producer_command_target(
     assert kafka.get("hostname", KAFKA) == KAFKA
     assert kafka.get("deploy", {}).get("replicas", 1) == 1
     assert "/opt/bitnami/kafka/bin/" in _words(kafka["healthcheck"]["test"])
+
+
+def test_gateway_may_open_a_descriptor_per_connection(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The gateway's open-file limit holds MAX_CONNECTIONS sockets plus its own descriptors."""
+    nofile = services[GATEWAY]["ulimits"]["nofile"]
+    needed = Settings().max_connections + FD_MARGIN
+    assert int(nofile["soft"]) >= needed
+    assert int(nofile["hard"]) >= needed
+
+
+# ---- docker-compose.scale.yml: the load balancer ------------------------------------
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's ``!reset`` / ``!override`` tags (taken as plain values)."""
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(
+        _tag,
+        lambda loader, node: (
+            loader.construct_sequence(node)
+            if isinstance(node, yaml.SequenceNode)
+            else loader.construct_mapping(node)
+            if isinstance(node, yaml.MappingNode)
+            else loader.construct_scalar(node)
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def scale() -> dict[str, Any]:
+    data = yaml.load(SCALE_FILE.read_text(encoding="utf-8"), Loader=_ComposeLoader)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def nginx(scale: dict[str, Any]) -> str:
+    """The load balancer's nginx.conf as nginx reads it: ``$$`` unescaped, comments dropped."""
+    lb = scale["services"]["notify-lb"]
+    (config,) = lb["configs"]
+    assert config["target"] == "/etc/nginx/nginx.conf"  # the whole file: events{} included
+    text = scale["configs"][config["source"]]["content"].replace("$$", "$")
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def _directives(nginx: str, name: str) -> list[str]:
+    """The arguments of every ``name ...;`` directive, however many lines each spans."""
+    return [m.strip() for m in re.findall(rf"(?:^|[;{{}}\s]){name}\s+([^;{{}}]*);", nginx)]
+
+
+def _one_number(nginx: str, name: str) -> int:
+    (value,) = _directives(nginx, name)
+    assert value.isdigit(), f"{name} {value}: a number, so that the capacity can be checked"
+    return int(value)
+
+
+def test_load_balancer_logs_no_query_string(nginx: str) -> None:
+    """The token travels in ?token=: no log line of nginx may hold the query string."""
+    formats = {}
+    for arguments in _directives(nginx, "log_format"):
+        name, _, body = arguments.partition(" ")
+        variables = set(re.findall(r"\$(\w+)", body))
+        leaking = {v for v in variables if v in _QUERY_VARIABLES or v.startswith("arg_")}
+        assert not leaking, f"log_format {name} logs {sorted(leaking)}"
+        formats[name] = body
+    access_logs = _directives(nginx, "access_log")
+    # Without an access_log nginx writes the 'combined' format, $request and all.
+    assert access_logs
+    for arguments in access_logs:
+        words = arguments.split()
+        assert words == ["off"] or (len(words) >= 2 and words[1] in formats), arguments
+    # The error log quotes the request line on every request-level message (error, warn...).
+    (error_log,) = _directives(nginx, "error_log")
+    assert error_log.split()[-1] in ("crit", "alert", "emerg")
+
+
+_QUERY_VARIABLES = {"request", "request_uri", "args", "query_string", "is_args"}
+
+
+def test_load_balancer_has_room_for_every_gateway_connection(
+    scale: dict[str, Any], nginx: str
+) -> None:
+    """Two connections per WebSocket (client and gateway) for every gateway at MAX_CONNECTIONS."""
+    replicas = int(scale["services"][GATEWAY]["deploy"]["replicas"])
+    websockets = replicas * Settings().max_connections
+    workers = _one_number(nginx, "worker_processes")
+    per_worker = _one_number(nginx, "worker_connections")
+    assert workers * per_worker >= 2 * websockets
+    rlimit = _one_number(nginx, "worker_rlimit_nofile")
+    assert rlimit >= per_worker
+    nofile = scale["services"]["notify-lb"]["ulimits"]["nofile"]
+    assert int(nofile["hard"]) >= rlimit  # nginx cannot raise a worker's limit past it
+
+
+def test_load_balancer_does_not_publish_metrics(nginx: str) -> None:
+    """/metrics (and anything under it) is answered 404 by nginx, never proxied."""
+    blocks = re.findall(r"location\s+(\^~|=)?\s*(/metrics\S*)\s*\{([^}]*)\}", nginx)
+    assert any(
+        modifier == "^~" and path == "/metrics" and re.search(r"return\s+404|deny\s+all", body)
+        for modifier, path, body in blocks
+    ), blocks
 
 
 # ---- Dockerfile and .dockerignore -----------------------------------------------------
