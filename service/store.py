@@ -1,8 +1,9 @@
 """The PostgreSQL backlog of notifications that reached no socket.
 
-Table ``undelivered_notification`` (see ``migrations/``): ``message_id`` is the
-primary key, so a Kafka redelivery never duplicates a row; rows are read per
-user in ``(created_at, seq)`` order, oldest first.
+Table ``undelivered_notification`` (see ``migrations/``): the primary key is
+``(user_id, message_id)``, so a Kafka redelivery never duplicates a user's row,
+while one ``message_id`` sent to several users is a row for each of them. Rows
+are read per user in ``(created_at, seq)`` order, oldest first.
 
 Every method raises :class:`~service.router.StoreUnavailable` when PostgreSQL
 cannot be reached or refuses, and is safe to call concurrently (asyncpg pool).
@@ -30,7 +31,7 @@ _FAILURES = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.Inter
 _INSERT = """
 INSERT INTO undelivered_notification (message_id, user_id, title, body, created_at)
 SELECT * FROM unnest($1::uuid[], $2::varchar[], $3::text[], $4::text[], $5::timestamptz[])
-ON CONFLICT (message_id) DO NOTHING
+ON CONFLICT (user_id, message_id) DO NOTHING
 """
 
 _FETCH_FIRST = """
@@ -43,6 +44,10 @@ SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notifi
 WHERE user_id = $1 AND (created_at, seq) > ($3, $4) ORDER BY created_at, seq LIMIT $2
 """
 
+_DELETE = """
+DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2::uuid[])
+"""
+
 _EXPIRE = (
     "DELETE FROM undelivered_notification WHERE created_at < now() - make_interval(secs => $1)"
 )
@@ -51,8 +56,8 @@ _EXPIRE = (
 # check to some users (NULL: all of them, a full scan).
 _CAP = """
 DELETE FROM undelivered_notification AS t USING (
-    SELECT message_id FROM (
-        SELECT message_id,
+    SELECT user_id, message_id FROM (
+        SELECT user_id, message_id,
                row_number() OVER (PARTITION BY user_id ORDER BY created_at DESC, seq DESC) AS rank
         FROM undelivered_notification
         WHERE user_id IN (
@@ -62,7 +67,7 @@ DELETE FROM undelivered_notification AS t USING (
         )
     ) AS ranked WHERE rank > $1
 ) AS excess
-WHERE t.message_id = excess.message_id
+WHERE (t.user_id, t.message_id) = (excess.user_id, excess.message_id)
 """
 
 
@@ -148,14 +153,12 @@ class Store:
             for row in rows
         ]
 
-    async def delete(self, message_ids: Sequence[str]) -> None:
+    async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
+        """Remove these rows of ``user_id``; another user's row with the same id stays."""
         if not message_ids:
             return
         async with self._connection() as connection:
-            await connection.execute(
-                "DELETE FROM undelivered_notification WHERE message_id = ANY($1::uuid[])",
-                [uuid.UUID(m) for m in message_ids],
-            )
+            await connection.execute(_DELETE, user_id, [uuid.UUID(m) for m in message_ids])
 
     async def expire(self, ttl_seconds: float) -> int:
         """Delete rows older than the TTL; returns how many."""
