@@ -65,3 +65,93 @@ async def test_deleting_one_users_row_keeps_another_users_row_with_the_same_id(
     )
     await store.delete("alice", [message_id])
     assert await _rows(db) == [("bob", message_id)]
+
+
+async def test_expiry_deletes_in_batches_and_keeps_recent_rows(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """5,000 expired rows go in statements of at most 100; rows younger than the TTL stay."""
+    await _insert(db, "old", 5_000, timedelta(days=2))
+    await _insert(db, "new", 300, timedelta(0))
+    batches = [deleted async for deleted in store.expire(24 * 3600, 100)]
+    assert sum(batches) == 5_000
+    assert max(batches) <= 100
+    assert len(batches) >= 50
+    remaining = await db.fetchval("SELECT count(*) FROM undelivered_notification")
+    assert remaining == 300
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM undelivered_notification WHERE user_id LIKE 'old-%'"
+        )
+        == 0
+    )
+
+
+async def test_expiry_stopped_between_batches_deletes_the_rest_next_time(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """A pass cut short (``aclose``) leaves no lock behind; the next pass finishes the work."""
+    await _insert(db, "old", 1_000, timedelta(days=2))
+    batches = store.expire(24 * 3600, 100)
+    assert await anext(batches) == 100
+    await batches.aclose()
+    assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 900
+    assert sum([deleted async for deleted in store.expire(24 * 3600, 100)]) == 900
+
+
+async def test_cap_keeps_each_users_newest_rows_in_batches(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """Over the cap, a user's oldest rows go, at most ``batch`` per statement; others stay."""
+    await _insert(db, "hoarder", 7 * 400, timedelta(hours=1))  # 7 users of 400 rows
+    await _insert(db, "light", 7 * 3, timedelta(hours=1))  # 7 users of 3 rows
+    newest = {
+        r["user_id"]: r["titles"]
+        for r in await db.fetch(
+            """
+            SELECT user_id, array_agg(title ORDER BY created_at DESC, seq DESC) AS titles
+            FROM undelivered_notification GROUP BY user_id
+            """
+        )
+    }
+    batches = [deleted async for deleted in store.cap(250, None, 100)]
+    assert sum(batches) == 7 * 150
+    assert max(batches) <= 100
+    after = {
+        r["user_id"]: r["titles"]
+        for r in await db.fetch(
+            """
+            SELECT user_id, array_agg(title ORDER BY created_at DESC, seq DESC) AS titles
+            FROM undelivered_notification GROUP BY user_id
+            """
+        )
+    }
+    assert after == {user: titles[:250] for user, titles in newest.items()}
+
+
+async def test_cap_walks_every_user_when_asked_for_all(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """With no user list, more users than one check takes are all capped."""
+    await db.execute(
+        """
+        INSERT INTO undelivered_notification (message_id, user_id, title, body, created_at)
+        SELECT gen_random_uuid(), 'u' || (i % 2500), 't', 'b', now() - make_interval(secs => i)
+        FROM generate_series(1, 7500) AS i
+        """
+    )
+    assert sum([deleted async for deleted in store.cap(1, None, 1000)]) == 5000
+    assert await db.fetchval("SELECT count(DISTINCT user_id) FROM undelivered_notification") == 2500
+    assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 2500
+
+
+async def test_cap_of_listed_users_leaves_the_others_alone(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """Checking only the users stored to since the last pass touches no one else."""
+    await _insert(db, "a", 7 * 5, timedelta(hours=1))
+    assert sum([d async for d in store.cap(2, ["a-1", "a-2", "nobody"], 100)]) == 6
+    counts = dict(
+        await db.fetch("SELECT user_id, count(*) FROM undelivered_notification GROUP BY user_id")
+    )
+    assert counts == {"a-0": 5, "a-1": 2, "a-2": 2, "a-3": 5, "a-4": 5, "a-5": 5, "a-6": 5}
