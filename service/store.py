@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -288,8 +289,15 @@ async def _keep_session(connection: Any) -> None:
 
 
 def _timestamp(created_ms: int) -> datetime:
-    if created_ms <= 0:
-        return datetime.now(UTC)
+    """The row's ``created_at`` for a Kafka timestamp: never raises, for any int.
+
+    A timestamp that is missing (zero or negative) or in the future is taken as
+    now: a time past year 9999 cannot be represented, and a row dated ahead of
+    the clock would be read out of order and outlive ``BACKLOG_TTL``.
+    """
+    now_ms = time.time() * 1000
+    if created_ms <= 0 or created_ms > now_ms:
+        return datetime.fromtimestamp(now_ms / 1000, UTC)
     return datetime.fromtimestamp(created_ms / 1000, UTC)
 
 
