@@ -263,13 +263,14 @@ class Router:
             awaiting[notification.message_id] = 0
         counts = await self._retry("broker", lambda: broker.publish(notifications))
         unreached: list[Notification] = []
-        published: dict[str, Notification] = {}
+        # By message_id, as receivers acknowledge; one id may be several users' notifications.
+        published: dict[str, list[Notification]] = {}
         for notification, count in zip(notifications, counts, strict=True):
             key = notification.message_id
             if count == 0:
                 unreached.append(notification)
             else:
-                published[key] = notification
+                published.setdefault(key, []).append(notification)
             awaiting[key] = awaiting.get(key, 0) + count
         for key in [key for key, left in awaiting.items() if left <= 0]:
             del awaiting[key]
@@ -282,7 +283,7 @@ class Router:
         try:
             await asyncio.wait_for(asyncio.shield(self._all_acked), self._ack_timeout)
         except TimeoutError:
-            missing = [published[key] for key in self._awaiting if key in published]
+            missing = [n for key in self._awaiting for n in published.get(key, ())]
             log.warning("ack_timeout", extra={"unacknowledged": len(missing)})
             self._metrics.ack_timeouts.inc(len(missing))
             unreached += missing

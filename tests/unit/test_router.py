@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import pytest
 
@@ -584,3 +584,28 @@ async def test_a_redelivered_duplicate_for_the_same_user_is_counted(
     assert len(backlog.rows) == 2
     assert count(metrics, "notify_notifications_stored_total") == 2
     assert count(metrics, "notify_store_duplicates_total") == 1
+
+
+class SilentBroker:
+    """A broker that reaches one receiver per notification, and no receiver ever acknowledges."""
+
+    async def publish(self, notifications: Sequence[Notification]) -> list[int]:
+        return [1] * len(notifications)
+
+    async def publish_flush(self, user_ids: Iterable[str]) -> None:
+        pass
+
+    async def acknowledge(self, by_origin: dict[bytes, list[str]]) -> None:
+        pass
+
+
+async def test_unacknowledged_shared_id_is_stored_for_every_user(
+    hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """When receivers die before acknowledging a shared id, each of its users' copies is stored."""
+    router = Router(hub, backlog, metrics, broker=SilentBroker(), ack_timeout=0.05)
+    for_alice, for_bob = same_id_for(str(uuid.uuid4()), "alice", "bob")
+    await asyncio.wait_for(router.deliver([for_alice, for_bob]), 2.0)
+    assert sorted(backlog.rows) == sorted(
+        [("alice", for_alice.message_id), ("bob", for_bob.message_id)]
+    )
