@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
+import httpx
 import pytest
 
 from service.notification import Notification
 from service.store import Store
+
+from .conftest import GatewayFactory
 
 
 @pytest.fixture
@@ -155,3 +159,24 @@ async def test_cap_of_listed_users_leaves_the_others_alone(
         await db.fetch("SELECT user_id, count(*) FROM undelivered_notification GROUP BY user_id")
     )
     assert counts == {"a-0": 5, "a-1": 2, "a-2": 2, "a-3": 5, "a-4": 5, "a-5": 5, "a-6": 5}
+
+
+async def test_a_gateway_far_behind_on_retention_catches_up_without_waiting_the_interval(
+    gateway_factory: GatewayFactory, db: asyncpg.Connection
+) -> None:
+    """5,000 expired rows, 10 per statement, a 1 h interval: all go in passes a second apart.
+
+    A pass runs at most 100 statements, so this takes five passes; the gateway
+    starts the next one after a second because the last was cut short, not an hour later.
+    """
+    await _insert(db, "old", 5_000, timedelta(days=2))
+    await _insert(db, "new", 70, timedelta(0))
+    gateway = gateway_factory(BACKLOG_TTL="1d", BACKLOG_CLEANUP_INTERVAL="1h", RETENTION_BATCH="10")
+    async with asyncio.timeout(120):
+        while await db.fetchval(
+            "SELECT count(*) FROM undelivered_notification WHERE user_id LIKE 'old-%'"
+        ):
+            await asyncio.sleep(0.2)
+    assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 70
+    metrics = httpx.get(f"{gateway.base}/metrics").text
+    assert 'notify_notifications_expired_total{cause="ttl"} 5000.0' in metrics
