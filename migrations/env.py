@@ -1,13 +1,16 @@
 """Alembic environment: runs the hand-written revisions over asyncpg.
 
 The database comes from ``DATABASE_URL``, read and validated by the gateway's
-own settings, so migrations and the gateway always agree on it.
+own settings, so migrations and the gateway always agree on it. Progress (each
+revision run, and what a downgrade had to delete) is logged to stderr as
+``alembic.ini`` says.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import pool
@@ -15,6 +18,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.config import Settings
+
+if context.config.config_file_name is not None:
+    fileConfig(context.config.config_file_name, disable_existing_loggers=False)
 
 
 def _url() -> str:

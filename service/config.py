@@ -65,6 +65,7 @@ class Settings:
     backlog_ttl: float = 7 * 24 * 3600.0
     backlog_max_per_user: int = 1000
     backlog_cleanup_interval: float = 60.0
+    retention_batch: int = 10_000
     flush_batch: int = 200
 
     max_connections_per_user: int = 10
@@ -137,6 +138,7 @@ class Settings:
             backlog_cleanup_interval=r.seconds(
                 "BACKLOG_CLEANUP_INTERVAL", d.backlog_cleanup_interval, minimum=0.1
             ),
+            retention_batch=r.integer("RETENTION_BATCH", d.retention_batch, 1, 1_000_000),
             flush_batch=r.integer("FLUSH_BATCH", d.flush_batch, 1, 10_000),
             max_connections_per_user=r.integer(
                 "MAX_CONNECTIONS_PER_USER", d.max_connections_per_user, 1, 100_000

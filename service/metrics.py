@@ -39,6 +39,11 @@ class Metrics:
         self.stored = Counter(
             "notify_notifications_stored", "Notifications saved for offline users.", registry=r
         )
+        self.store_duplicates = Counter(
+            "notify_store_duplicates",
+            "Notifications already in the backlog for their user (a redelivery): not stored twice.",
+            registry=r,
+        )
         self.flushed = Counter(
             "notify_notifications_flushed", "Stored notifications written on connect.", registry=r
         )

@@ -19,7 +19,8 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from contextlib import aclosing
 from typing import Any
 
 from .auth import Authenticator, build_authenticator
@@ -212,26 +213,54 @@ class Node:
     async def _retention_loop(self) -> None:
         """Expire stored rows past the TTL and cap each user's backlog, periodically.
 
-        The first pass caps every user; later passes only the users stored to since,
+        Both delete in statements of at most ``RETENTION_BATCH`` rows, and a pass
+        runs at most ``per_pass`` statements of each: a table far behind (millions
+        of expired rows) is worked off in passes one second apart, never by one
+        statement that would run into a timeout or hold millions of row locks. The
+        first pass caps every user; later passes only the users stored to since,
         so the check does not scan the whole table every interval.
         """
         s = self.settings
+        per_pass = 100  # statements of each kind per pass: 1M rows at the default batch
+
+        async def run(cause: str, batches: AsyncGenerator[int, None]) -> tuple[int, bool]:
+            """Rows deleted, and whether the work ran out within ``per_pass`` statements."""
+            deleted = statements = 0
+            async with aclosing(batches):
+                async for rows in batches:
+                    deleted += rows
+                    self.metrics.expired.labels(cause).inc(rows)
+                    statements += 1
+                    if statements >= per_pass:
+                        return deleted, False
+            return deleted, True
+
         users: set[str] | None = None
         while True:
             if users is not None:
                 users |= self.router.take_stored_users()
             try:
-                expired = await self.store.expire(s.backlog_ttl)
-                capped = await self.store.cap(s.backlog_max_per_user, users)
+                expired, expiry_done = await run(
+                    "ttl", self.store.expire(s.backlog_ttl, s.retention_batch)
+                )
+                capped, cap_done = await run(
+                    "per_user_cap",
+                    self.store.cap(s.backlog_max_per_user, users, s.retention_batch),
+                )
             except StoreUnavailable as exc:
                 log.warning("retention_skipped", extra={"error": str(exc)})
-            else:
-                self.metrics.expired.labels("ttl").inc(expired)
-                self.metrics.expired.labels("per_user_cap").inc(capped)
-                if expired or capped:
-                    log.info("retention", extra={"expired": expired, "capped": capped})
-                users = set()
-            await asyncio.sleep(s.backlog_cleanup_interval)
+                await asyncio.sleep(s.backlog_cleanup_interval)
+                continue
+            if cap_done:
+                users = set()  # else the same users again next pass, with those stored since
+            behind = not (expiry_done and cap_done)
+            if expired or capped:
+                log.info(
+                    "retention", extra={"expired": expired, "capped": capped, "behind": behind}
+                )
+            await asyncio.sleep(
+                min(1.0, s.backlog_cleanup_interval) if behind else s.backlog_cleanup_interval
+            )
 
     async def _watchdog_loop(self) -> None:
         """Close connections whose socket write has been stuck past WRITE_TIMEOUT (1013)."""

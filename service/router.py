@@ -63,9 +63,10 @@ class Backlog(Protocol):
     """What the router needs of the persistent store of undelivered notifications."""
 
     async def save(self, notifications: Sequence[Notification]) -> int:
-        """Store notifications; ones already stored (same message_id) are ignored.
+        """Store notifications; one already stored for its user (same message_id) is ignored.
 
-        Returns how many rows were new. Raises StoreUnavailable.
+        The same message_id for two users is two rows. Returns how many rows were
+        new. Raises StoreUnavailable.
         """
         ...
 
@@ -75,8 +76,10 @@ class Backlog(Protocol):
         """The user's stored rows after ``after``, oldest first. Raises StoreUnavailable."""
         ...
 
-    async def delete(self, message_ids: Sequence[str]) -> None:
-        """Remove delivered notifications. Raises StoreUnavailable."""
+    async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
+        """Remove notifications delivered to ``user_id``; other users' rows with the same
+        ids stay. Raises StoreUnavailable.
+        """
         ...
 
 
@@ -260,13 +263,14 @@ class Router:
             awaiting[notification.message_id] = 0
         counts = await self._retry("broker", lambda: broker.publish(notifications))
         unreached: list[Notification] = []
-        published: dict[str, Notification] = {}
+        # By message_id, as receivers acknowledge; one id may be several users' notifications.
+        published: dict[str, list[Notification]] = {}
         for notification, count in zip(notifications, counts, strict=True):
             key = notification.message_id
             if count == 0:
                 unreached.append(notification)
             else:
-                published[key] = notification
+                published.setdefault(key, []).append(notification)
             awaiting[key] = awaiting.get(key, 0) + count
         for key in [key for key, left in awaiting.items() if left <= 0]:
             del awaiting[key]
@@ -279,7 +283,7 @@ class Router:
         try:
             await asyncio.wait_for(asyncio.shield(self._all_acked), self._ack_timeout)
         except TimeoutError:
-            missing = [published[key] for key in self._awaiting if key in published]
+            missing = [n for key in self._awaiting for n in published.get(key, ())]
             log.warning("ack_timeout", extra={"unacknowledged": len(missing)})
             self._metrics.ack_timeouts.inc(len(missing))
             unreached += missing
@@ -390,6 +394,9 @@ class Router:
 
         added = await self._retry("store", save)
         self._metrics.stored.inc(added)
+        # Already stored for the same user: Kafka redelivered it, or it was stored
+        # twice on the way (an ack timeout, an abort). Counted, never a second row.
+        self._metrics.store_duplicates.inc(len(notifications) - added)
         users = {n.user_id for n in notifications}
         self._stored_users |= users
         if self._broker is None:
@@ -451,14 +458,14 @@ class Router:
                     done.append(notification.message_id)
             finally:
                 if done:
-                    await self._delete_quietly(done)
+                    await self._delete_quietly(outlet.user_id, done)
             if len(page) < self._flush_batch:
                 return written
             cursor = page[-1].cursor
 
-    async def _delete_quietly(self, message_ids: list[str]) -> None:
+    async def _delete_quietly(self, user_id: str, message_ids: list[str]) -> None:
         try:
-            await self._backlog.delete(message_ids)
+            await self._backlog.delete(user_id, message_ids)
         except StoreUnavailable as exc:
             # The frames were written; the rows will be sent again on a later
             # connection. At least once, never silently lost.

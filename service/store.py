@@ -1,8 +1,14 @@
 """The PostgreSQL backlog of notifications that reached no socket.
 
-Table ``undelivered_notification`` (see ``migrations/``): ``message_id`` is the
-primary key, so a Kafka redelivery never duplicates a row; rows are read per
-user in ``(created_at, seq)`` order, oldest first.
+Table ``undelivered_notification`` (see ``migrations/``): the primary key is
+``(user_id, message_id)``, so a Kafka redelivery never duplicates a user's row,
+while one ``message_id`` sent to several users is a row for each of them. Rows
+are read per user in ``(created_at, seq)`` order, oldest first.
+
+Retention (:meth:`Store.expire`, :meth:`Store.cap`) deletes in batches of a
+bounded number of rows, one short statement each, so a table with millions of
+rows to drop drains without a statement that runs for minutes, holds millions of
+row locks or hits a statement timeout.
 
 Every method raises :class:`~service.router.StoreUnavailable` when PostgreSQL
 cannot be reached or refuses, and is safe to call concurrently (asyncpg pool).
@@ -12,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +37,7 @@ _FAILURES = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.Inter
 _INSERT = """
 INSERT INTO undelivered_notification (message_id, user_id, title, body, created_at)
 SELECT * FROM unnest($1::uuid[], $2::varchar[], $3::text[], $4::text[], $5::timestamptz[])
-ON CONFLICT (message_id) DO NOTHING
+ON CONFLICT (user_id, message_id) DO NOTHING
 """
 
 _FETCH_FIRST = """
@@ -43,27 +50,74 @@ SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notifi
 WHERE user_id = $1 AND (created_at, seq) > ($3, $4) ORDER BY created_at, seq LIMIT $2
 """
 
-_EXPIRE = (
-    "DELETE FROM undelivered_notification WHERE created_at < now() - make_interval(secs => $1)"
-)
-
-# Keep the newest $1 rows of each user who has more than that; $2 limits the
-# check to some users (NULL: all of them, a full scan).
-_CAP = """
-DELETE FROM undelivered_notification AS t USING (
-    SELECT message_id FROM (
-        SELECT message_id,
-               row_number() OVER (PARTITION BY user_id ORDER BY created_at DESC, seq DESC) AS rank
-        FROM undelivered_notification
-        WHERE user_id IN (
-            SELECT user_id FROM undelivered_notification
-            WHERE $2::varchar[] IS NULL OR user_id = ANY($2::varchar[])
-            GROUP BY user_id HAVING count(*) > $1
-        )
-    ) AS ranked WHERE rank > $1
-) AS excess
-WHERE t.message_id = excess.message_id
+_DELETE = """
+DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2::uuid[])
 """
+
+_EXPIRY_CUTOFF = "SELECT now() - make_interval(secs => $1)"
+
+# One batch of expiry: the oldest $2 rows before the cutoff, found through the
+# created_at index and deleted by their physical address (a TID scan).
+_EXPIRE_BATCH = """
+DELETE FROM undelivered_notification
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM undelivered_notification WHERE created_at < $1
+    ORDER BY created_at LIMIT $2
+)) AND created_at < $1
+"""
+
+# Users with rows, in user_id order, $2 at a time after $1: a walk of the
+# (user_id, ...) index that touches one entry per user, however many rows each has.
+_USERS_FIRST = """
+WITH RECURSIVE walk(user_id) AS (
+    SELECT min(user_id) FROM undelivered_notification
+  UNION ALL
+    SELECT (SELECT min(user_id) FROM undelivered_notification WHERE user_id > walk.user_id)
+    FROM walk WHERE walk.user_id IS NOT NULL
+)
+SELECT user_id FROM walk WHERE user_id IS NOT NULL LIMIT $1
+"""
+
+_USERS_AFTER = """
+WITH RECURSIVE walk(user_id) AS (
+    SELECT min(user_id) FROM undelivered_notification WHERE user_id > $1
+  UNION ALL
+    SELECT (SELECT min(user_id) FROM undelivered_notification WHERE user_id > walk.user_id)
+    FROM walk WHERE walk.user_id IS NOT NULL
+)
+SELECT user_id FROM walk WHERE user_id IS NOT NULL LIMIT $2
+"""
+
+# Of these users, those with more than $2 rows, and for each the newest row that
+# is over the cap: it and everything older go. Reads at most $2 + 1 index
+# entries per user.
+_OVER_CAP = """
+SELECT u.user_id, b.created_at, b.seq
+FROM unnest($1::varchar[]) AS u(user_id)
+CROSS JOIN LATERAL (
+    SELECT created_at, seq FROM undelivered_notification AS t
+    WHERE t.user_id = u.user_id
+    ORDER BY created_at DESC, seq DESC OFFSET $2 LIMIT 1
+) AS b
+"""
+
+# One batch of the cap: up to $4 rows at or before each user's boundary, oldest first.
+_CAP_BATCH = """
+DELETE FROM undelivered_notification
+WHERE ctid = ANY(ARRAY(
+    SELECT excess.ctid
+    FROM unnest($1::varchar[], $2::timestamptz[], $3::bigint[]) AS b(user_id, created_at, seq)
+    CROSS JOIN LATERAL (
+        SELECT ctid FROM undelivered_notification AS t
+        WHERE t.user_id = b.user_id AND (t.created_at, t.seq) <= (b.created_at, b.seq)
+        ORDER BY t.created_at, t.seq LIMIT $4
+    ) AS excess
+    LIMIT $4
+))
+"""
+
+# Users checked against the cap per statement: each costs up to cap + 1 index entries.
+_USERS_PER_CHECK = 1000
 
 
 def _count(status: str) -> int:
@@ -148,28 +202,76 @@ class Store:
             for row in rows
         ]
 
-    async def delete(self, message_ids: Sequence[str]) -> None:
+    async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
+        """Remove these rows of ``user_id``; another user's row with the same id stays."""
         if not message_ids:
             return
         async with self._connection() as connection:
-            await connection.execute(
-                "DELETE FROM undelivered_notification WHERE message_id = ANY($1::uuid[])",
-                [uuid.UUID(m) for m in message_ids],
-            )
+            await connection.execute(_DELETE, user_id, [uuid.UUID(m) for m in message_ids])
 
-    async def expire(self, ttl_seconds: float) -> int:
-        """Delete rows older than the TTL; returns how many."""
-        async with self._connection() as connection:
-            return _count(await connection.execute(_EXPIRE, float(ttl_seconds)))
+    async def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]:
+        """Delete rows older than the TTL, oldest first, at most ``batch`` per statement.
 
-    async def cap(self, max_per_user: int, user_ids: Collection[str] | None = None) -> int:
-        """Delete the oldest rows of users over the cap; returns how many.
-
-        ``user_ids`` limits the check to those users; None checks everyone.
+        Yields the number deleted by each statement, and ends after the first one
+        that found fewer than ``batch``. The cutoff is fixed when it starts, so it
+        ends even while rows keep arriving. Each statement takes a pool connection
+        of its own: stopping between two yields (``aclose``) leaves nothing open.
         """
-        users = None if user_ids is None else list(user_ids)
         async with self._connection() as connection:
-            return _count(await connection.execute(_CAP, max_per_user, users))
+            cutoff = await connection.fetchval(_EXPIRY_CUTOFF, float(ttl_seconds))
+        while True:
+            async with self._connection() as connection:
+                deleted = _count(await connection.execute(_EXPIRE_BATCH, cutoff, batch))
+            yield deleted
+            if deleted < batch:
+                return
+
+    async def cap(
+        self, max_per_user: int, user_ids: Collection[str] | None, batch: int
+    ) -> AsyncGenerator[int, None]:
+        """Delete the oldest rows of users over the cap, at most ``batch`` per statement.
+
+        ``user_ids`` limits the check to those users; None checks everyone, walking
+        the users in order. Yields the number deleted by each statement; a statement
+        reads at most ``max_per_user + 1`` index entries per user it checks.
+        """
+        async for users in self._users(user_ids):
+            async with self._connection() as connection:
+                over = await connection.fetch(_OVER_CAP, users, max_per_user)
+            if not over:
+                continue
+            bounds = (
+                [row["user_id"] for row in over],
+                [row["created_at"] for row in over],
+                [row["seq"] for row in over],
+            )
+            while True:
+                async with self._connection() as connection:
+                    deleted = _count(await connection.execute(_CAP_BATCH, *bounds, batch))
+                yield deleted
+                if deleted < batch:
+                    break
+
+    async def _users(self, user_ids: Collection[str] | None) -> AsyncIterator[list[str]]:
+        """The users to check against the cap, ``_USERS_PER_CHECK`` at a time."""
+        if user_ids is not None:
+            ordered = sorted(user_ids)
+            for start in range(0, len(ordered), _USERS_PER_CHECK):
+                yield ordered[start : start + _USERS_PER_CHECK]
+            return
+        last: str | None = None
+        while True:
+            async with self._connection() as connection:
+                if last is None:
+                    rows = await connection.fetch(_USERS_FIRST, _USERS_PER_CHECK)
+                else:
+                    rows = await connection.fetch(_USERS_AFTER, last, _USERS_PER_CHECK)
+            users = [row["user_id"] for row in rows]
+            if users:
+                yield users
+            if len(users) < _USERS_PER_CHECK:
+                return
+            last = users[-1]
 
     async def ping(self) -> None:
         """Check that PostgreSQL answers. Raises StoreUnavailable."""
@@ -187,8 +289,15 @@ async def _keep_session(connection: Any) -> None:
 
 
 def _timestamp(created_ms: int) -> datetime:
-    if created_ms <= 0:
-        return datetime.now(UTC)
+    """The row's ``created_at`` for a Kafka timestamp: never raises, for any int.
+
+    A timestamp that is missing (zero or negative) or in the future is taken as
+    now: a time past year 9999 cannot be represented, and a row dated ahead of
+    the clock would be read out of order and outlive ``BACKLOG_TTL``.
+    """
+    now_ms = time.time() * 1000
+    if created_ms <= 0 or created_ms > now_ms:
+        return datetime.fromtimestamp(now_ms / 1000, UTC)
     return datetime.fromtimestamp(created_ms / 1000, UTC)
 
 

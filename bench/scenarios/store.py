@@ -99,7 +99,7 @@ async def bare_insert(h: Harness, n: int, batch: int = 1000) -> BareInsert:
         sql = (
             "INSERT INTO bench_bare_store (message_id, user_id, title, body, created_at) "
             "SELECT * FROM unnest($1::uuid[], $2::varchar[], $3::text[], $4::text[], "
-            "$5::timestamptz[]) ON CONFLICT (message_id) DO NOTHING"
+            "$5::timestamptz[]) ON CONFLICT (user_id, message_id) DO NOTHING"
         )
         t0 = time.perf_counter()
         for i in range(0, n, batch):

@@ -84,6 +84,12 @@ SCENARIOS = """\
    unready, pause, resubscribe and lose nothing; (c) one process frozen with SIGSTOP (a
    hung machine: its sockets stay open) for longer than the presence TTL and Kafka's
    session timeout, then resumed: the other carries on, nothing is lost.
+12. **One `message_id` sent to several users**: each shared id goes to 2 to 6 users (up to
+   20 at full size) as one record per user, keyed by user, a quarter of the users connected
+   and the rest offline; every record is produced twice (a producer retrying without
+   idempotence). Each user must receive each of its ids once per device, live or from the
+   backlog on connect; the second copies must add no row and be counted in
+   `notify_store_duplicates_total`.
 """
 
 

@@ -36,19 +36,20 @@ async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
 
 
 class FakeBacklog:
-    """The backlog store in memory: rows ordered like ``(created_at, seq)``, deduplicated by id.
+    """The backlog store in memory: rows ordered like ``(created_at, seq)``, one per
+    ``(user_id, message_id)`` as PostgreSQL's key.
 
     ``unavailable = True`` makes every call raise StoreUnavailable; ``save_gate``,
     when set to an unset event, makes ``save`` wait for it before storing.
     """
 
     def __init__(self) -> None:
-        self.rows: dict[str, Stored] = {}
+        self.rows: dict[tuple[str, str], Stored] = {}
         self._seq = 0
         self.unavailable = False
         self.save_gate: asyncio.Event | None = None
         self.save_attempts = 0
-        self.deleted: list[str] = []
+        self.deleted: list[tuple[str, str]] = []
 
     def _check(self) -> None:
         if self.unavailable:
@@ -58,7 +59,8 @@ class FakeBacklog:
         """Store rows directly, as if saved earlier (test setup)."""
         for n in notifications:
             self._seq += 1
-            self.rows[n.message_id] = Stored(n, (EPOCH + timedelta(seconds=self._seq), self._seq))
+            key = (n.user_id, n.message_id)
+            self.rows[key] = Stored(n, (EPOCH + timedelta(seconds=self._seq), self._seq))
 
     @property
     def stored_ids(self) -> list[str]:
@@ -73,9 +75,13 @@ class FakeBacklog:
         if self.save_gate is not None:
             await self.save_gate.wait()
             self._check()
-        new = [n for n in notifications if n.message_id not in self.rows]
-        self.put(*new)
-        return len(new)
+        fresh: dict[tuple[str, str], Notification] = {}
+        for n in notifications:
+            key = (n.user_id, n.message_id)
+            if key not in self.rows:
+                fresh.setdefault(key, n)
+        self.put(*fresh.values())
+        return len(fresh)
 
     async def fetch(
         self, user_id: str, after: tuple[datetime, int] | None, limit: int
@@ -86,11 +92,11 @@ class FakeBacklog:
             rows = [s for s in rows if s.cursor > after]
         return rows[:limit]
 
-    async def delete(self, message_ids: Sequence[str]) -> None:
+    async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
         self._check()
         for message_id in message_ids:
-            self.rows.pop(message_id, None)
-            self.deleted.append(message_id)
+            self.rows.pop((user_id, message_id), None)
+            self.deleted.append((user_id, message_id))
 
 
 class FakeOutlet:

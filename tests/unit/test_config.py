@@ -20,6 +20,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert s.auth_token_in == "bearer"
     assert s.backlog_ttl == 7 * 24 * 3600
     assert s.backlog_max_per_user == 1000
+    assert s.retention_batch == 10_000
     assert s.max_connections_per_user == 10
     assert s.user_id_fields == ("id", "user_id", "uuid", "sub", "claims.sub", "user.id")
 
@@ -118,6 +119,7 @@ def test_jwt_mode_with_a_public_key_and_rs256_is_accepted() -> None:
         ({"BACKLOG_TTL": "a week"}, "BACKLOG_TTL"),
         ({"BACKLOG_TTL": "-1d"}, "BACKLOG_TTL"),
         ({"BACKLOG_MAX_PER_USER": "0"}, "BACKLOG_MAX_PER_USER"),
+        ({"RETENTION_BATCH": "0"}, "RETENTION_BATCH"),
         ({"MAX_CONNECTIONS_PER_USER": "ten"}, "MAX_CONNECTIONS_PER_USER"),
         ({"KAFKA_TOPIC": " "}, "KAFKA_TOPIC"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),

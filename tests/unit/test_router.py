@@ -8,7 +8,8 @@ the settle-once bookkeeping are exercised as in production.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import pytest
 
@@ -225,7 +226,7 @@ async def test_flush_deletes_a_row_only_after_its_frame_was_written(
 
     class Checking(FakeOutlet):
         async def write(self, frame: str) -> None:
-            present_while_writing.append(by_frame[frame] in backlog.rows)
+            present_while_writing.append(("alice", by_frame[frame]) in backlog.rows)
             await super().write(frame)
 
     await router.flush_backlog(Checking("alice"))
@@ -280,7 +281,7 @@ async def test_flush_survives_a_failed_delete(router: Router, backlog: FakeBackl
     backlog.put(n)
     tab = FakeOutlet("alice")
 
-    async def refuse(message_ids: object) -> None:
+    async def refuse(user_id: str, message_ids: object) -> None:
         raise StoreUnavailable("gone")
 
     backlog.delete = refuse  # type: ignore[method-assign]
@@ -432,7 +433,7 @@ async def test_redelivery_of_a_flushed_notification_is_not_shown_twice(
     await asyncio.wait_for(router.deliver([n]), 1.0)
     await router.deliver([notification("alice", "marker")])
     assert socket.frames.count(n.frame) == 1
-    assert n.message_id not in backlog.rows
+    assert (n.user_id, n.message_id) not in backlog.rows
 
 
 async def test_live_notification_later_found_in_the_store_is_not_resent(
@@ -538,3 +539,73 @@ async def test_flushed_frames_left_in_the_socket_buffer_are_stored_again_on_abor
     connection.abort(1013, "too slow to keep up")
     await router.drain()
     assert sorted(backlog.stored_ids) == sorted(n.message_id for n in stored)
+
+
+# --- one message_id, several users -----------------------------------------------------------
+
+
+def same_id_for(message_id: str, *users: str) -> list[Notification]:
+    """The same notification id fanned out to each of ``users`` (one Kafka record each)."""
+    return [Notification.build(message_id, user, f"for {user}", "b", 0) for user in users]
+
+
+async def test_one_message_id_for_two_offline_users_is_stored_for_each(
+    router: Router, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """An announcement sent to two offline users under one id waits for both of them."""
+    for_alice, for_bob = same_id_for(str(uuid.uuid4()), "alice", "bob")
+    await router.deliver([for_alice, for_bob])
+    alice, bob = FakeOutlet("alice"), FakeOutlet("bob")
+    assert await router.flush_backlog(alice) == 1
+    assert await router.flush_backlog(bob) == 1
+    assert alice.frames == [for_alice.frame]
+    assert bob.frames == [for_bob.frame]
+    assert count(metrics, "notify_notifications_stored_total") == 2
+    assert count(metrics, "notify_store_duplicates_total") == 0
+
+
+async def test_flushing_one_user_keeps_another_users_row_with_the_same_id(
+    router: Router, backlog: FakeBacklog
+) -> None:
+    """Delivering the shared id to one user removes only that user's row."""
+    for_alice, for_bob = same_id_for(str(uuid.uuid4()), "alice", "bob")
+    backlog.put(for_alice, for_bob)
+    assert await router.flush_backlog(FakeOutlet("alice")) == 1
+    assert list(backlog.rows) == [("bob", for_bob.message_id)]
+
+
+async def test_a_redelivered_duplicate_for_the_same_user_is_counted(
+    router: Router, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """Kafka redelivering a stored notification adds no row and shows in a metric."""
+    n = notification("alice")
+    await router.deliver([n])
+    await router.deliver([n, notification("alice")])
+    assert len(backlog.rows) == 2
+    assert count(metrics, "notify_notifications_stored_total") == 2
+    assert count(metrics, "notify_store_duplicates_total") == 1
+
+
+class SilentBroker:
+    """A broker that reaches one receiver per notification, and no receiver ever acknowledges."""
+
+    async def publish(self, notifications: Sequence[Notification]) -> list[int]:
+        return [1] * len(notifications)
+
+    async def publish_flush(self, user_ids: Iterable[str]) -> None:
+        pass
+
+    async def acknowledge(self, by_origin: dict[bytes, list[str]]) -> None:
+        pass
+
+
+async def test_unacknowledged_shared_id_is_stored_for_every_user(
+    hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """When receivers die before acknowledging a shared id, each of its users' copies is stored."""
+    router = Router(hub, backlog, metrics, broker=SilentBroker(), ack_timeout=0.05)
+    for_alice, for_bob = same_id_for(str(uuid.uuid4()), "alice", "bob")
+    await asyncio.wait_for(router.deliver([for_alice, for_bob]), 2.0)
+    assert sorted(backlog.rows) == sorted(
+        [("alice", for_alice.message_id), ("bob", for_bob.message_id)]
+    )

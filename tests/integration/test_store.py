@@ -1,0 +1,182 @@
+"""The backlog in the real PostgreSQL: its key per user, and retention in bounded batches."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import asyncpg
+import httpx
+import pytest
+
+from service.notification import Notification
+from service.store import Store
+
+from .conftest import GatewayFactory
+
+
+@pytest.fixture
+async def store(database_url: str, db: asyncpg.Connection) -> AsyncIterator[Store]:
+    """A started store on the test database; its table is emptied by ``db``."""
+    backlog = Store(database_url)
+    await backlog.start()
+    yield backlog
+    await backlog.close()
+
+
+async def _rows(db: asyncpg.Connection) -> list[tuple[str, str]]:
+    records = await db.fetch(
+        "SELECT user_id, message_id::text FROM undelivered_notification ORDER BY user_id"
+    )
+    return [(r["user_id"], r["message_id"]) for r in records]
+
+
+async def _insert(db: asyncpg.Connection, users: str, count: int, age: timedelta) -> None:
+    """``count`` rows for users ``<users>-<n % 7>``, created ``age`` ago, a second apart."""
+    await db.execute(
+        """
+        INSERT INTO undelivered_notification (message_id, user_id, title, body, created_at)
+        SELECT gen_random_uuid(), $1 || '-' || (i % 7), 't' || i, 'b',
+               now() - $2::interval - make_interval(secs => $3 - i)
+        FROM generate_series(1, $3) AS i
+        """,
+        users,
+        age,
+        count,
+    )
+
+
+async def test_one_message_id_is_a_row_for_each_user(store: Store, db: asyncpg.Connection) -> None:
+    """The same id for two users is stored twice; a redelivery to one of them adds nothing."""
+    message_id = str(uuid.uuid4())
+    alice = Notification.build(message_id, "alice", "hi", "b", 1_700_000_000_000)
+    bob = Notification.build(message_id, "bob", "hi", "b", 1_700_000_000_000)
+    assert await store.save([alice, bob]) == 2
+    assert await store.save([bob, alice, bob]) == 0, "a redelivery is no new row"
+    assert [s.notification for s in await store.fetch("bob", None, 10)] == [bob]
+    assert await _rows(db) == [("alice", message_id), ("bob", message_id)]
+
+
+async def test_deleting_one_users_row_keeps_another_users_row_with_the_same_id(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """Delivered to alice, the shared id leaves alice's backlog only."""
+    message_id = str(uuid.uuid4())
+    await store.save(
+        [Notification.build(message_id, user, "hi", "b", 0) for user in ("alice", "bob")]
+    )
+    await store.delete("alice", [message_id])
+    assert await _rows(db) == [("bob", message_id)]
+
+
+async def test_expiry_deletes_in_batches_and_keeps_recent_rows(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """5,000 expired rows go in statements of at most 100; rows younger than the TTL stay."""
+    await _insert(db, "old", 5_000, timedelta(days=2))
+    await _insert(db, "new", 300, timedelta(0))
+    batches = [deleted async for deleted in store.expire(24 * 3600, 100)]
+    assert sum(batches) == 5_000
+    assert max(batches) <= 100
+    assert len(batches) >= 50
+    remaining = await db.fetchval("SELECT count(*) FROM undelivered_notification")
+    assert remaining == 300
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM undelivered_notification WHERE user_id LIKE 'old-%'"
+        )
+        == 0
+    )
+
+
+async def test_expiry_stopped_between_batches_deletes_the_rest_next_time(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """A pass cut short (``aclose``) leaves no lock behind; the next pass finishes the work."""
+    await _insert(db, "old", 1_000, timedelta(days=2))
+    batches = store.expire(24 * 3600, 100)
+    assert await anext(batches) == 100
+    await batches.aclose()
+    assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 900
+    assert sum([deleted async for deleted in store.expire(24 * 3600, 100)]) == 900
+
+
+async def test_cap_keeps_each_users_newest_rows_in_batches(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """Over the cap, a user's oldest rows go, at most ``batch`` per statement; others stay."""
+    await _insert(db, "hoarder", 7 * 400, timedelta(hours=1))  # 7 users of 400 rows
+    await _insert(db, "light", 7 * 3, timedelta(hours=1))  # 7 users of 3 rows
+    newest = {
+        r["user_id"]: r["titles"]
+        for r in await db.fetch(
+            """
+            SELECT user_id, array_agg(title ORDER BY created_at DESC, seq DESC) AS titles
+            FROM undelivered_notification GROUP BY user_id
+            """
+        )
+    }
+    batches = [deleted async for deleted in store.cap(250, None, 100)]
+    assert sum(batches) == 7 * 150
+    assert max(batches) <= 100
+    after = {
+        r["user_id"]: r["titles"]
+        for r in await db.fetch(
+            """
+            SELECT user_id, array_agg(title ORDER BY created_at DESC, seq DESC) AS titles
+            FROM undelivered_notification GROUP BY user_id
+            """
+        )
+    }
+    assert after == {user: titles[:250] for user, titles in newest.items()}
+
+
+async def test_cap_walks_every_user_when_asked_for_all(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """With no user list, more users than one check takes are all capped."""
+    await db.execute(
+        """
+        INSERT INTO undelivered_notification (message_id, user_id, title, body, created_at)
+        SELECT gen_random_uuid(), 'u' || (i % 2500), 't', 'b', now() - make_interval(secs => i)
+        FROM generate_series(1, 7500) AS i
+        """
+    )
+    assert sum([deleted async for deleted in store.cap(1, None, 1000)]) == 5000
+    assert await db.fetchval("SELECT count(DISTINCT user_id) FROM undelivered_notification") == 2500
+    assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 2500
+
+
+async def test_cap_of_listed_users_leaves_the_others_alone(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """Checking only the users stored to since the last pass touches no one else."""
+    await _insert(db, "a", 7 * 5, timedelta(hours=1))
+    assert sum([d async for d in store.cap(2, ["a-1", "a-2", "nobody"], 100)]) == 6
+    counts = dict(
+        await db.fetch("SELECT user_id, count(*) FROM undelivered_notification GROUP BY user_id")
+    )
+    assert counts == {"a-0": 5, "a-1": 2, "a-2": 2, "a-3": 5, "a-4": 5, "a-5": 5, "a-6": 5}
+
+
+async def test_a_gateway_far_behind_on_retention_catches_up_without_waiting_the_interval(
+    gateway_factory: GatewayFactory, db: asyncpg.Connection
+) -> None:
+    """5,000 expired rows, 10 per statement, a 1 h interval: all go in passes a second apart.
+
+    A pass runs at most 100 statements, so this takes five passes; the gateway
+    starts the next one after a second because the last was cut short, not an hour later.
+    """
+    await _insert(db, "old", 5_000, timedelta(days=2))
+    await _insert(db, "new", 70, timedelta(0))
+    gateway = gateway_factory(BACKLOG_TTL="1d", BACKLOG_CLEANUP_INTERVAL="1h", RETENTION_BATCH="10")
+    async with asyncio.timeout(120):
+        while await db.fetchval(
+            "SELECT count(*) FROM undelivered_notification WHERE user_id LIKE 'old-%'"
+        ):
+            await asyncio.sleep(0.2)
+    assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 70
+    metrics = httpx.get(f"{gateway.base}/metrics").text
+    assert 'notify_notifications_expired_total{cause="ttl"} 5000.0' in metrics
