@@ -320,7 +320,7 @@ class Consumer:
         if not self.dead_letter_healthy:
             budget = min(budget, DLQ_RETRY_WHILE_FAILING)
         deadline = loop.time() + budget
-        pending, delay = poison, 0.1
+        pending, delay, cause = poison, 0.1, "TimeoutError"
         while True:
             pending, error = await self._write_dead_letters(
                 self._producer, topic, pending, deadline
@@ -330,6 +330,8 @@ class Consumer:
                     self._dead_letter_failed_at = None
                     self._metrics.dead_letter_healthy.set(1)
                 return
+            if error is not None and error != "TimeoutError":
+                cause = error  # what the broker said, rather than that time ran out
             self._dead_letter_failed_at = time.monotonic()
             self._metrics.dead_letter_healthy.set(0)
             left = deadline - loop.time()
@@ -339,7 +341,7 @@ class Consumer:
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 5.0)
         for record, exc in pending:
-            self._dead_letter_given_up(record, exc.reason, error or "timeout")
+            self._dead_letter_given_up(record, exc.reason, cause)
 
     async def _write_dead_letters(
         self,
