@@ -150,7 +150,10 @@ class Consumer:
         while not self._stopping:
             try:
                 await self._connect()
-                delay = 0.5
+                if not _recent(self._persistent_error_at):
+                    delay = 0.5
+                # An error that recurs on every fetch keeps the backoff growing (to 10 s):
+                # each reconnect is a rebalance of the whole group.
                 await self._consume()
             except KafkaError as exc:
                 self.connected = False
