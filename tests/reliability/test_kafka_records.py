@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -72,6 +73,7 @@ class Records:
         self.client: Client | None = None
         self.db: asyncpg.Connection | None = None
         self._dlq: AIOKafkaConsumer | None = None
+        self.rss_at_start: float | None = None
 
     async def start(self, **gateway_env: str) -> None:
         self.topics = await self.bench.topics(configs=ANY_TIMESTAMP)
@@ -80,6 +82,7 @@ class Records:
             self.ledger, self.receiver, self.bench.token(self.receiver), self.gateway.ws_url
         )
         await open_all([self.client])
+        self.rss_at_start = _rss_mb(self.gateway)
         self.db = await asyncpg.connect(self.bench.postgres.dsn)
         self._dlq = AIOKafkaConsumer(
             bootstrap_servers=self.bench.kafka.bootstrap,
@@ -199,6 +202,7 @@ class Records:
         row.users = 2
         row.notes["stored for the offline user"] = len(rows)
         row.notes["dead-lettered"] = sum(1 for w in self.poison if w in self.dead)
+        row.notes["gateway RSS MB (start, end)"] = [self.rss_at_start, _rss_mb(self.gateway)]
         status, body = await readiness(self.gateway.base)
         if not self.alive or status != 200:
             problems.append(f"gateway alive={self.alive}, /health/ready {status} {body}")
@@ -518,6 +522,18 @@ async def test_unwritable_dead_letter_topic_does_not_stop_delivery(
         assert not problems, "\n".join(problems)
     finally:
         await records.close()
+
+
+def _rss_mb(gateway: Gateway) -> float | None:
+    """The gateway process's resident memory in MB (None once it has exited)."""
+    try:
+        status = Path(f"/proc/{gateway.process.pid}/status").read_text()  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        return None
+    kilobytes = next(
+        int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")
+    )
+    return round(kilobytes / 1024, 1)
 
 
 async def _alter(bench: Bench, name: str, configs: dict[str, str]) -> None:
