@@ -27,7 +27,7 @@ import orjson
 
 from .config import Settings
 from .metrics import Metrics
-from .notification import MAX_USER_ID_CHARS, canonical_user_id
+from .notification import normalise_user_id
 
 log = logging.getLogger("notify.auth")
 
@@ -103,12 +103,15 @@ def _lookup(document: Any, path: str) -> Any:
 
 
 def _user_id(value: Any) -> str | None:
+    """The user id of an auth answer's field, by the rule Kafka records obey too.
+
+    A string or an integer (``42`` is ``"42"``), through :func:`normalise_user_id`:
+    an id no Kafka record could address (empty, padded, unprintable, too long) is
+    no usable id, rather than a login as a user nothing can ever reach.
+    """
     if isinstance(value, bool) or not isinstance(value, str | int):
         return None
-    text = str(value).strip()
-    if not text or len(text) > MAX_USER_ID_CHARS:
-        return None
-    return canonical_user_id(text)
+    return normalise_user_id(str(value))
 
 
 class RemoteAuthenticator:

@@ -61,7 +61,26 @@ class Metrics:
         )
         self.dead_letter_failures = Counter(
             "notify_dead_letter_failures",
-            "Poison messages the dead-letter topic refused for good (logged and skipped).",
+            "Poison messages not written to the dead-letter topic: refused for good, or"
+            " still failing after KAFKA_DLQ_TIMEOUT (logged with partition/offset, skipped).",
+            registry=r,
+        )
+        self.dead_letter_healthy = Gauge(
+            "notify_dead_letter_healthy",
+            "0 while writes to the dead-letter topic fail, 1 once one succeeds.",
+            registry=r,
+        )
+        self.dead_letter_healthy.set(1)
+        self.consumer_errors = Counter(
+            "notify_consumer_errors",
+            "Kafka errors that made the consumer reconnect, by exception type.",
+            ["error"],
+            registry=r,
+        )
+        self.kafka_codec_missing = Gauge(
+            "notify_kafka_codec_missing",
+            "1 when records compressed with this codec cannot be read (library missing).",
+            ["codec"],
             registry=r,
         )
         self.skipped = Counter(

@@ -160,10 +160,12 @@ class Node:
         except (StoreUnavailable, TimeoutError):
             store_ok = False
         checks = {
-            "kafka": self.consumer.assigned,
+            "kafka": self.consumer.healthy,
             "postgres": store_ok and self.router.store_healthy,
             "accepting": not self.stopping,
         }
+        if self.settings.kafka_dlq_topic:
+            checks["dlq"] = self.consumer.dead_letter_healthy
         if self.broker is not None:
             checks["redis"] = (
                 self.broker.healthy and self.router.broker_healthy and await self.broker.ping()

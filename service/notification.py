@@ -2,12 +2,16 @@
 
 ``parse`` turns one Kafka record value into a :class:`Notification`, tells the
 caller to skip it (not for this gateway), or raises :class:`PoisonMessage` with a
-short machine-readable reason. It does no I/O and is safe to call from anywhere.
+short machine-readable reason. ``normalise_user_id`` is the one rule for user ids,
+applied alike to a record's ``user_id`` and to the id the auth check answers, so a
+record addresses exactly the connections it names. Nothing here does I/O; all of
+it is safe to call from anywhere.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -17,6 +21,8 @@ import orjson
 MAX_VALUE_BYTES: Final = 64 * 1024
 MAX_USER_ID_CHARS: Final = 255
 PUSH: Final = "push"
+# The last millisecond of year 9999: Python's datetime (and so the store) ends there.
+MAX_TIMESTAMP_MS: Final = 253_402_300_799_999
 
 
 class PoisonMessage(ValueError):
@@ -42,7 +48,10 @@ class Notification:
     """One push notification for one user.
 
     ``frame`` is the text frame sent to every connection of the user, encoded once.
-    ``created_ms`` is the Kafka record timestamp (milliseconds since the epoch).
+    ``created_ms`` is when the notification was made, in milliseconds since the epoch:
+    the Kafka record timestamp, or the time it was consumed when the record's timestamp
+    is unusable (:func:`created_time`). Always between 1 and :data:`MAX_TIMESTAMP_MS`
+    for a notification made by :func:`parse`.
     """
 
     message_id: str
@@ -81,20 +90,55 @@ def _as_uuid(text: str) -> str | None:
     return None
 
 
-def canonical_user_id(user_id: str) -> str:
-    """Return the form user ids are compared in: a UUID in canonical lower case, else as is."""
-    return _as_uuid(user_id) or user_id
+def normalise_user_id(text: str) -> str | None:
+    """The form user ids are compared in, or None for a text that is no user id.
+
+    A UUID in a usual spelling becomes canonical lower case; any other id is kept
+    exactly as is (case and all). None for an empty text, one over
+    :data:`MAX_USER_ID_CHARS` characters, one with leading or trailing whitespace, or
+    one with a character that is not printable (control, format, line separators,
+    non-ASCII spaces): such an id never names a connection. Nothing is stripped: a
+    padded id is a different id, and the sender's mistake, on either side.
+    """
+    if not text or len(text) > MAX_USER_ID_CHARS:
+        return None
+    if not text.isprintable() or text[0] == " " or text[-1] == " ":
+        # str.isprintable() is false for every whitespace but the ASCII space.
+        return None
+    return _as_uuid(text) or text
 
 
-def parse(value: bytes | None, created_ms: int) -> Notification | Skip:
+def created_time(timestamp_ms: int, now_ms: int) -> int:
+    """The ``created_ms`` of a notification from its Kafka record timestamp.
+
+    The record's timestamp when it lies in ``1 .. now_ms``; ``now_ms`` (the time the
+    record is consumed) otherwise: for -1 (Kafka's "no timestamp"), zero, any
+    negative value, and any time in the future, year 10000 and beyond included. A
+    future timestamp is clamped, not kept, so it can neither outlive ``BACKLOG_TTL``
+    in the store nor sort after notifications made later; producer clocks a little
+    ahead lose nothing but those few milliseconds.
+    """
+    if 0 < timestamp_ms <= now_ms:
+        return timestamp_ms
+    return now_ms
+
+
+def parse(value: bytes | None, timestamp_ms: int, now_ms: int | None = None) -> Notification | Skip:
     """Validate a Kafka record value.
 
     Returns a :class:`Notification` for a ``push`` message, :class:`Skip` for any
-    other delivery method.
+    other delivery method. ``timestamp_ms`` is the record's timestamp and ``now_ms``
+    the time of consumption (default: the clock); the notification's ``created_ms``
+    is :func:`created_time` of the two, so a negative, zero, future or
+    unrepresentable (past year 9999) timestamp is never an error: the notification
+    counts as made when it was consumed. ``now_ms`` is itself clamped to
+    :data:`MAX_TIMESTAMP_MS`.
 
     Raises:
-        PoisonMessage: the value is not UTF-8 JSON, not an object, over 64 KiB, or
-            a field is missing or has the wrong type.
+        PoisonMessage: the value is null, not UTF-8 JSON, not an object, over 64 KiB,
+            a field is missing or has the wrong type, the ``message_id`` is no UUID,
+            or the ``user_id`` is one :func:`normalise_user_id` refuses
+            (``invalid_user_id``).
     """
     if value is None:
         raise PoisonMessage("empty_value")
@@ -117,19 +161,30 @@ def parse(value: bytes | None, created_ms: int) -> Notification | Skip:
     if message_id is None:
         raise PoisonMessage("invalid_message_id", "not a UUID")
 
-    user_id = _string(document, "user_id")
-    if not user_id.strip():
-        raise PoisonMessage("invalid_user_id", "empty")
-    if len(user_id) > MAX_USER_ID_CHARS:
-        raise PoisonMessage("invalid_user_id", f"longer than {MAX_USER_ID_CHARS} characters")
+    raw_user_id = _string(document, "user_id")
+    user_id = normalise_user_id(raw_user_id)
+    if user_id is None:
+        raise PoisonMessage("invalid_user_id", _why_not_a_user_id(raw_user_id))
 
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
     return Notification.build(
         message_id,
-        canonical_user_id(user_id),
+        user_id,
         _string(document, "subject"),
         _string(document, "content"),
-        created_ms,
+        created_time(timestamp_ms, min(now_ms, MAX_TIMESTAMP_MS)),
     )
+
+
+def _why_not_a_user_id(text: str) -> str:
+    if not text:
+        return "empty"
+    if len(text) > MAX_USER_ID_CHARS:
+        return f"longer than {MAX_USER_ID_CHARS} characters"
+    if text.strip() != text:
+        return "leading or trailing whitespace"
+    return "a character that is not printable"
 
 
 def _string(document: dict[str, Any], key: str) -> str:

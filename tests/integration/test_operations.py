@@ -38,7 +38,12 @@ async def test_health_endpoints_report_each_check(
     assert httpx.get(f"{gateway.base}/health/live").json() == {"status": "ok"}
     ready = httpx.get(f"{gateway.base}/health/ready")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"kafka": True, "postgres": True, "accepting": True}
+    assert ready.json()["checks"] == {
+        "kafka": True,
+        "postgres": True,
+        "dlq": True,
+        "accepting": True,
+    }
 
     broken = gateway_factory(
         start=False, DATABASE_URL=f"postgresql://notify:notify@127.0.0.1:{free_port()}/notify"

@@ -61,6 +61,7 @@ class Sizes:
     scale_users: int
     scale_messages: int
     scale_rate: int
+    records_per_kind: int
 
 
 SIZES = {
@@ -83,6 +84,7 @@ SIZES = {
         scale_users=40,
         scale_messages=2_000,
         scale_rate=250,
+        records_per_kind=2,
     ),
     "full": Sizes(
         kill_messages=10_000,
@@ -103,6 +105,7 @@ SIZES = {
         scale_users=200,
         scale_messages=10_000,
         scale_rate=1_000,
+        records_per_kind=20,
     ),
 }
 SIZE = SIZES[SCALE]

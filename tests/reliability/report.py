@@ -84,6 +84,24 @@ SCENARIOS = """\
    unready, pause, resubscribe and lose nothing; (c) one process frozen with SIGSTOP (a
    hung machine: its sockets stay open) for longer than the presence TTL and Kafka's
    session timeout, then resumed: the other carries on, nothing is lost.
+10. **Any record Kafka can hold**, written by real producers: (a) aiokafka with each
+   `compression_type` (none, gzip, snappy, lz4, zstd) and Kafka's console producer with
+   each `--compression-codec`; (b) record timestamps -1, 0, year 10000 and an hour ahead
+   (on topics that take any timestamp, as Kafka 3.x brokers do); (c) a transactional
+   producer's committed and aborted transactions; (d) keys (none, empty, binary, 100 KiB),
+   headers (null values, repeated, binary, 200 of them, non-ASCII names) and null values.
+   Every valid notification must reach the connected user or be stored for the offline
+   one with the contract's user, title, body and a representable time; invalid ones
+   (null values, user ids no connection can have) must reach the DLQ with their reason;
+   aborted records must never be delivered, stored or dead-lettered; the gateway must stay
+   up and ready, with no traceback in its log.
+11. **A dead-letter topic that cannot be written** (`KAFKA_DLQ_TIMEOUT=3s`): (a) one that
+   refuses every write (a compacted topic, records without a key), (b) one that never
+   exists (writes time out). A poison record on each partition, good messages behind it:
+   the good ones must arrive, each poison record must be logged with its partition and
+   offset, counted in `notify_dead_letter_failures_total` and committed past, and readiness
+   must show `"dlq": false`. Recovery: from the first poison record sent to the last good
+   message received.
 12. **One `message_id` sent to several users**: each shared id goes to 2 to 6 users (up to
    20 at full size) as one record per user, keyed by user, a quarter of the users connected
    and the rest offline; every record is produced twice (a producer retrying without
