@@ -28,7 +28,7 @@ from .connection import (
     Connection,
 )
 from .hub import Rejected
-from .node import Node
+from .node import Node, is_ready
 from .router import BrokerUnavailable
 
 log = logging.getLogger("notify.app")
@@ -147,7 +147,7 @@ def create_app(
     @app.get("/health/ready")
     async def ready(request: Request) -> HTTPResponse:
         checks = await gateway.readiness()
-        ok = all(checks.values())
+        ok = is_ready(checks)
         return json(
             {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
         )

@@ -52,6 +52,17 @@ def _tune_gc() -> None:
     gc.set_threshold(*_GC_THRESHOLDS)
 
 
+# Readiness checks that are reported but do not make the node unready: a dead-letter
+# topic that cannot be written costs only the copies of poison messages, and failing
+# readiness for it would take every gateway out of its load balancer at once.
+ADVISORY = frozenset({"dlq"})
+
+
+def is_ready(checks: dict[str, bool]) -> bool:
+    """Whether readiness checks add up to "ready": every one but the advisory ones."""
+    return all(ok for name, ok in checks.items() if name not in ADVISORY)
+
+
 class Node:
     """Everything one gateway process runs. ``start()`` once; ``stop()`` is idempotent."""
 
@@ -153,7 +164,7 @@ class Node:
         task.add_done_callback(self._writers.discard)
 
     async def readiness(self) -> dict[str, bool]:
-        """Each readiness check by name; the node is ready when all are true."""
+        """Each readiness check by name; the node is ready when all but ``ADVISORY`` are true."""
         try:
             await asyncio.wait_for(self.store.ping(), timeout=2.0)
             store_ok = True
