@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 
+from tests.support.probe import has_connections
+
 from .conftest import Bench
 from .harness import (
     SIZE,
@@ -18,13 +20,8 @@ from .harness import (
     committed,
     drain,
     produce,
-    scrape,
     until,
 )
-
-
-async def connected(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count
 
 
 async def test_sigkill_mid_stream_then_restart_loses_nothing(
@@ -42,7 +39,9 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
     stop = asyncio.Event()
     keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in clients]
     try:
-        await until(lambda: connected(gateway.base, len(online)), 60, "online users connected")
+        await until(
+            lambda: has_connections(gateway.base, len(online)), 60, "online users connected"
+        )
         choose = random.Random(1).choice
         values = [ledger.message(choose(users)) for _ in range(SIZE.kill_messages)]
         producing = asyncio.create_task(produce(producer, topics[0], values))

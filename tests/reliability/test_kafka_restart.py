@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 
+from tests.support.probe import has_connections, is_ready
+
 from .conftest import Bench
-from .harness import SIZE, Client, Figures, Ledger, drain, readiness, scrape, stream, until
+from .harness import SIZE, Client, Figures, Ledger, drain, stream, until
 
 
 async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
@@ -28,7 +30,9 @@ async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
     stop = asyncio.Event()
     keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in clients]
     try:
-        await until(lambda: _connections(gateway.base, len(online)), 60, "online users connected")
+        await until(
+            lambda: has_connections(gateway.base, len(online)), 60, "online users connected"
+        )
         choose = random.Random(2).choice
         producing = asyncio.create_task(
             stream(
@@ -46,7 +50,7 @@ async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
         row.notes["broker down (s)"] = round(back - went_down, 1)
         await producing
         row.notes["gateway ready again after (s)"] = round(
-            await until(lambda: _ready(gateway.base), 120, "gateway ready again"), 1
+            await until(lambda: is_ready(gateway.base), 120, "gateway ready again"), 1
         )
         offline_clients = [Client(ledger, u, bench.token(u), gateway.ws_url) for u in offline]
         await drain(ledger, offline_clients, timeout=240)
@@ -64,11 +68,3 @@ async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
     assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
     assert not ledger.foreign, "a frame reached another user"
     assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
-
-
-async def _connections(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count
-
-
-async def _ready(base: str) -> bool:
-    return (await readiness(base))[0] == 200

@@ -11,6 +11,8 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from tests.support.probe import is_ready
+
 from .conftest import Bench
 from .harness import (
     SIZE,
@@ -82,7 +84,7 @@ async def test_postgres_outage_pauses_consumption_and_loses_nothing(
         back = time.monotonic()
         row.notes["PostgreSQL down (s)"] = round(back - went_down, 1)
         row.notes["gateway ready again after (s)"] = round(
-            await until(lambda: _ready(gateway.base), 60, "gateway ready again"), 1
+            await until(lambda: is_ready(gateway.base), 60, "gateway ready again"), 1
         )
         offline_clients = [Client(ledger, u, bench.token(u), gateway.ws_url) for u in offline]
         await drain(ledger, offline_clients, timeout=120)
@@ -120,7 +122,3 @@ async def _stored(db: asyncpg.Connection, ids: list[str], count: int) -> bool:
         "SELECT count(*) FROM undelivered_notification WHERE message_id = ANY($1::uuid[])", ids
     )
     return bool(found == count)
-
-
-async def _ready(base: str) -> bool:
-    return (await readiness(base))[0] == 200

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 
+from tests.support.probe import has_connections
+
 from .conftest import Bench
 from .harness import (
     SIZE,
@@ -17,7 +19,6 @@ from .harness import (
     Ledger,
     close_all,
     open_all,
-    scrape,
     stream,
     until,
 )
@@ -39,7 +40,7 @@ async def test_reconnect_storm_while_messages_flow_loses_nothing(
     ]
     try:
         await open_all(clients, concurrency=100)
-        await until(lambda: _connections(gateway.base, len(clients)), 120, "clients connected")
+        await until(lambda: has_connections(gateway.base, len(clients)), 120, "clients connected")
         asked = bench.auth.requests
         choose = random.Random(6).choice
         producing = asyncio.create_task(
@@ -63,7 +64,7 @@ async def test_reconnect_storm_while_messages_flow_loses_nothing(
             sum(c.refusals for c in clients) - refusals
         )
         await producing
-        await until(lambda: _connections(gateway.base, len(clients)), 60, "storm settled")
+        await until(lambda: has_connections(gateway.base, len(clients)), 60, "storm settled")
         await ledger.wait_complete(timeout=300)
     finally:
         await close_all(clients)
@@ -75,7 +76,3 @@ async def test_reconnect_storm_while_messages_flow_loses_nothing(
     assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
     assert not ledger.foreign, "a frame reached another user"
     assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
-
-
-async def _connections(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count
