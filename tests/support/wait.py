@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 async def until(
     condition: Callable[[], bool | Awaitable[bool]],
-    timeout: float,
+    timeout: float = 5.0,
     what: str = "the condition",
     *,
     interval: float = 0.05,
