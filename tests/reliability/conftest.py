@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import asyncpg
@@ -37,7 +37,7 @@ from aiokafka import AIOKafkaProducer
 from dev.auth_server import AuthStandIn
 from tests.support.gateway import ROOT, Gateway, Gateways
 
-from .harness import SCALE, Figures, delete_topics, new_topics
+from .harness import SCALE, Client, Figures, Ledger, delete_topics, new_topics
 from .services import KafkaBroker, Postgres, RedisServer, TcpProxy
 
 RESULTS = ROOT / ".cache" / "reliability"
@@ -153,6 +153,14 @@ class Bench:
 
     def token(self, user: str) -> str:
         return self.auth.issue(user)
+
+    def clients(
+        self, ledger: Ledger, users: Iterable[str], url: Callable[[str], str], *, devices: int = 1
+    ) -> list[Client]:
+        """``devices`` clients of each user, with the user's token, recording into ``ledger``."""
+        return [
+            Client(ledger, user, self.token(user), url) for user in users for _ in range(devices)
+        ]
 
     async def topics(self, **options: Any) -> tuple[str, str]:
         pair = await new_topics(self.kafka.bootstrap, self.name[:20], **options)

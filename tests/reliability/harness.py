@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -404,6 +404,18 @@ async def close_all(clients: Sequence[Client]) -> None:
     await asyncio.gather(*(c.close() for c in clients))
 
 
+@contextlib.asynccontextmanager
+async def kept_open(clients: Sequence[Client], timeout: float) -> AsyncIterator[None]:
+    """Keep every client connected during the block (``Client.keep_open``), closed after it."""
+    stop = asyncio.Event()
+    keepers = [asyncio.create_task(c.keep_open(stop, timeout)) for c in clients]
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.gather(*keepers)
+
+
 async def drain(
     ledger: Ledger,
     clients: Sequence[Client],
@@ -413,15 +425,10 @@ async def drain(
     idle: float = 15.0,
 ) -> bool:
     """Connect ``clients`` (retrying like a real client), wait until their users have all, close."""
-    stop = asyncio.Event()
-    keepers = [asyncio.create_task(c.keep_open(stop, timeout)) for c in clients]
-    try:
+    async with kept_open(clients, timeout):
         return await ledger.wait_complete(
             timeout, {c.user for c in clients}, settle=settle, idle=idle
         )
-    finally:
-        stop.set()
-        await asyncio.gather(*keepers)
 
 
 # --- Kafka --------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ async def test_auth_outage_refuses_newcomers_keeps_the_connected_and_recovers(
     users = [bench.user("auth", i) for i in range(SIZE.auth_clients)]
     newcomers = {mode: bench.user(f"auth-new-{mode}", 0) for mode in MODES}
     ledger = Ledger()
-    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in users]
+    clients = bench.clients(ledger, users, gateway.ws_url)
     # First connections ask the auth service: a few at a time, as AUTH_TIMEOUT is short.
     await open_all(clients, concurrency=20)
     await until(lambda: has_connections(gateway.base, len(users)), 60, "clients connected")

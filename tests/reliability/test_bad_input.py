@@ -95,8 +95,7 @@ class Intake:
 
     @property
     def alive(self) -> bool:
-        process = self.gateway.process
-        return process is not None and process.poll() is None
+        return self.gateway.alive
 
     async def send(self, values: Sequence[bytes | None]) -> list[tuple[str, int]]:
         """Produce ``values`` in order to one partition; their ``(topic, offset)``s."""
@@ -597,7 +596,7 @@ async def test_handshake_garbage_gets_clear_answers_and_no_traceback(
     await after.open()
     still_ok = not await after.ended(0.5)
     await after.close()
-    if not still_ok or gateway.process is None or gateway.process.poll() is not None:
+    if not still_ok or not gateway.alive:
         problems.append("the gateway does not accept a normal client afterwards")
     await asyncio.to_thread(gateway.stop)
     found = tracebacks(gateway.logs())

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaProducer
 from tests.support.probe import has_connections, is_ready
 
 from .conftest import Bench
-from .harness import SIZE, Client, Figures, Ledger, drain, stream, until
+from .harness import SIZE, Figures, Ledger, drain, kept_open, stream, until
 
 
 async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
@@ -26,10 +26,8 @@ async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
     users = [bench.user("kafka", i) for i in range(40)]
     online, offline = users[:20], users[20:]
     ledger = Ledger()
-    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in online]
-    stop = asyncio.Event()
-    keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in clients]
-    try:
+    clients = bench.clients(ledger, online, gateway.ws_url)
+    async with kept_open(clients, timeout=900):
         await until(
             lambda: has_connections(gateway.base, len(online)), 60, "online users connected"
         )
@@ -52,19 +50,16 @@ async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
         row.notes["gateway ready again after (s)"] = round(
             await until(lambda: is_ready(gateway.base), 120, "gateway ready again"), 1
         )
-        offline_clients = [Client(ledger, u, bench.token(u), gateway.ws_url) for u in offline]
+        offline_clients = bench.clients(ledger, offline, gateway.ws_url)
         await drain(ledger, offline_clients, timeout=240)
         await ledger.wait_complete(timeout=240)
-    finally:
-        stop.set()
-        await asyncio.gather(*keepers)
     row.count(ledger)
     row.connections = len(users)
     done = ledger.completed_at()
     row.recovery_s = round(done - back, 1) if done else None
     row.notes["client reconnects"] = sum(c.connections - 1 for c in clients)
 
-    assert gateway.process is not None and gateway.process.poll() is None, "the gateway died"
+    assert gateway.alive, "the gateway died"
     assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
     assert not ledger.foreign, "a frame reached another user"
     assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"

@@ -14,7 +14,6 @@ from tests.support.probe import has_connections
 from .conftest import Bench
 from .harness import (
     SIZE,
-    Client,
     Figures,
     Ledger,
     close_all,
@@ -35,9 +34,7 @@ async def test_reconnect_storm_while_messages_flow_loses_nothing(
     users = [bench.user("storm", i) for i in range(SIZE.storm_clients // 2)]
     ledger = Ledger()
     # Two devices per user: a user is offline only while both are between connections.
-    clients = [
-        Client(ledger, user, bench.token(user), gateway.ws_url) for user in users for _ in range(2)
-    ]
+    clients = bench.clients(ledger, users, gateway.ws_url, devices=2)
     try:
         await open_all(clients, concurrency=100)
         await until(lambda: has_connections(gateway.base, len(clients)), 120, "clients connected")

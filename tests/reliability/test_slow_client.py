@@ -48,11 +48,8 @@ async def test_slow_readers_are_closed_their_messages_stored_others_keep_pace(
     stalled_user, burst_user = bench.user("stalled", 0), bench.user("burst", 0)
     ledger = Ledger(keep_latency=True)
     # The same devices reconnect later, with an ordinary client, to get what they missed.
-    slow_clients = [
-        Client(ledger, user, bench.token(user), gateway.ws_url)
-        for user in (stalled_user, burst_user)
-    ]
-    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in fast]
+    slow_clients = bench.clients(ledger, (stalled_user, burst_user), gateway.ws_url)
+    clients = bench.clients(ledger, fast, gateway.ws_url)
     stop = asyncio.Event()
     keepers = [asyncio.create_task(c.keep_open(stop, timeout=600)) for c in clients]
     await until(lambda: has_connections(gateway.base, len(fast)), 30, "fast clients connected")
