@@ -132,6 +132,9 @@ def gateway_env(
         "AUTH_VERIFY_URL": auth_server.verify_url,
         "LOG_LEVEL": "DEBUG",
         "AUTH_TIMEOUT": "5s",  # the stand-in shares a busy test process
+        # One process without Redis unless a test says otherwise: a REDIS_URL exported
+        # for the suite's own Redis fixture must not reach every gateway.
+        "REDIS_URL": "",
     }
 
 

@@ -179,6 +179,7 @@ class Bench:
             "AUTH_CACHE_TTL": "10m",
             "LOG_LEVEL": "INFO",
             "SHUTDOWN_TIMEOUT": "5s",
+            "REDIS_URL": "",  # one process without Redis unless a scenario says otherwise
             **overrides,
         }
 
