@@ -44,7 +44,7 @@ lint: venv
 	scripts/lint-docker.sh
 	$(BIN)/ruff check service migrations tests dev bench
 	$(BIN)/ruff format --check service migrations tests dev bench
-	$(BIN)/mypy service bench
+	$(BIN)/mypy service bench tests/support
 
 test: venv up lint
 	$(BIN)/pytest -q tests

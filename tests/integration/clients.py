@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import subprocess
 import uuid
 from typing import Any
@@ -16,7 +15,9 @@ from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from .gateway import ROOT
+from tests.support.gateway import ROOT
+from tests.support.probe import has_connections, readiness_answer
+from tests.support.wait import until
 
 
 def message(user_id: str, subject: str = "s", content: str = "c", **extra: Any) -> dict[str, Any]:
@@ -69,33 +70,30 @@ async def close_code(url: str, **kwargs: Any) -> tuple[int | None, str]:
 
 async def wait_connections(base_url: str, count: int, timeout: float = 10.0) -> None:
     """Wait until the gateway at ``base_url`` has registered exactly ``count`` connections."""
-    async with httpx.AsyncClient() as client, asyncio.timeout(timeout):
-        while True:
-            text = (await client.get(f"{base_url}/metrics")).text
-            match = re.search(r"^notify_connections (\S+)", text, re.M)
-            if match is not None and float(match.group(1)) == count:
-                return
-            await asyncio.sleep(0.05)
+    await until(lambda: has_connections(base_url, count), timeout, f"{count} connections")
 
 
 async def wait_stored(db: Any, count: int, timeout: float = 20.0) -> None:
     """Wait until the backlog table holds at least ``count`` rows."""
-    async with asyncio.timeout(timeout):
-        while await db.fetchval("SELECT count(*) FROM undelivered_notification") < count:
-            await asyncio.sleep(0.1)
+
+    async def stored() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM undelivered_notification") >= count)
+
+    await until(stored, timeout, f"{count} rows stored", interval=0.1)
 
 
 async def readiness_once_consuming(base_url: str, timeout: float = 30.0) -> httpx.Response:
     """The /health/ready answer once the Kafka check passes (the other checks may not)."""
-    async with httpx.AsyncClient() as client, asyncio.timeout(timeout):
-        while True:
-            try:
-                answer = await client.get(f"{base_url}/health/ready", timeout=5)
-                if answer.json()["checks"].get("kafka"):
-                    return answer
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
+    answers: list[httpx.Response] = []
+
+    async def consuming() -> bool:
+        answer = await readiness_answer(base_url)
+        if answer is not None and answer.json()["checks"].get("kafka"):
+            answers.append(answer)
+        return bool(answers)
+
+    await until(consuming, timeout, "the Kafka check passes", interval=0.2)
+    return answers[-1]
 
 
 async def console_produce(bootstrap: str, topic: str, line: str) -> None:

@@ -21,8 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from dev.auth_server import AuthStandIn
-
-from .gateway import ROOT, Gateway
+from tests.support.gateway import ROOT, Gateway, Gateways
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://notify:notify@127.0.0.1:5432/notify")
@@ -133,6 +132,9 @@ def gateway_env(
         "AUTH_VERIFY_URL": auth_server.verify_url,
         "LOG_LEVEL": "DEBUG",
         "AUTH_TIMEOUT": "5s",  # the stand-in shares a busy test process
+        # One process without Redis unless a test says otherwise: a REDIS_URL exported
+        # for the suite's own Redis fixture must not reach every gateway.
+        "REDIS_URL": "",
     }
 
 
@@ -141,16 +143,14 @@ def gateway_factory(
     gateway_env: dict[str, str], tmp_path: Path, db: asyncpg.Connection
 ) -> Iterator[GatewayFactory]:
     """Starts gateway processes (``factory(**env_overrides)``); all are stopped afterwards."""
-    started: list[Gateway] = []
+    gateways = Gateways(tmp_path)
 
     def factory(start: bool = True, **overrides: str) -> Gateway:
-        gateway = Gateway({**gateway_env, **overrides}, tmp_path / f"gateway-{len(started)}.log")
-        started.append(gateway)
+        gateway = gateways.new({**gateway_env, **overrides})
         return gateway.start() if start else gateway
 
     yield factory
-    for gateway in started:
-        gateway.kill()
+    gateways.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from service.broker import RedisBroker
 from service.notification import Notification
 from service.resp import Address, RedisConnection, client_list, pack
 from service.router import BrokerUnavailable
+from tests.support.wait import until
 
 from .redis_proxy import RedisProxy
 
@@ -43,13 +44,6 @@ class Receiver:
 
 def note(user_id: str, title: str = "t") -> Notification:
     return Notification.build(str(uuid.uuid4()), user_id, title, "b", int(time.time() * 1000))
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def redis_command(url: str, *command: str) -> object:

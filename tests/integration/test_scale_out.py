@@ -26,7 +26,17 @@ from .clients import (
     wait_stored,
 )
 from .conftest import GatewayFactory
+from .gateway import Gateway
 from .redis_proxy import RedisProxy
+
+
+def two_processes(
+    gateway_factory: GatewayFactory, redis_url: str, **env: str
+) -> tuple[Gateway, Gateway]:
+    """Two running gateways (with ``env``) in one consumer group, on a Redis prefix of their own."""
+    env = {"REDIS_URL": redis_url, "REDIS_CHANNEL_PREFIX": f"test-{uuid.uuid4().hex[:6]}:", **env}
+    a = gateway_factory(**env)
+    return a, gateway_factory(KAFKA_GROUP_ID=a.env["KAFKA_GROUP_ID"], **env)
 
 
 async def test_two_processes_deliver_to_every_connection_of_a_user(
@@ -38,10 +48,7 @@ async def test_two_processes_deliver_to_every_connection_of_a_user(
     db: asyncpg.Connection,
 ) -> None:
     """Users on either process, and one on both, get exactly their messages, none stored."""
-    prefix = f"test-{uuid.uuid4().hex[:6]}:"
-    env = {"REDIS_URL": redis_url, "REDIS_CHANNEL_PREFIX": prefix}
-    a = gateway_factory(**env)
-    b = gateway_factory(KAFKA_GROUP_ID=a.env["KAFKA_GROUP_ID"], **env)
+    a, b = two_processes(gateway_factory, redis_url)
     async with (
         connect(a.ws_url(auth_server.issue("on-a"))) as on_a,
         connect(b.ws_url(auth_server.issue("on-b"))) as on_b,
@@ -78,9 +85,7 @@ async def test_offline_backlog_arrives_on_whichever_process(
     db: asyncpg.Connection,
 ) -> None:
     """Messages for a user connected nowhere are stored once and flushed by either process."""
-    env = {"REDIS_URL": redis_url, "REDIS_CHANNEL_PREFIX": f"test-{uuid.uuid4().hex[:6]}:"}
-    a = gateway_factory(**env)
-    b = gateway_factory(KAFKA_GROUP_ID=a.env["KAFKA_GROUP_ID"], **env)
+    a, b = two_processes(gateway_factory, redis_url)
     await produce(producer, topics[0], *[message("roamer", subject=f"m{n}") for n in range(20)])
     await wait_stored(db, 20, timeout=20)
     async with connect(b.ws_url(auth_server.issue("roamer"))) as ws:
@@ -141,13 +146,7 @@ async def test_sigkill_of_one_process_loses_nothing(
     redis_url: str,
 ) -> None:
     """Kill one of two processes mid-stream: its users reconnect to the other and miss nothing."""
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_CHANNEL_PREFIX": f"test-{uuid.uuid4().hex[:6]}:",
-        "WRITE_TIMEOUT": "1s",
-    }
-    a = gateway_factory(**env)
-    b = gateway_factory(KAFKA_GROUP_ID=a.env["KAFKA_GROUP_ID"], **env)
+    a, b = two_processes(gateway_factory, redis_url, WRITE_TIMEOUT="1s")
     users = [f"k{n}" for n in range(10)]
     tokens = {u: auth_server.issue(u) for u in users}
     received: dict[str, set[str]] = {u: set() for u in users}

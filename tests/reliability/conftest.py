@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import asyncpg
@@ -35,9 +35,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from dev.auth_server import AuthStandIn
-from tests.integration.gateway import ROOT, Gateway
+from tests.support.gateway import ROOT, Gateway, Gateways
 
-from .harness import SCALE, Figures, delete_topics, new_topics
+from .harness import SCALE, Client, Figures, Ledger, delete_topics, new_topics
 from .services import KafkaBroker, Postgres, RedisServer, TcpProxy
 
 RESULTS = ROOT / ".cache" / "reliability"
@@ -132,11 +132,16 @@ class Bench:
         self.auth = auth
         self.auth_proxy = proxy
         self.run = uuid.uuid4().hex[:6]
-        self.gateways: list[Gateway] = []
         self.topics_made: list[str] = []
         self.logs = LOGS / name
         shutil.rmtree(self.logs, ignore_errors=True)
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.processes = Gateways(self.logs)
+
+    @property
+    def gateways(self) -> list[Gateway]:
+        """Every gateway started here, in order."""
+        return self.processes.started
 
     @property
     def auth_url(self) -> str:
@@ -148,6 +153,14 @@ class Bench:
 
     def token(self, user: str) -> str:
         return self.auth.issue(user)
+
+    def clients(
+        self, ledger: Ledger, users: Iterable[str], url: Callable[[str], str], *, devices: int = 1
+    ) -> list[Client]:
+        """``devices`` clients of each user, with the user's token, recording into ``ledger``."""
+        return [
+            Client(ledger, user, self.token(user), url) for user in users for _ in range(devices)
+        ]
 
     async def topics(self, **options: Any) -> tuple[str, str]:
         pair = await new_topics(self.kafka.bootstrap, self.name[:20], **options)
@@ -166,6 +179,7 @@ class Bench:
             "AUTH_CACHE_TTL": "10m",
             "LOG_LEVEL": "INFO",
             "SHUTDOWN_TIMEOUT": "5s",
+            "REDIS_URL": "",  # one process without Redis unless a scenario says otherwise
             **overrides,
         }
 
@@ -173,20 +187,16 @@ class Bench:
         self, topics: tuple[str, str], *, wait_ready: bool = True, **overrides: str
     ) -> Gateway:
         """Start a gateway process on ``topics`` (env ``overrides``), ready unless told not to."""
-        gateway = Gateway(
-            self.env(topics, **overrides), self.logs / f"gateway-{len(self.gateways)}.log"
+        return await self.processes.start(
+            self.env(topics, **overrides), wait_ready=wait_ready, timeout=90
         )
-        self.gateways.append(gateway)
-        await asyncio.to_thread(gateway.start, wait_ready=wait_ready, timeout=90)
-        return gateway
 
     async def restart(self, gateway: Gateway) -> None:
         """Start ``gateway`` again on the same port and environment; wait until ready."""
         await asyncio.to_thread(gateway.start, wait_ready=True, timeout=90)
 
     async def close(self) -> None:
-        for gateway in self.gateways:
-            await asyncio.to_thread(gateway.kill)
+        await asyncio.to_thread(self.processes.close)
         if self.topics_made:
             await delete_topics(self.kafka.bootstrap, self.topics_made)
 

@@ -15,22 +15,26 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import socket
-import struct
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import RecordMetadata
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+# The gateway from outside, the raw client and the wait live in tests/support; the
+# scenarios import them from here as well.
+from tests.support.probe import ReadinessProbe as ReadinessProbe
+from tests.support.probe import readiness as readiness
+from tests.support.probe import scrape as scrape
+from tests.support.raw_client import RawClient as RawClient
+from tests.support.wait import until as until
 
 # --- sizes --------------------------------------------------------------------------------
 
@@ -403,6 +407,18 @@ async def close_all(clients: Sequence[Client]) -> None:
     await asyncio.gather(*(c.close() for c in clients))
 
 
+@contextlib.asynccontextmanager
+async def kept_open(clients: Sequence[Client], timeout: float) -> AsyncIterator[None]:
+    """Keep every client connected during the block (``Client.keep_open``), closed after it."""
+    stop = asyncio.Event()
+    keepers = [asyncio.create_task(c.keep_open(stop, timeout)) for c in clients]
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.gather(*keepers)
+
+
 async def drain(
     ledger: Ledger,
     clients: Sequence[Client],
@@ -412,104 +428,10 @@ async def drain(
     idle: float = 15.0,
 ) -> bool:
     """Connect ``clients`` (retrying like a real client), wait until their users have all, close."""
-    stop = asyncio.Event()
-    keepers = [asyncio.create_task(c.keep_open(stop, timeout)) for c in clients]
-    try:
+    async with kept_open(clients, timeout):
         return await ledger.wait_complete(
             timeout, {c.user for c in clients}, settle=settle, idle=idle
         )
-    finally:
-        stop.set()
-        await asyncio.gather(*keepers)
-
-
-class RawClient:
-    """A WebSocket client on a bare blocking socket that reads only when told to.
-
-    It completes the handshake and then leaves the socket alone, so the server's
-    writes pile up in the kernel buffers (kept small with ``SO_RCVBUF``) until they
-    stall: a client that stopped reading. Methods block; call them in a thread.
-    """
-
-    def __init__(self, port: int, token: str, *, receive_buffer: int = 4096) -> None:
-        self.port = port
-        self.token = token
-        self.receive_buffer = receive_buffer
-        self.sock: socket.socket | None = None
-        self.close_code: int | None = None
-        self.frames: list[str] = []
-
-    def handshake(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
-        sock.settimeout(10)
-        sock.connect(("127.0.0.1", self.port))
-        key = "dGhlIHNhbXBsZSBub25jZQ=="
-        sock.sendall(
-            (
-                f"GET /api/v1/notify/ws?token={self.token} HTTP/1.1\r\n"
-                f"Host: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(1)
-            if not chunk:
-                raise ConnectionError("closed during the handshake")
-            head += chunk
-        if not head.startswith(b"HTTP/1.1 101"):
-            raise ConnectionError(head.decode(errors="replace"))
-        self.sock = sock
-
-    def read_all(self, timeout: float, *, enough: int | None = None) -> None:
-        """Read frames until the server closes, ``enough`` text frames came, or ``timeout``.
-
-        Keeps the text frames and the close code; closes the socket at the end.
-        """
-        assert self.sock is not None
-        deadline = time.monotonic() + timeout
-        buffer = b""
-        self.sock.settimeout(0.5)
-        while time.monotonic() < deadline and (enough is None or len(self.frames) < enough):
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            buffer += chunk
-            buffer = self._parse(buffer)
-            if self.close_code is not None:
-                break
-        self.sock.close()
-
-    def _parse(self, buffer: bytes) -> bytes:
-        while len(buffer) >= 2:
-            opcode = buffer[0] & 0x0F
-            length = buffer[1] & 0x7F
-            offset = 2
-            if length == 126:
-                if len(buffer) < 4:
-                    break
-                (length,) = struct.unpack("!H", buffer[2:4])
-                offset = 4
-            elif length == 127:
-                if len(buffer) < 10:
-                    break
-                (length,) = struct.unpack("!Q", buffer[2:10])
-                offset = 10
-            if len(buffer) < offset + length:
-                break
-            payload = buffer[offset : offset + length]
-            buffer = buffer[offset + length :]
-            if opcode == 0x1:
-                self.frames.append(payload.decode())
-            elif opcode == 0x8:
-                self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-        return buffer
 
 
 # --- Kafka --------------------------------------------------------------------------------
@@ -611,45 +533,6 @@ async def committed(bootstrap: str, group: str) -> dict[TopicPartition, int]:
 
 # --- the gateway from outside -------------------------------------------------------------
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", re.M)
-
-
-async def scrape(base: str) -> dict[str, float]:
-    """``GET /metrics`` as ``{"name{labels}": value}``."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(f"{base}/metrics")).text
-    return {f"{m[1]}{m[2] or ''}": float(m[3]) for m in _SAMPLE.finditer(text)}
-
-
-async def readiness(base: str) -> tuple[int, dict[str, Any]]:
-    """``GET /health/ready``: status and body (``(0, {})`` when the process does not answer)."""
-    try:
-        async with httpx.AsyncClient(timeout=5) as client:
-            answer = await client.get(f"{base}/health/ready")
-        return answer.status_code, answer.json()
-    except (httpx.HTTPError, ValueError):
-        return 0, {}
-
-
-async def until(
-    condition: Callable[[], bool | Awaitable[bool]],
-    timeout: float,
-    what: str,
-    *,
-    interval: float = 0.05,
-) -> float:
-    """Wait until ``condition()`` is true; returns the seconds it took, fails after ``timeout``."""
-    started = time.monotonic()
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not reached within {timeout} s: {what}")
-        await asyncio.sleep(interval)
-
 
 def tracebacks(log: str) -> list[str]:
     """Lines of a gateway log that carry a traceback or a critical error."""
@@ -665,32 +548,3 @@ def tracebacks(log: str) -> list[str]:
         if "exception" in entry or entry.get("level") == "critical" or "Traceback" in line:
             found.append(line[:1000])
     return found
-
-
-class ReadinessProbe:
-    """Polls ``/health/ready`` every ``interval`` s in the background and keeps every answer."""
-
-    def __init__(self, base: str, interval: float = 0.2) -> None:
-        self.base = base
-        self.interval = interval
-        self.answers: list[tuple[float, int, dict[str, Any]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> ReadinessProbe:
-        self._task = asyncio.create_task(self._poll(), name="readiness-probe")
-        return self
-
-    async def _poll(self) -> None:
-        while True:
-            status, body = await readiness(self.base)
-            self.answers.append((time.monotonic(), status, body.get("checks", {})))
-            await asyncio.sleep(self.interval)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def statuses(self, since: float = 0.0, until: float = float("inf")) -> set[int]:
-        return {status for at, status, _ in self.answers if since <= at <= until}

@@ -1,4 +1,4 @@
-"""Private Kafka, PostgreSQL and Redis for the reliability suite, and a TCP proxy to cut auth.
+"""Private Kafka, PostgreSQL and Redis for the reliability suite (and the proxy that cuts auth).
 
 The scenarios restart Kafka and Redis and stop PostgreSQL, so they never touch
 the shared ones on 9092 / 5432 / 6379: ``scripts/kafka.sh``, ``scripts/postgres.sh``
@@ -8,15 +8,16 @@ own cache directories.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.gateway import ROOT
+from tests.support.gateway import ROOT
+from tests.support.proxy import TcpProxy
+
+__all__ = ["KafkaBroker", "Postgres", "RedisServer", "TcpProxy"]
 
 SCRIPT_TIMEOUT = 240.0
 
@@ -128,54 +129,3 @@ class RedisServer:
 
     def stop(self) -> None:
         _run(["scripts/redis.sh", "stop"], self.env)
-
-
-class TcpProxy:
-    """A loopback TCP proxy that can go down: new connections refused, open ones cut.
-
-    Stopping the auth stand-in alone is not an outage: its keep-alive connections
-    keep answering. Put this proxy in front of it and ``down()`` / ``up()`` it.
-    Runs on the test's event loop; ``close()`` is idempotent.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def up(self) -> None:
-        if self._server is not None:
-            return
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def down(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        if server is not None:
-            await server.wait_closed()
-
-    close = down
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_writer))
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers.difference_update((writer, up_writer))

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import connect
 
+from tests.support.probe import has_connections
+
 from .conftest import Bench
 from .harness import (
     SIZE,
@@ -19,7 +21,6 @@ from .harness import (
     close_all,
     drain,
     open_all,
-    scrape,
     stream,
     until,
 )
@@ -38,10 +39,10 @@ async def test_auth_outage_refuses_newcomers_keeps_the_connected_and_recovers(
     users = [bench.user("auth", i) for i in range(SIZE.auth_clients)]
     newcomers = {mode: bench.user(f"auth-new-{mode}", 0) for mode in MODES}
     ledger = Ledger()
-    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in users]
+    clients = bench.clients(ledger, users, gateway.ws_url)
     # First connections ask the auth service: a few at a time, as AUTH_TIMEOUT is short.
     await open_all(clients, concurrency=20)
-    await until(lambda: _connections(gateway.base, len(users)), 60, "clients connected")
+    await until(lambda: has_connections(gateway.base, len(users)), 60, "clients connected")
     asked_at_start = bench.auth.requests
     choose = random.Random(4).choice
     everyone = users + list(newcomers.values())
@@ -130,10 +131,6 @@ async def _accepted(client: Client, timeout: float) -> float:
             return time.monotonic() - started - 0.5
         await asyncio.sleep(0.1)
     raise AssertionError(f"no client accepted within {timeout} s of the repair")
-
-
-async def _connections(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count
 
 
 async def test_a_client_leaving_during_its_token_check_does_not_fail_the_others(

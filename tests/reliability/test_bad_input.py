@@ -29,6 +29,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.integration.gateway import Gateway
+from tests.support.frames import close_code_in, upgrade_request
 
 from .conftest import Bench
 from .harness import SIZE, Client, Figures, Ledger, encode, open_all, tracebacks, until
@@ -94,8 +95,7 @@ class Intake:
 
     @property
     def alive(self) -> bool:
-        process = self.gateway.process
-        return process is not None and process.poll() is None
+        return self.gateway.alive
 
     async def send(self, values: Sequence[bytes | None]) -> list[tuple[str, int]]:
         """Produce ``values`` in order to one partition; their ``(topic, offset)``s."""
@@ -475,7 +475,7 @@ async def _raw_http(
                         writer.write(then)
                     if head_done and not answer.startswith(b"HTTP/1.1 101"):
                         break
-                    if _close_code(answer) is not None:
+                    if close_code_in(answer) is not None:
                         break
         return answer
     finally:
@@ -486,27 +486,6 @@ def _status(answer: bytes) -> int:
     with contextlib.suppress(ValueError, IndexError):
         return int(answer.split(b" ", 2)[1])
     return 0
-
-
-def _upgrade(port: int, path: str, headers: str = "") -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
-    ).encode()
-
-
-def _close_code(answer: bytes) -> int | None:
-    """The code of the close frame that follows a ``101`` in ``answer``, if any."""
-    if not answer.startswith(b"HTTP/1.1 101") or b"\r\n\r\n" not in answer:
-        return None
-    frames = answer.split(b"\r\n\r\n", 1)[1]
-    while len(frames) >= 2:
-        opcode, length = frames[0] & 0x0F, frames[1] & 0x7F
-        if opcode == 0x8 and length >= 2:
-            return int.from_bytes(frames[2:4], "big")
-        frames = frames[2 + length :]
-    return None
 
 
 async def test_handshake_garbage_gets_clear_answers_and_no_traceback(
@@ -537,32 +516,34 @@ async def test_handshake_garbage_gets_clear_answers_and_no_traceback(
     for token in garbage_tokens:
         tried += 1
         query = urllib.parse.quote(token, safe="")
-        code = _close_code(await _raw_http(port, _upgrade(port, f"{path}?token={query}"), 5))
+        code = close_code_in(
+            await _raw_http(port, upgrade_request(port, f"{path}?token={query}"), 5)
+        )
         if code != 4401:
             problems.append(f"token {token[:20]!r} in the query: close {code}, not 4401")
 
     header_tokens = ["x", "a" * 3000, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9."]
     for token in header_tokens:
         tried += 1
-        request = _upgrade(port, path, f"Authorization: Bearer {token}\r\n")
-        code = _close_code(await _raw_http(port, request, 5))
+        request = upgrade_request(port, path, f"Authorization: Bearer {token}\r\n")
+        code = close_code_in(await _raw_http(port, request, 5))
         if code != 4401:
             problems.append(f"token {token[:20]!r} as Bearer: close {code}, not 4401")
 
     http_cases: list[tuple[str, bytes]] = [
-        ("huge query string", _upgrade(port, f"{path}?token={valid}&pad={'a' * 100_000}")),
-        ("huge header", _upgrade(port, path, f"Cookie: c={'b' * 100_000}\r\n")),
+        ("huge query string", upgrade_request(port, f"{path}?token={valid}&pad={'a' * 100_000}")),
+        ("huge header", upgrade_request(port, path, f"Cookie: c={'b' * 100_000}\r\n")),
         (
             "no upgrade headers",
             f"GET {path}?token={valid} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
         ),
         (
             "unknown WebSocket version",
-            _upgrade(port, f"{path}?token={valid}").replace(b"Version: 13", b"Version: 99"),
+            upgrade_request(port, f"{path}?token={valid}").replace(b"Version: 13", b"Version: 99"),
         ),
         (
             "no WebSocket key",
-            _upgrade(port, f"{path}?token={valid}").replace(
+            upgrade_request(port, f"{path}?token={valid}").replace(
                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""
             ),
         ),
@@ -604,8 +585,8 @@ async def test_handshake_garbage_gets_clear_answers_and_no_traceback(
                 problems.append(f"oversized {type(frame).__name__} frame: close {ws.close_code}")
 
     tried += 1
-    request = _upgrade(port, f"{path}?token={valid}")
-    code = _close_code(await _raw_http(port, request, 5, then=bytes([0x83, 0x80, 0, 0, 0, 0])))
+    request = upgrade_request(port, f"{path}?token={valid}")
+    code = close_code_in(await _raw_http(port, request, 5, then=bytes([0x83, 0x80, 0, 0, 0, 0])))
     if code != 1002:
         problems.append(f"a frame with a reserved opcode: close {code}, not 1002")
 
@@ -615,7 +596,7 @@ async def test_handshake_garbage_gets_clear_answers_and_no_traceback(
     await after.open()
     still_ok = not await after.ended(0.5)
     await after.close()
-    if not still_ok or gateway.process is None or gateway.process.poll() is not None:
+    if not still_ok or not gateway.alive:
         problems.append("the gateway does not accept a normal client afterwards")
     await asyncio.to_thread(gateway.stop)
     found = tracebacks(gateway.logs())

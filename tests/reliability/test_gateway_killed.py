@@ -9,22 +9,19 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 
+from tests.support.probe import has_connections
+
 from .conftest import Bench
 from .harness import (
     SIZE,
-    Client,
     Figures,
     Ledger,
     committed,
     drain,
+    kept_open,
     produce,
-    scrape,
     until,
 )
-
-
-async def connected(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count
 
 
 async def test_sigkill_mid_stream_then_restart_loses_nothing(
@@ -38,11 +35,11 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
     users = [bench.user("kill", i) for i in range(SIZE.kill_users)]
     online, offline = users[: len(users) // 2], users[len(users) // 2 :]
     ledger = Ledger()
-    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in online]
-    stop = asyncio.Event()
-    keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in clients]
-    try:
-        await until(lambda: connected(gateway.base, len(online)), 60, "online users connected")
+    clients = bench.clients(ledger, online, gateway.ws_url)
+    async with kept_open(clients, timeout=900):
+        await until(
+            lambda: has_connections(gateway.base, len(online)), 60, "online users connected"
+        )
         choose = random.Random(1).choice
         values = [ledger.message(choose(users)) for _ in range(SIZE.kill_messages)]
         producing = asyncio.create_task(produce(producer, topics[0], values))
@@ -57,12 +54,9 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
         restarted = time.monotonic()
         await bench.restart(gateway)
         row.notes["ready after restart (s)"] = round(time.monotonic() - restarted, 1)
-        offline_clients = [Client(ledger, u, bench.token(u), gateway.ws_url) for u in offline]
+        offline_clients = bench.clients(ledger, offline, gateway.ws_url)
         await drain(ledger, offline_clients, timeout=300)
         await ledger.wait_complete(timeout=300)
-    finally:
-        stop.set()
-        await asyncio.gather(*keepers)
     row.count(ledger)
     row.connections = len(online) + len(offline)
     done = ledger.completed_at()

@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 
+from tests.support.probe import has_connections, is_ready
+
 from .conftest import Bench
-from .harness import SIZE, Client, Figures, Ledger, drain, readiness, scrape, stream, until
+from .harness import SIZE, Figures, Ledger, drain, kept_open, stream, until
 
 
 async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
@@ -24,11 +26,11 @@ async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
     users = [bench.user("kafka", i) for i in range(40)]
     online, offline = users[:20], users[20:]
     ledger = Ledger()
-    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in online]
-    stop = asyncio.Event()
-    keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in clients]
-    try:
-        await until(lambda: _connections(gateway.base, len(online)), 60, "online users connected")
+    clients = bench.clients(ledger, online, gateway.ws_url)
+    async with kept_open(clients, timeout=900):
+        await until(
+            lambda: has_connections(gateway.base, len(online)), 60, "online users connected"
+        )
         choose = random.Random(2).choice
         producing = asyncio.create_task(
             stream(
@@ -46,29 +48,18 @@ async def test_broker_restart_mid_stream_consumer_recovers_by_itself(
         row.notes["broker down (s)"] = round(back - went_down, 1)
         await producing
         row.notes["gateway ready again after (s)"] = round(
-            await until(lambda: _ready(gateway.base), 120, "gateway ready again"), 1
+            await until(lambda: is_ready(gateway.base), 120, "gateway ready again"), 1
         )
-        offline_clients = [Client(ledger, u, bench.token(u), gateway.ws_url) for u in offline]
+        offline_clients = bench.clients(ledger, offline, gateway.ws_url)
         await drain(ledger, offline_clients, timeout=240)
         await ledger.wait_complete(timeout=240)
-    finally:
-        stop.set()
-        await asyncio.gather(*keepers)
     row.count(ledger)
     row.connections = len(users)
     done = ledger.completed_at()
     row.recovery_s = round(done - back, 1) if done else None
     row.notes["client reconnects"] = sum(c.connections - 1 for c in clients)
 
-    assert gateway.process is not None and gateway.process.poll() is None, "the gateway died"
+    assert gateway.alive, "the gateway died"
     assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
     assert not ledger.foreign, "a frame reached another user"
     assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
-
-
-async def _connections(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count
-
-
-async def _ready(base: str) -> bool:
-    return (await readiness(base))[0] == 200

@@ -11,10 +11,11 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from tests.support.probe import is_ready
+
 from .conftest import Bench
 from .harness import (
     SIZE,
-    Client,
     Figures,
     Ledger,
     ReadinessProbe,
@@ -39,7 +40,7 @@ async def test_postgres_outage_pauses_consumption_and_loses_nothing(
     online = [bench.user("pg-online", i) for i in range(10)]
     ledger = Ledger()
     choose = random.Random(3).choice
-    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in online]
+    clients = bench.clients(ledger, online, gateway.ws_url)
     stop = asyncio.Event()
     keepers = [asyncio.create_task(c.keep_open(stop, timeout=900)) for c in clients]
     probe = ReadinessProbe(gateway.base)
@@ -82,9 +83,9 @@ async def test_postgres_outage_pauses_consumption_and_loses_nothing(
         back = time.monotonic()
         row.notes["PostgreSQL down (s)"] = round(back - went_down, 1)
         row.notes["gateway ready again after (s)"] = round(
-            await until(lambda: _ready(gateway.base), 60, "gateway ready again"), 1
+            await until(lambda: is_ready(gateway.base), 60, "gateway ready again"), 1
         )
-        offline_clients = [Client(ledger, u, bench.token(u), gateway.ws_url) for u in offline]
+        offline_clients = bench.clients(ledger, offline, gateway.ws_url)
         await drain(ledger, offline_clients, timeout=120)
         await ledger.wait_complete(timeout=120)
     finally:
@@ -120,7 +121,3 @@ async def _stored(db: asyncpg.Connection, ids: list[str], count: int) -> bool:
         "SELECT count(*) FROM undelivered_notification WHERE message_id = ANY($1::uuid[])", ids
     )
     return bool(found == count)
-
-
-async def _ready(base: str) -> bool:
-    return (await readiness(base))[0] == 200

@@ -9,15 +9,15 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 
+from tests.support.probe import has_connections
+
 from .conftest import Bench
 from .harness import (
     SIZE,
-    Client,
     Figures,
     Ledger,
     close_all,
     open_all,
-    scrape,
     stream,
     until,
 )
@@ -34,12 +34,10 @@ async def test_reconnect_storm_while_messages_flow_loses_nothing(
     users = [bench.user("storm", i) for i in range(SIZE.storm_clients // 2)]
     ledger = Ledger()
     # Two devices per user: a user is offline only while both are between connections.
-    clients = [
-        Client(ledger, user, bench.token(user), gateway.ws_url) for user in users for _ in range(2)
-    ]
+    clients = bench.clients(ledger, users, gateway.ws_url, devices=2)
     try:
         await open_all(clients, concurrency=100)
-        await until(lambda: _connections(gateway.base, len(clients)), 120, "clients connected")
+        await until(lambda: has_connections(gateway.base, len(clients)), 120, "clients connected")
         asked = bench.auth.requests
         choose = random.Random(6).choice
         producing = asyncio.create_task(
@@ -63,7 +61,7 @@ async def test_reconnect_storm_while_messages_flow_loses_nothing(
             sum(c.refusals for c in clients) - refusals
         )
         await producing
-        await until(lambda: _connections(gateway.base, len(clients)), 60, "storm settled")
+        await until(lambda: has_connections(gateway.base, len(clients)), 60, "storm settled")
         await ledger.wait_complete(timeout=300)
     finally:
         await close_all(clients)
@@ -75,7 +73,3 @@ async def test_reconnect_storm_while_messages_flow_loses_nothing(
     assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
     assert not ledger.foreign, "a frame reached another user"
     assert ledger.same_connection_duplicates == 0, "a message was written twice to one connection"
-
-
-async def _connections(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count

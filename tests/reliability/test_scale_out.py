@@ -69,14 +69,10 @@ class Pair:
 
         def a_then_b(token: str) -> str:
             # A load balancer sends the clients of a dead process to the other one.
-            a = self.a
-            alive = a.process is not None and a.process.poll() is None
-            return (a if alive else self.b).ws_url(token)
+            return (self.a if self.a.alive else self.b).ws_url(token)
 
-        for user in self.on_a + self.on_both:
-            self.clients.append(Client(ledger, user, bench.token(user), a_then_b))
-        for user in self.on_b + self.on_both:
-            self.clients.append(Client(ledger, user, bench.token(user), self.b.ws_url))
+        self.clients += bench.clients(ledger, self.on_a + self.on_both, a_then_b)
+        self.clients += bench.clients(ledger, self.on_b + self.on_both, self.b.ws_url)
         return topics
 
     async def connected(self) -> None:
@@ -91,7 +87,7 @@ class Pair:
 
     async def drain_offline(self, timeout: float) -> None:
         """The offline users connect (to B, the survivor) and read their backlog."""
-        late = [Client(self.ledger, u, self.bench.token(u), self.b.ws_url) for u in self.offline]
+        late = self.bench.clients(self.ledger, self.offline, self.b.ws_url)
         await drain(self.ledger, late, timeout=timeout)
 
     async def run(
@@ -173,7 +169,7 @@ async def test_two_processes_one_sigkilled_mid_stream_lose_nothing(
     offsets = await committed(bench.kafka.bootstrap, pair.b.env["KAFKA_GROUP_ID"])
     row.notes["committed at the end"] = sum(offsets.values())
 
-    assert pair.b.process is not None and pair.b.process.poll() is None, "the survivor died"
+    assert pair.b.alive, "the survivor died"
     pair.assert_nothing_lost()
 
 
@@ -217,7 +213,7 @@ async def test_redis_restarted_under_two_processes_loses_nothing(
     row.notes["client reconnects"] = sum(c.connections - 1 for c in pair.clients)
 
     for gateway in (pair.a, pair.b):
-        assert gateway.process is not None and gateway.process.poll() is None, "a process died"
+        assert gateway.alive, "a process died"
     pair.assert_nothing_lost()
 
 
@@ -265,5 +261,5 @@ async def test_a_frozen_process_loses_nothing_and_the_other_carries_on(
     )
 
     for gateway in (pair.a, pair.b):
-        assert gateway.process is not None and gateway.process.poll() is None, "a process died"
+        assert gateway.alive, "a process died"
     pair.assert_nothing_lost()

@@ -15,6 +15,8 @@ from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.support.probe import has_connections
+
 from .conftest import Bench
 from .harness import (
     SIZE,
@@ -24,7 +26,6 @@ from .harness import (
     close_all,
     drain,
     open_all,
-    scrape,
     stream,
     until,
 )
@@ -198,7 +199,7 @@ async def test_no_user_ever_receives_another_users_message(
     online = {c.user for c in clients}
     try:
         await open_all(clients)
-        await until(lambda: _connections(gateway.base, len(clients)), 60, "clients connected")
+        await until(lambda: has_connections(gateway.base, len(clients)), 60, "clients connected")
 
         def make() -> dict[str, object]:
             user = rng.choice(users)
@@ -217,7 +218,3 @@ async def test_no_user_ever_receives_another_users_message(
     assert not ledger.foreign, f"frames reached the wrong user: {ledger.foreign[:5]}"
     assert not ledger.unknown, f"frames nobody sent: {ledger.unknown[:5]}"
     assert not ledger.missing(), f"{len(ledger.missing())} messages lost"
-
-
-async def _connections(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count

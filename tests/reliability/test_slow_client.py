@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 
+from tests.support.probe import has_connections
+
 from .conftest import Bench
 from .harness import (
     SIZE,
@@ -46,14 +48,11 @@ async def test_slow_readers_are_closed_their_messages_stored_others_keep_pace(
     stalled_user, burst_user = bench.user("stalled", 0), bench.user("burst", 0)
     ledger = Ledger(keep_latency=True)
     # The same devices reconnect later, with an ordinary client, to get what they missed.
-    slow_clients = [
-        Client(ledger, user, bench.token(user), gateway.ws_url)
-        for user in (stalled_user, burst_user)
-    ]
-    clients = [Client(ledger, user, bench.token(user), gateway.ws_url) for user in fast]
+    slow_clients = bench.clients(ledger, (stalled_user, burst_user), gateway.ws_url)
+    clients = bench.clients(ledger, fast, gateway.ws_url)
     stop = asyncio.Event()
     keepers = [asyncio.create_task(c.keep_open(stop, timeout=600)) for c in clients]
-    await until(lambda: _connections(gateway.base, len(fast)), 30, "fast clients connected")
+    await until(lambda: has_connections(gateway.base, len(fast)), 30, "fast clients connected")
     choose = random.Random(5).choice
     stop_stream = asyncio.Event()
     steady = asyncio.create_task(
@@ -72,7 +71,7 @@ async def test_slow_readers_are_closed_their_messages_stored_others_keep_pace(
         #    watchdog closes it after WRITE_TIMEOUT.
         stalled = RawClient(gateway.port, bench.token(stalled_user))
         await asyncio.to_thread(stalled.handshake)
-        await until(lambda: _connections(gateway.base, len(fast) + 1), 10, "stalled client in")
+        await until(lambda: has_connections(gateway.base, len(fast) + 1), 10, "stalled client in")
         stall_began = time.time()
         trickle_stop = asyncio.Event()
         trickle = asyncio.create_task(
@@ -88,7 +87,7 @@ async def test_slow_readers_are_closed_their_messages_stored_others_keep_pace(
         trickle_stop.set()
         await trickle
         # It never reads again: wait until the gateway lets go of it, then take what is left.
-        await until(lambda: _connections(gateway.base, len(fast)), 60, "stalled client gone")
+        await until(lambda: has_connections(gateway.base, len(fast)), 60, "stalled client gone")
         stall_window_end = time.time()
         await asyncio.to_thread(stalled.read_all, 30)
         _account(ledger, slow_clients[0], stalled)
@@ -99,7 +98,7 @@ async def test_slow_readers_are_closed_their_messages_stored_others_keep_pace(
         await until(lambda: not ledger.missing(fast, older=1.0), 120, "the others caught up")
         burst = RawClient(gateway.port, bench.token(burst_user))
         await asyncio.to_thread(burst.handshake)
-        await until(lambda: _connections(gateway.base, len(fast) + 1), 10, "burst client in")
+        await until(lambda: has_connections(gateway.base, len(fast) + 1), 10, "burst client in")
         burst_values = [ledger.message(burst_user) for _ in range(5 * QUEUE)]
         await produce_batch(producer, topics[0], burst_values)
         await asyncio.to_thread(burst.read_all, 30, enough=len(burst_values))
@@ -182,10 +181,6 @@ def _ms(values: list[float]) -> list[int | None]:
     return [
         None if (v := percentile(values, q)) is None else round(v * 1000) for q in (50, 99, 100)
     ]
-
-
-async def _connections(base: str, count: int) -> bool:
-    return (await scrape(base)).get("notify_connections") == count
 
 
 async def _slow_closed(base: str, count: int) -> bool:
