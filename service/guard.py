@@ -8,8 +8,9 @@ buffer): memory grows without bound, and Sanic's keepalive ping and ``close()``
 wait forever for room that never comes. The guard stands in the middle from the
 handshake on:
 
-* to the transport it is the protocol. It reads one chunk at a time: after a
-  read, reading pauses until the task Sanic made for it has had its turn. It
+* to the transport it is the protocol. It reads one chunk at a time and hands
+  it to Sanic in slices, one per turn of the loop: reading resumes once the
+  task Sanic made for the last slice has had its turn. It
   sees the write buffer fill (``pause_writing``) and drain (``resume_writing``):
   while writes are paused, reading is paused too, so the client can send no
   more than the kernel buffers hold;
@@ -39,6 +40,12 @@ from sanic import Websocket
 
 log = logging.getLogger("notify.guard")
 
+# Sanic is handed at most this much of a read per turn of the loop. uvloop reads up
+# to 256 kB at once; parsing that many tiny frames (40,000 empty pings) and writing
+# their pongs takes about half a second, which every other socket of the process
+# would wait for; a slice of 4 KiB, some 30 ms at worst.
+_SLICE = 4 * 1024
+
 
 class SocketGuard(asyncio.Protocol):
     """The transport's protocol for one upgraded socket, forwarding to Sanic's.
@@ -52,6 +59,7 @@ class SocketGuard(asyncio.Protocol):
         "_limit",
         "_loop",
         "_reading_held",
+        "_rest",
         "_timer",
         "on_stall",
         "sanic_side",
@@ -69,7 +77,9 @@ class SocketGuard(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         # Reading paused at Sanic's request (its frame assembler, or a closing socket).
         self._reading_held = False
-        # A read handed to Sanic whose task has not run yet.
+        # What Sanic has not been handed yet of the last read.
+        self._rest = memoryview(b"")
+        # A slice handed to Sanic whose task has not run yet.
         self._digesting = False
         self.writing_paused = False
         self.sanic_side = _SanicSide(self, transport)
@@ -107,14 +117,14 @@ class SocketGuard(asyncio.Protocol):
     # asyncio.Protocol: what the transport calls.
 
     def data_received(self, data: bytes) -> None:
-        # Sanic parses what was read at once and leaves the answers (a pong per ping)
-        # and the frames to a new task. The transport would go on reading, chunk
-        # after chunk in one turn of the loop, while none of those tasks runs: a
-        # flood of pings piles them up. So read no more until that task had its turn.
-        self._digesting = True
+        # Sanic parses what it is handed at once and leaves the answers (a pong per
+        # ping) and the frames to a new task. The transport would go on reading, chunk
+        # after chunk in one turn of the loop, while none of those tasks runs: a flood
+        # of pings piles them up. So read no more until Sanic had all of this read,
+        # a slice per turn of the loop, and each slice's task has had its turn.
         self.transport.pause_reading()
-        self._inner.data_received(data)
-        self._loop.call_soon(self._digested)
+        self._rest = memoryview(data)
+        self._feed()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -123,9 +133,33 @@ class SocketGuard(asyncio.Protocol):
         self._cancel_timer()
         self._inner.connection_lost(exc)
 
+    def _feed(self) -> None:
+        """Hand Sanic the next slice of the last read; the rest waits for the next turn."""
+        rest = self._rest
+        self._rest = rest[_SLICE:]
+        self._digesting = True
+        self._inner.data_received(bytes(rest[:_SLICE]))
+        self._loop.call_soon(self._digested)
+
     def _digested(self) -> None:
         self._digesting = False
-        self._read_if_free()
+        self._proceed()
+
+    def _proceed(self) -> None:
+        """Go on with the last read, or read again, unless something holds the socket back.
+
+        Held back by: writes paused, a slice Sanic has not handled yet, or Sanic's own
+        pause of reading (no one waits for the message it holds, or it is closing).
+        """
+        if self.writing_paused or self._digesting or self._reading_held:
+            return
+        if self._rest:
+            if self.transport.is_closing():
+                self._rest = memoryview(b"")
+                return
+            self._feed()
+        else:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         """The write buffer is over its high-water mark: stop reading, start the clock."""
@@ -140,7 +174,7 @@ class SocketGuard(asyncio.Protocol):
         self.writing_paused = False
         self._cancel_timer()
         self._inner.resume_writing()
-        self._read_if_free()
+        self._proceed()
 
     # What Sanic's side calls.
 
@@ -150,12 +184,7 @@ class SocketGuard(asyncio.Protocol):
 
     def release_reading(self) -> None:
         self._reading_held = False
-        self._read_if_free()
-
-    def _read_if_free(self) -> None:
-        """Resume reading unless writes are paused, Sanic holds it, or a read is undigested."""
-        if not (self.writing_paused or self._reading_held or self._digesting):
-            self.transport.resume_reading()
+        self._proceed()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

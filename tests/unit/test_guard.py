@@ -198,6 +198,53 @@ async def test_a_read_handled_while_writing_is_paused_does_not_resume_reading(
     assert not transport.reading
 
 
+async def test_a_large_read_reaches_sanic_a_slice_per_turn_of_the_loop(
+    guard: SocketGuard, sanic: FakeSanicProtocol, transport: FakeTransport
+) -> None:
+    """A read of many frames is parsed a few KiB at a time: other sockets get their turns."""
+    data = bytes(range(256)) * 100  # 25,600 bytes: seven slices
+    guard.data_received(data)
+    assert len(sanic.received) == 1
+    turns = 0
+    while not transport.reading:
+        turns += 1
+        assert turns < 100
+        await asyncio.sleep(0)
+    assert len(sanic.received) == 7
+    assert turns >= 7
+    assert b"".join(sanic.received) == data
+    assert sanic.answered == sanic.received
+
+
+async def test_the_rest_of_a_read_waits_while_writes_are_paused(
+    guard: SocketGuard, sanic: FakeSanicProtocol, transport: FakeTransport
+) -> None:
+    """No more of a read is parsed (no more pongs owed) until the socket has room again."""
+    guard.data_received(b"x" * 10_000)
+    guard.pause_writing()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(sanic.received) == 1
+    guard.resume_writing()
+    await until(lambda: transport.reading)
+    assert b"".join(sanic.received) == b"x" * 10_000
+
+
+async def test_the_rest_of_a_read_waits_while_sanic_holds_reading(
+    guard: SocketGuard, sanic: FakeSanicProtocol, transport: FakeTransport
+) -> None:
+    """Sanic pausing reading (a message no one fetched yet) also holds the rest of a read."""
+    assert sanic.transport is not None
+    guard.data_received(b"x" * 10_000)
+    sanic.transport.pause_reading()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(sanic.received) == 1
+    sanic.transport.resume_reading()
+    await until(lambda: transport.reading)
+    assert b"".join(sanic.received) == b"x" * 10_000
+
+
 async def test_writes_paused_past_the_limit_cut_the_socket_off(
     guard: SocketGuard, transport: FakeTransport
 ) -> None:
