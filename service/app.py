@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,6 +28,7 @@ from .connection import (
     UNAVAILABLE,
     Connection,
 )
+from .guard import SocketGuard
 from .hub import Rejected
 from .node import Node, is_ready
 from .router import BrokerUnavailable
@@ -38,32 +40,46 @@ WS_PATH = "/api/v1/notify/ws"
 
 
 # Past this many bytes waiting in the kernel-bound buffer, frames go through the
-# writer task, which waits for the socket to drain (and is watched for slowness).
+# writer task, which waits for the socket to drain. The transport's high-water mark
+# (Sanic sets 64 KiB): above it, writes are paused and the socket has no room.
 _SEND_NOW_LIMIT = 64 * 1024
+
+# How long a close waits for the client's answer and the end of the TCP connection
+# before the socket is aborted: a peer that does not read never answers.
+CLOSE_TIMEOUT = 2.0
 
 
 class SanicSocket:
-    """The connection's view of a Sanic WebSocket: Sanic's own ``send`` and ``close``,
-    plus ``send_now``, a synchronous write for the common case.
+    """The connection's view of a Sanic WebSocket: Sanic's own ``send``, plus ``send_now``,
+    a synchronous write for the common case, and closes that never wait unbounded.
 
     Sanic's ``send`` takes a lock and awaits the transport for every frame; a push
     gateway writes far more frames than anything else, so when nothing else is being
     sent and the socket's buffer has room, ``send_now`` frames the text with the same
-    protocol object and hands it to the transport directly.
+    protocol object and hands it to the transport directly (the real transport, not
+    the guard's view of it that Sanic holds).
     """
 
-    __slots__ = ("_ws",)
+    __slots__ = ("_guard", "_transport", "_ws")
 
     def __init__(self, ws: Websocket) -> None:
         self._ws = ws
+        self._guard = SocketGuard.of(ws)
+        io = ws.io_proto
+        self._transport: asyncio.Transport | None = (
+            self._guard.transport
+            if self._guard is not None
+            else io.transport
+            if io is not None
+            else None
+        )
 
     async def send(self, message: str) -> None:
         await self._ws.send(message)
 
     def send_now(self, message: str) -> bool:
         ws = self._ws
-        io = ws.io_proto
-        transport = io.transport if io is not None else None
+        transport = self._transport
         if (
             transport is None
             or transport.is_closing()
@@ -78,12 +94,36 @@ class SanicSocket:
         return True
 
     def buffered(self) -> int:
-        io = self._ws.io_proto
-        transport = io.transport if io is not None else None
+        transport = self._transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
+    def on_stall(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` just before the socket is aborted for a write stalled too long."""
+        if self._guard is not None:
+            self._guard.on_stall = callback
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        await self._ws.close(code, reason)
+        """Close with the closing handshake, bounded: never waits on a peer that does not read.
+
+        The close frame is written only if the socket has room for it; otherwise the
+        socket is aborted at once. Then the client has ``CLOSE_TIMEOUT`` to answer
+        and Sanic to end the TCP connection, after which the socket is aborted.
+        Idempotent; safe to call while another task sends (Sanic's ``close`` would
+        wait for the send, and a paused send waits forever).
+        """
+        ws, transport = self._ws, self._transport
+        if transport is None or transport.is_closing():
+            return
+        if ws.ws_proto.state is State.OPEN:
+            if transport.get_write_buffer_size() > _SEND_NOW_LIMIT:
+                transport.abort()
+                return
+            ws.ws_proto.send_close(code, reason)
+            for chunk in ws.ws_proto.data_to_send():
+                if chunk:  # b"" means "end of stream": Sanic's closer handles it
+                    transport.write(chunk)
+        if not await ws.wait_for_connection_lost(timeout=CLOSE_TIMEOUT):
+            transport.abort()
 
     def fail_connection(self, code: int = 1006, reason: str = "") -> bool:
         return bool(self._ws.fail_connection(code, reason))
@@ -159,6 +199,11 @@ def create_app(
 
     @app.websocket(WS_PATH)  # type: ignore[untyped-decorator]
     async def notify(request: Request, ws: Websocket) -> None:
+        # From the handshake on, whether it is registered yet or not: reads pause while
+        # writes are paused, and a socket with no room for WRITE_TIMEOUT is cut off.
+        guard = SocketGuard.install(ws, settings.write_timeout)
+        if guard is not None:
+            guard.on_stall = gateway.metrics.slow_closed.inc
         await serve_client(gateway, request, ws)
 
     # Registered after the WebSocket route on purpose: Sanic runs stop listeners in
@@ -185,9 +230,11 @@ def stop_failed(app: Sanic[Any, Any]) -> None:
 
 
 async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str) -> None:
+    """Refuse the client with ``code``: the close frame if the socket has room, a bounded
+    wait for the client's answer, then abort. Never waits on a client that does not read."""
     node.metrics.connections_rejected.labels(label).inc()
     access.info("ws_rejected", extra={"code": code, "reason": label})
-    await ws.close(code, reason)
+    await SanicSocket(ws).close(code, reason)
 
 
 async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
@@ -225,8 +272,9 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
         await _reject(node, ws, UNAUTHORIZED, "token expired", "invalid_token")
         return
 
+    socket = SanicSocket(ws)
     connection = Connection(
-        SanicSocket(ws),
+        socket,
         identity,
         node.metrics,
         queue_size=settings.send_queue_size,
@@ -248,6 +296,7 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
             broker.unsubscribe(identity.user_id)
         await _reject(node, ws, TOO_MANY, exc.reason, "too_many")
         return
+    socket.on_stall(connection.stalled)
     node.metrics.connections_opened.inc()
     node.metrics.connections.set(len(node.hub))
     access.info("ws_open", extra={"connections": len(node.hub)})

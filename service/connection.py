@@ -53,7 +53,14 @@ class Socket(Protocol):
         """Bytes handed to the socket that the kernel has not taken yet."""
         ...
 
-    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+    def on_stall(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` just before the socket is aborted for a write stalled too long."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close with the closing handshake, within a bounded time: a peer that does not
+        answer (or has no room for the close frame) is aborted."""
+        ...
 
     def fail_connection(self, code: int = 1006, reason: str = "") -> bool: ...
 
@@ -90,7 +97,6 @@ class Connection:
         "_unsent",
         "_wakeup",
         "identity",
-        "write_started",
     )
 
     def __init__(
@@ -120,7 +126,6 @@ class Connection:
         self._idle = False
         self._seen: set[str] | None = None
         self._seen_order: deque[str] | None = None
-        self.write_started: float | None = None
 
     @property
     def user_id(self) -> str:
@@ -220,12 +225,12 @@ class Connection:
             self._unsent.clear()
 
     async def write(self, frame: str) -> None:
-        """Send one text frame; the watchdog closes the socket if it takes too long."""
-        self.write_started = self._loop.time()
-        try:
-            await self._socket.send(frame)
-        finally:
-            self.write_started = None
+        """Send one text frame, waiting for room in the socket.
+
+        A socket with no room for ``WRITE_TIMEOUT`` is cut off (``service.guard``),
+        which ends the wait with an error.
+        """
+        await self._socket.send(frame)
 
     async def run(self, flush_backlog: Callable[[Connection], Awaitable[int]]) -> None:
         """The writer: the stored backlog first, then live deliveries in order.
@@ -312,8 +317,22 @@ class Connection:
         self._reclaim_unsent()
         self._socket.fail_connection(code, reason)
 
+    def stalled(self) -> None:
+        """The socket had no room for ``WRITE_TIMEOUT``: 1013, and store what it held.
+
+        Called by the socket just before it is aborted. Idempotent.
+        """
+        if self._closed:
+            return
+        self._metrics.slow_closed.inc()
+        self.abort(TRY_AGAIN_LATER, "too slow to keep up")
+
     async def close(self, code: int, reason: str) -> None:
-        """Close with the closing handshake (e.g. 1001 on shutdown). Idempotent."""
+        """Close with the closing handshake (e.g. 1001 on shutdown). Idempotent.
+
+        Bounded in time: a peer that does not answer, or has no room for the close
+        frame, is aborted (see ``Socket.close``).
+        """
         if self._closed:
             return
         self._closed = True

@@ -90,7 +90,8 @@ class Metrics:
         )
         self.slow_closed = Counter(
             "notify_slow_connections_closed",
-            "Connections closed with 1013 because they could not keep up.",
+            "Connections closed with 1013, or sockets cut off, because they could not keep up:"
+            " a full send queue, or no room in the socket for WRITE_TIMEOUT.",
             registry=r,
         )
         self.auth_seconds = Histogram(

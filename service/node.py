@@ -26,7 +26,7 @@ from typing import Any
 from .auth import Authenticator, build_authenticator
 from .broker import RedisBroker
 from .config import Settings
-from .connection import GOING_AWAY, TRY_AGAIN_LATER, Connection
+from .connection import GOING_AWAY, Connection
 from .consumer import Consumer
 from .hub import Hub
 from .limits import raise_open_files
@@ -122,7 +122,6 @@ class Node:
         self._supervise(self.consumer.task)
         _tune_gc()
         self._spawn("backlog-retention", self._retention_loop)
-        self._spawn("write-watchdog", self._watchdog_loop)
         log.info("node_started", extra={"port": self.settings.port})
 
     def _spawn(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -274,17 +273,3 @@ class Node:
             await asyncio.sleep(
                 min(1.0, s.backlog_cleanup_interval) if behind else s.backlog_cleanup_interval
             )
-
-    async def _watchdog_loop(self) -> None:
-        """Close connections whose socket write has been stuck past WRITE_TIMEOUT (1013)."""
-        loop = asyncio.get_running_loop()
-        limit = self.settings.write_timeout
-        while True:
-            await asyncio.sleep(min(1.0, limit / 2))
-            now = loop.time()
-            for connection in self.hub:
-                started = connection.write_started
-                if started is not None and now - started > limit and not connection.closed:
-                    log.warning("connection_write_timeout", extra={"seconds": limit})
-                    self.metrics.slow_closed.inc()
-                    connection.abort(TRY_AGAIN_LATER, "too slow to keep up")

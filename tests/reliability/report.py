@@ -108,6 +108,18 @@ SCENARIOS = """\
    idempotence). Each user must receive each of its ids once per device, live or from the
    backlog on connect; the second copies must add no row and be counted in
    `notify_store_duplicates_total`.
+13. **Clients that flood pings and never read** (raw sockets with a 4 KiB receive buffer
+   sending 125-byte pings as fast as they can, at most 20 s and 32 MiB each;
+   `WRITE_TIMEOUT`, `PING_INTERVAL` and `PING_TIMEOUT` 2 s): (a) a connected client, while
+   five others receive a stream; (b) a connected one sending empty pings instead (the
+   kernel takes its tiny pongs for long: it costs CPU, not room, and the unanswered
+   keepalive must cut it off), one whose auth answer takes longer than `WRITE_TIMEOUT`
+   (in no hub yet) and one refused (invalid token) while its buffer is full. Each must be
+   cut off within `WRITE_TIMEOUT + PING_TIMEOUT` (plus 2 s for a loaded machine), the
+   gateway's RSS (peak `VmRSS`, sampled every 0.1 s) must grow by less than 50 MB, the
+   others lose nothing, and the flooder's messages sent after the cut reach it when it
+   returns as an ordinary client. The old gateway never cut them off and grew by
+   hundreds of MB.
 """
 
 

@@ -173,6 +173,7 @@ class FakeSocket:
         self.fail_sends = False
         self.buffered_bytes = 0
         self.sending = 0
+        self.stall: Callable[[], object] | None = None
         self._open = asyncio.Event()
         self._open.set()
 
@@ -194,6 +195,9 @@ class FakeSocket:
 
     def buffered(self) -> int:
         return self.buffered_bytes
+
+    def on_stall(self, callback: Callable[[], object]) -> None:
+        self.stall = callback
 
     def send_now(self, message: str) -> bool:
         """The fast path: takes the frame at once unless held, failing or closed."""

@@ -524,6 +524,28 @@ async def test_frames_left_in_the_socket_buffer_are_stored_on_abort(
     assert sorted(backlog.stored_ids) == sorted(n.message_id for n in sent)
 
 
+async def test_a_stalled_socket_closes_with_1013_and_stores_what_it_held(
+    router: Router, clients: Clients, backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A socket with no room for WRITE_TIMEOUT: 1013, counted, its frames all stored."""
+    connection, socket = clients.open("alice")
+    await until(lambda: connection._idle)
+    in_buffer = notification("alice", "in the buffer")
+    socket.buffered_bytes = 10_000  # the client stopped reading
+    await router.deliver([in_buffer])
+    socket.hold()
+    stuck = notification("alice", "stuck")
+    delivering = asyncio.create_task(router.deliver([stuck]))
+    await until(lambda: socket.sending == 1)
+    connection.stalled()
+    connection.stalled()  # the socket tells once; a second call changes nothing
+    await asyncio.wait_for(delivering, 2.0)
+    await router.drain()
+    assert socket.failed_with == (1013, "too slow to keep up")
+    assert sorted(backlog.stored_ids) == sorted([in_buffer.message_id, stuck.message_id])
+    assert count(metrics, "notify_slow_connections_closed_total") == 1
+
+
 async def test_flushed_frames_left_in_the_socket_buffer_are_stored_again_on_abort(
     router: Router, clients: Clients, backlog: FakeBacklog
 ) -> None:

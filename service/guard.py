@@ -1,0 +1,266 @@
+"""Back-pressure for one client socket, between its transport and Sanic's protocol.
+
+A WebSocket server must answer every ping with a pong, so a client that sends
+pings and never reads makes the server write whatever it reads. Left alone,
+Sanic parses each read at once and leaves the pongs to a task; the transport
+reads on while those tasks wait their turn (or wait for room in a full write
+buffer): memory grows without bound, and Sanic's keepalive ping and ``close()``
+wait forever for room that never comes. The guard stands in the middle from the
+handshake on:
+
+* to the transport it is the protocol. It reads one chunk at a time and hands
+  it to Sanic in slices, one per turn of the loop: reading resumes once the
+  task Sanic made for the last slice has had its turn. It
+  sees the write buffer fill (``pause_writing``) and drain (``resume_writing``):
+  while writes are paused, reading is paused too, so the client can send no
+  more than the kernel buffers hold;
+* to Sanic it is the transport (``_SanicSide``): Sanic pausing and resuming
+  reading (its frame assembler does, when no one waits for a message) is
+  combined with the guard's, so Sanic cannot resume reading while writes are
+  paused;
+* writes paused for longer than ``WRITE_TIMEOUT`` cut the socket off
+  (``transport.abort()``), registered or not, whether a notification is being
+  written or only a pong or a ping: ``on_stall`` runs first (a registered
+  connection closes with 1013 and stores again what its buffer held).
+
+The transport aborted, every task that waited on the socket ends: the
+connection is lost, Sanic's protocol resumes its blocked writers, which fail,
+and cancels the handler. Frames go around the guard: ``SanicSocket.send_now``
+writes to the real transport, so the guard costs nothing per frame sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sanic import Websocket
+
+log = logging.getLogger("notify.guard")
+
+# Sanic is handed at most this much of a read per turn of the loop. uvloop reads up
+# to 256 kB at once; parsing that many tiny frames (40,000 empty pings) and writing
+# their pongs takes about half a second, which every other socket of the process
+# would wait for; a slice of 4 KiB, some 30 ms at worst.
+_SLICE = 4 * 1024
+
+
+class SocketGuard(asyncio.Protocol):
+    """The transport's protocol for one upgraded socket, forwarding to Sanic's.
+
+    Install with :meth:`install`. Not thread-safe; runs on the socket's loop.
+    """
+
+    __slots__ = (
+        "_digesting",
+        "_inner",
+        "_limit",
+        "_loop",
+        "_reading_held",
+        "_rest",
+        "_timer",
+        "on_stall",
+        "sanic_side",
+        "transport",
+        "writing_paused",
+    )
+
+    def __init__(
+        self, inner: asyncio.Protocol, transport: asyncio.Transport, write_timeout: float
+    ) -> None:
+        self._inner = inner
+        self.transport = transport
+        self._limit = write_timeout
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        # Reading paused at Sanic's request (its frame assembler, or a closing socket).
+        self._reading_held = False
+        # What Sanic has not been handed yet of the last read.
+        self._rest = memoryview(b"")
+        # A slice handed to Sanic whose task has not run yet.
+        self._digesting = False
+        self.writing_paused = False
+        self.sanic_side = _SanicSide(self, transport)
+        self.on_stall: Callable[[], object] | None = None
+        """Called once, just before the socket is aborted for a write stalled too long."""
+
+    @classmethod
+    def install(cls, ws: Websocket, write_timeout: float) -> SocketGuard | None:
+        """Put a guard between ``ws``'s transport and Sanic's protocol.
+
+        Returns None, changing nothing, when the socket is already closing or
+        guarded. Call right after the handshake.
+        """
+        io = ws.io_proto
+        transport = io.transport if io is not None else None
+        if io is None or transport is None or transport.is_closing():
+            return None
+        if isinstance(transport, _SanicSide):
+            return None
+        guard = cls(io, transport, write_timeout)
+        transport.set_protocol(guard)
+        io.transport = guard.sanic_side
+        _, high = transport.get_write_buffer_limits()
+        if transport.get_write_buffer_size() > high:  # paused already: the guard came late
+            guard.pause_writing()
+        return guard
+
+    @staticmethod
+    def of(ws: Websocket) -> SocketGuard | None:
+        """The guard installed on ``ws``, if any."""
+        io = ws.io_proto
+        side = io.transport if io is not None else None
+        return side.guard if isinstance(side, _SanicSide) else None
+
+    # asyncio.Protocol: what the transport calls.
+
+    def data_received(self, data: bytes) -> None:
+        # Sanic parses what it is handed at once and leaves the answers (a pong per
+        # ping) and the frames to a new task. The transport would go on reading, chunk
+        # after chunk in one turn of the loop, while none of those tasks runs: a flood
+        # of pings piles them up. So read no more until Sanic had all of this read,
+        # a slice per turn of the loop, and each slice's task has had its turn.
+        self.transport.pause_reading()
+        self._rest = memoryview(data)
+        self._feed()
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._inner.connection_lost(exc)
+
+    def _feed(self) -> None:
+        """Hand Sanic the next slice of the last read; the rest waits for the next turn."""
+        rest = self._rest
+        self._rest = rest[_SLICE:]
+        self._digesting = True
+        self._inner.data_received(bytes(rest[:_SLICE]))
+        self._loop.call_soon(self._digested)
+
+    def _digested(self) -> None:
+        self._digesting = False
+        self._proceed()
+
+    def _proceed(self) -> None:
+        """Go on with the last read, or read again, unless something holds the socket back.
+
+        Held back by: writes paused, a slice Sanic has not handled yet, or Sanic's own
+        pause of reading (no one waits for the message it holds, or it is closing).
+        """
+        if self.writing_paused or self._digesting or self._reading_held:
+            return
+        if self._rest:
+            if self.transport.is_closing():
+                self._rest = memoryview(b"")
+                return
+            self._feed()
+        else:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        """The write buffer is over its high-water mark: stop reading, start the clock."""
+        self.writing_paused = True
+        self._inner.pause_writing()
+        self.transport.pause_reading()
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._limit, self._stalled)
+
+    def resume_writing(self) -> None:
+        """The write buffer drained below its low-water mark: read again, unless Sanic holds it."""
+        self.writing_paused = False
+        self._cancel_timer()
+        self._inner.resume_writing()
+        self._proceed()
+
+    # What Sanic's side calls.
+
+    def hold_reading(self) -> None:
+        self._reading_held = True
+        self.transport.pause_reading()
+
+    def release_reading(self) -> None:
+        self._reading_held = False
+        self._proceed()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _stalled(self) -> None:
+        self._timer = None
+        if not self.writing_paused:
+            return
+        log.warning("connection_write_timeout", extra={"seconds": self._limit})
+        try:
+            if self.on_stall is not None:
+                self.on_stall()
+        finally:
+            self.transport.abort()
+
+
+class _SanicSide(asyncio.Transport):
+    """The transport as Sanic's protocol sees it: the real one, but reading is the guard's.
+
+    Sanic's ``pause_reading`` / ``resume_reading`` go through the guard; every
+    other call goes straight to the real transport.
+    """
+
+    __slots__ = ("_transport", "guard")
+
+    def __init__(self, guard: SocketGuard, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self.guard = guard
+        self._transport = transport
+
+    def pause_reading(self) -> None:
+        self.guard.hold_reading()
+
+    def resume_reading(self) -> None:
+        self.guard.release_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
+        self._transport.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._transport.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
