@@ -187,6 +187,29 @@ class Settings:
             raise ConfigError(f"AUTH_TOKEN_NAME: required when AUTH_TOKEN_IN={self.auth_token_in}")
 
 
+@dataclass(frozen=True, slots=True)
+class KafkaTarget:
+    """Where notifications go: the only settings ``python -m service send`` needs.
+
+    Read like :class:`Settings` reads them (same variables, defaults and errors), but
+    without validating the rest: a producer run beside a gateway's environment must not
+    fail on a setting it never uses.
+    """
+
+    bootstrap_servers: str
+    topic: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KafkaTarget:
+        """``KAFKA_BOOTSTRAP_SERVERS`` and ``KAFKA_TOPIC``; raises :class:`ConfigError`."""
+        r = _Reader(env)
+        d = Settings()
+        return cls(
+            bootstrap_servers=r.text("KAFKA_BOOTSTRAP_SERVERS", d.kafka_bootstrap_servers),
+            topic=r.text("KAFKA_TOPIC", d.kafka_topic),
+        )
+
+
 class _Reader:
     """Parses one variable at a time, naming it in every error."""
 
