@@ -1,4 +1,7 @@
-"""``python -m service``: run the gateway, configured from the environment.
+"""``python -m service [serve]``: run the gateway, configured from the environment.
+
+``python -m service send ...`` and ``python -m service listen ...`` run the tools of
+:mod:`service.tools` instead (each has its own ``--help`` and exit status).
 
 Exit status (README, "Exit status"): 0 after a clean stop (SIGTERM, SIGINT);
 2 for a configuration error; 70 when a background task (the Kafka consumer, the
@@ -24,7 +27,18 @@ EXIT_TASK_DIED = 70
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("send", "listen"):
+        from .tools import main as tool
+
+        return tool(argv)
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(
+        prog="python -m service [serve]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes (more than 1 needs REDIS_URL)"
     )
