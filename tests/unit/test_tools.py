@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import uuid
@@ -12,7 +13,15 @@ import pytest
 from service.__main__ import main as service_main
 from service.notification import MAX_VALUE_BYTES
 from service.tools import main as tool_main
-from service.tools.listener import ACK_BATCH, MAX_RESUME_ACKS, Backoff, Session, Step, step_after
+from service.tools.listener import (
+    ACK_BATCH,
+    MAX_RESUME_ACKS,
+    Backoff,
+    Listener,
+    Session,
+    Step,
+    step_after,
+)
 from service.tools.sender import Refused, record_from_fields, record_from_line
 
 NOW = 1_780_000_000_000
@@ -260,3 +269,22 @@ def test_a_frame_that_is_not_json_is_noted_not_printed() -> None:
     session = Session()
     assert session.handle("hello") == (None, False)
     assert "not JSON" in session.take_notes()[0]
+
+
+def test_status_lines_never_carry_the_token() -> None:
+    """A status line holding the token shows ``<token>``; a short token mangles nothing."""
+    err = io.StringIO()
+    listener = Listener(
+        "ws://h/ws",
+        "secret-token-123",
+        None,
+        count=None,
+        origin=None,
+        max_backoff=1,
+        out=io.BytesIO(),
+        err=err,
+    )
+    listener.status("closed 4401 (bad secret-token-123)")
+    listener.token = "t"
+    listener.status("connected to ws://h/ws")
+    assert err.getvalue() == ("listen: closed 4401 (bad <token>)\nlisten: connected to ws://h/ws\n")
