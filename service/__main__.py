@@ -8,6 +8,11 @@ import sys
 
 from .config import ConfigError, Settings
 
+# Connections the kernel holds before the gateway accepts them (capped by
+# net.core.somaxconn). Sanic's default, 100, overflows in a burst of handshakes:
+# then the SYN of any client, good or bad, is dropped and retried after 1 s, 3 s...
+LISTEN_BACKLOG = 4096
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             single_process=True,
+            backlog=LISTEN_BACKLOG,
             access_log=False,
             motd=False,
         )
@@ -58,6 +64,7 @@ def _serve_workers(settings: Settings, env: dict[str, str]) -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        backlog=LISTEN_BACKLOG,
         access_log=False,
         motd=False,
     )

@@ -72,7 +72,7 @@ class Settings:
     max_connections_per_user: int = 10
     max_connections: int = 100_000
     max_unauthenticated: int = 1000
-    max_unauthenticated_per_address: int = 50
+    max_unauthenticated_per_address: int = 20
     proxies_count: int = 0
     handshake_timeout: float = 10.0
     allowed_origins: frozenset[str] = field(default_factory=frozenset)

@@ -25,7 +25,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert s.auth_cache_refusals == 10_000
     assert s.auth_concurrency == 100
     assert s.max_unauthenticated == 1000
-    assert s.max_unauthenticated_per_address == 50
+    assert s.max_unauthenticated_per_address == 20
     assert s.proxies_count == 0
     assert s.handshake_timeout == 10.0
 
