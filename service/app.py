@@ -272,8 +272,8 @@ async def serve_client(
     the writer flushes the stored backlog before any live frame.
 
     Before its token is checked a socket is one of ``unauthenticated``: over their
-    total it is closed with 4503 at once, over their number from its client address
-    with 4429, either way without asking the auth service.
+    total, or over their number from its client address, it is closed with 4503 at
+    once (retry later), without asking the auth service.
     """
     settings = node.settings
     if node.stopping:
@@ -300,8 +300,8 @@ async def serve_client(
             await _reject(
                 node,
                 ws,
-                TOO_MANY,
-                "too many connections from this address, retry later",
+                UNAVAILABLE,
+                "too many clients connecting from this address, retry later",
                 "unauthenticated_per_address",
             )
             return
