@@ -25,6 +25,11 @@ EXIT_CONFIG = 2
 # sysexits.h's EX_SOFTWARE: an internal error the process cannot recover from.
 EXIT_TASK_DIED = 70
 
+# Connections the kernel holds before the gateway accepts them (capped by
+# net.core.somaxconn). Sanic's default, 100, overflows in a burst of handshakes:
+# then the SYN of any client, good or bad, is dropped and retried after 1 s, 3 s...
+LISTEN_BACKLOG = 4096
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -54,6 +59,23 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = _serve_one(settings) if settings.workers == 1 else _serve_workers(settings, env)
     return EXIT_TASK_DIED if failed else EXIT_OK
+
+    if settings.workers == 1:
+        from . import logs
+        from .app import create_app
+
+        logs.configure(settings.log_level)
+        create_app(settings).run(
+            host=settings.host,
+            port=settings.port,
+            single_process=True,
+            backlog=LISTEN_BACKLOG,
+            access_log=False,
+            motd=False,
+        )
+    else:
+        _serve_workers(settings, env)
+    return 0
 
 
 def _serve_one(settings: Settings) -> bool:
@@ -103,6 +125,7 @@ def _serve_workers(settings: Settings, env: dict[str, str]) -> bool:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        backlog=LISTEN_BACKLOG,
         access_log=False,
         motd=False,
     )

@@ -14,11 +14,11 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Request, Sanic, Websocket
-from sanic.exceptions import SanicException
+from sanic.exceptions import RequestCancelled, SanicException
 from sanic.response import HTTPResponse, json, raw
 from websockets.protocol import State
 
-from .auth import AuthUnavailable, InvalidToken
+from .auth import AuthUnavailable, Identity, InvalidToken, Unauthenticated
 from .config import Settings
 from .connection import (
     FORBIDDEN,
@@ -129,6 +129,25 @@ class SanicSocket:
         return bool(self._ws.fail_connection(code, reason))
 
 
+async def _authenticate(node: Node, ws: Websocket, token: str) -> Identity | None:
+    """The identity behind ``token``; None once the client was refused (4401 / 4503)."""
+    try:
+        identity = await node.auth.identify(token)
+    except InvalidToken as exc:
+        await _reject(node, ws, UNAUTHORIZED, exc.reason[:100], "invalid_token")
+        return None
+    except AuthUnavailable as exc:
+        log.warning("auth_unavailable", extra={"error": exc.reason})
+        await _reject(
+            node, ws, UNAVAILABLE, "auth service unavailable, retry later", "auth_unavailable"
+        )
+        return None
+    if identity.expires_at is not None and identity.expires_at <= time.time():
+        await _reject(node, ws, UNAUTHORIZED, "token expired", "invalid_token")
+        return None
+    return identity
+
+
 def token_of(request: Request) -> str | None:
     """The client's token: ``?token=`` first, else ``Authorization: Bearer``."""
     token = request.args.get("token")
@@ -155,11 +174,21 @@ def create_app(
             "ACCESS_LOG": False,
             "MOTD": False,
             "KEEP_ALIVE_TIMEOUT": 5,
+            # Sanic's REQUEST_TIMEOUT restarts with every byte received; the deadline
+            # below is what bounds a request head that trickles in.
+            "REQUEST_TIMEOUT": settings.handshake_timeout,
             "REQUEST_MAX_SIZE": 64 * 1024,
+            # Behind N proxies that append to X-Forwarded-For, request.client_ip is the
+            # client's address, which the per-address limit counts.
+            "PROXIES_COUNT": settings.proxies_count or None,
         }
     )
     gateway = node or Node(settings)
     app.ctx.node = gateway
+    unauthenticated = Unauthenticated(
+        settings.max_unauthenticated, settings.max_unauthenticated_per_address, gateway.metrics
+    )
+    _limit_request_heads(app, settings.handshake_timeout)
 
     @app.before_server_start
     async def start_node(app: Sanic[Any, Any]) -> None:
@@ -173,6 +202,12 @@ def create_app(
             "http_request",
             extra={"method": request.method, "path": request.path, "status": response.status},
         )
+
+    @app.exception(RequestCancelled)  # type: ignore[arg-type]  # a CancelledError
+    async def head_too_slow(request: Request, exc: RequestCancelled) -> HTTPResponse:
+        # The handshake deadline cut a request head that was still arriving (or the
+        # client left, and nobody reads this answer).
+        return json({"error": "request timeout"}, status=408)
 
     @app.exception(SanicException)
     async def http_error(request: Request, exc: SanicException) -> HTTPResponse:
@@ -204,7 +239,7 @@ def create_app(
         guard = SocketGuard.install(ws, settings.write_timeout)
         if guard is not None:
             guard.on_stall = gateway.metrics.slow_closed.inc
-        await serve_client(gateway, request, ws)
+        await serve_client(gateway, request, ws, unauthenticated)
 
     # Registered after the WebSocket route on purpose: Sanic runs stop listeners in
     # reverse order, so the node drains and closes sockets with 1001 before Sanic
@@ -229,6 +264,57 @@ def stop_failed(app: Sanic[Any, Any]) -> None:
     app.stop()
 
 
+def _limit_request_heads(app: Sanic[Any, Any], timeout: float) -> None:
+    """Cut a connection whose request head is not complete ``timeout`` s after it began.
+
+    A request's head must arrive within ``timeout`` of the connection's start (or of
+    the previous response on a kept-alive connection), however slowly it trickles in:
+    Sanic's own REQUEST_TIMEOUT only bounds the pause between two reads. The cut
+    cancels the connection's task, which Sanic answers with 408 and a close.
+    """
+
+    def arm(conn_info: Any) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            return
+
+        def cut() -> None:
+            # Marked lost, Sanic takes the cancellation for RequestCancelled: a quiet
+            # answer, no traceback in the log.
+            conn_info.lost = True
+            task.cancel()
+
+        conn_info.ctx.head_deadline = asyncio.get_running_loop().call_later(timeout, cut)
+
+    def disarm(conn_info: Any) -> None:
+        deadline = getattr(conn_info.ctx, "head_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+            conn_info.ctx.head_deadline = None
+
+    @app.signal("http.lifecycle.begin")
+    async def connection_opened(conn_info: Any) -> None:
+        arm(conn_info)
+
+    @app.signal("http.lifecycle.handle")
+    async def head_received(request: Request) -> None:
+        # (Sanic attaches conn_info to the request only after its "request" signal.)
+        if request.conn_info is not None:
+            disarm(request.conn_info)
+
+    @app.signal("http.lifecycle.response")
+    async def response_started(request: Request, response: HTTPResponse) -> None:
+        # Kept alive, the connection may carry another request: give its head the
+        # same deadline.
+        if request.conn_info is not None:
+            disarm(request.conn_info)
+            arm(request.conn_info)
+
+    @app.signal("http.lifecycle.complete")
+    async def connection_closed(conn_info: Any) -> None:
+        disarm(conn_info)
+
+
 async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str) -> None:
     """Refuse the client with ``code``: the close frame if the socket has room, a bounded
     wait for the client's answer, then abort. Never waits on a client that does not read."""
@@ -237,11 +323,17 @@ async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str)
     await SanicSocket(ws).close(code, reason)
 
 
-async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
+async def serve_client(
+    node: Node, request: Request, ws: Websocket, unauthenticated: Unauthenticated
+) -> None:
     """Check the client, register its connection, write to it until it goes away.
 
     Order (DESIGN.md §3): check the token, subscribe (with Redis), register, then
     the writer flushes the stored backlog before any live frame.
+
+    Before its token is checked a socket is one of ``unauthenticated``: over their
+    total, or over their number from its client address, it is closed with 4503 at
+    once (retry later), without asking the auth service.
     """
     settings = node.settings
     if node.stopping:
@@ -257,19 +349,27 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
     if token is None:
         await _reject(node, ws, UNAUTHORIZED, "missing token", "missing_token")
         return
+    address = request.client_ip
+    match unauthenticated.enter(address):
+        case "total":
+            await _reject(
+                node, ws, UNAVAILABLE, "too many clients connecting, retry later", "unauthenticated"
+            )
+            return
+        case "address":
+            await _reject(
+                node,
+                ws,
+                UNAVAILABLE,
+                "too many clients connecting from this address, retry later",
+                "unauthenticated_per_address",
+            )
+            return
     try:
-        identity = await node.auth.identify(token)
-    except InvalidToken as exc:
-        await _reject(node, ws, UNAUTHORIZED, exc.reason[:100], "invalid_token")
-        return
-    except AuthUnavailable as exc:
-        log.warning("auth_unavailable", extra={"error": exc.reason})
-        await _reject(
-            node, ws, UNAVAILABLE, "auth service unavailable, retry later", "auth_unavailable"
-        )
-        return
-    if identity.expires_at is not None and identity.expires_at <= time.time():
-        await _reject(node, ws, UNAUTHORIZED, "token expired", "invalid_token")
+        identity = await _authenticate(node, ws, token)
+    finally:
+        unauthenticated.leave(address)
+    if identity is None:
         return
 
     socket = SanicSocket(ws)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -127,7 +129,11 @@ class RemoteAuthenticator:
         timeout = httpx.Timeout(settings.auth_timeout, connect=min(settings.auth_timeout, 2.0))
         self._client = client or httpx.AsyncClient(
             timeout=timeout,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            # As many connections as checks may run at once (AUTH_CONCURRENCY).
+            limits=httpx.Limits(
+                max_connections=settings.auth_concurrency,
+                max_keepalive_connections=min(20, settings.auth_concurrency),
+            ),
             follow_redirects=False,
             trust_env=False,
         )
@@ -194,28 +200,73 @@ class RemoteAuthenticator:
         await self._client.aclose()
 
 
+class KeySetUnavailable(Exception):
+    """The JWKS endpoint gave no usable key set (unreachable, timeout, bad answer)."""
+
+
+class _KeySet(jwt.PyJWKClient):
+    """PyJWKClient whose every failure of the endpoint is one exception type.
+
+    PyJWT raises a connection error for some failures, ``PyJWKClientError`` for an
+    answer that is not an object, ``PyJWKSetError`` for a set without usable keys, and
+    lets a body that is not JSON escape as ``ValueError``; only "no key with this
+    ``kid``" is about the token. Everything about the set becomes
+    :class:`KeySetUnavailable` (named by type only: messages may hold the URL).
+    """
+
+    def get_signing_keys(self, refresh: bool = False) -> list[jwt.PyJWK]:
+        try:
+            return super().get_signing_keys(refresh)
+        except Exception as exc:
+            raise KeySetUnavailable(type(exc).__name__) from None
+
+
 class JwtAuthenticator:
-    """Verifies a JWT locally: signature, ``exp``, and optionally ``iss``, ``aud``, ``type``."""
+    """Verifies a JWT locally: signature, ``exp``, and optionally ``iss``, ``aud``, ``type``.
+
+    With a JWKS URL, the key set is fetched (at most ``AUTH_TIMEOUT`` per request, one
+    at a time in a thread of its own) and kept for 5 minutes; an unknown ``kid``
+    refetches it at most every 30 s. An endpoint that fails in any way is
+    "unavailable" (4503); a token naming no key of the set, or a key that cannot
+    verify it, is invalid (4401).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._jwks = (
-            jwt.PyJWKClient(settings.auth_jwt_jwks_url) if settings.auth_jwt_jwks_url else None
+            _KeySet(settings.auth_jwt_jwks_url, timeout=settings.auth_timeout)
+            if settings.auth_jwt_jwks_url
+            else None
         )
+        # PyJWKClient serialises lookups on a lock; one thread keeps a stuck fetch
+        # from tying up the loop's default executor (DNS lookups run there).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jwks")
         self._key: str = settings.auth_jwt_secret or settings.auth_jwt_public_key
+
+    async def _signing_key(self, token: str) -> Any:
+        assert self._jwks is not None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._settings.auth_timeout):
+                found = await loop.run_in_executor(
+                    self._executor, self._jwks.get_signing_key_from_jwt, token
+                )
+        except TimeoutError:
+            raise AuthUnavailable("JWKS endpoint timed out") from None
+        except KeySetUnavailable as exc:
+            log.warning("jwks_unavailable", extra={"error": str(exc)})
+            raise AuthUnavailable("JWKS endpoint unavailable") from None
+        except jwt.PyJWKClientError:
+            raise InvalidToken("no signing key for this token") from None
+        except jwt.PyJWTError:
+            raise InvalidToken("malformed token") from None
+        return found.key
 
     async def identify(self, token: str) -> Identity:
         s = self._settings
         key: Any = self._key
         if self._jwks is not None:
-            try:
-                key = (await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key
-            except jwt.PyJWKClientConnectionError:
-                raise AuthUnavailable("JWKS endpoint unreachable") from None
-            except jwt.PyJWKClientError:
-                raise InvalidToken("no signing key for this token") from None
-            except jwt.InvalidTokenError:
-                raise InvalidToken("malformed token") from None
+            key = await self._signing_key(token)
         try:
             claims = jwt.decode(
                 token,
@@ -231,6 +282,9 @@ class JwtAuthenticator:
         except jwt.InvalidTokenError as exc:
             # PyJWT's messages name claims, never the token itself.
             raise InvalidToken(f"invalid token ({type(exc).__name__})") from None
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            # The key cannot verify this token (a key of another type than its alg).
+            raise InvalidToken(f"no usable key for this token ({type(exc).__name__})") from None
         if s.auth_jwt_require_access_type and claims.get("type") != "access":
             raise InvalidToken("not an access token")
         user_id = _user_id(_lookup(claims, s.auth_jwt_user_id_claim))
@@ -240,23 +294,67 @@ class JwtAuthenticator:
         return Identity(user_id, float(exp) if isinstance(exp, int | float) else None)
 
     async def close(self) -> None:
-        return None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A check that did not give an identity: ``retry`` says 4503 (True) or 4401 (False).
+
+    A plain value on purpose: an exception kept past its handler keeps its traceback,
+    the traceback the handler's frame, and the frame the request and its socket.
+    """
+
+    reason: str
+    retry: bool
+
+    def exception(self) -> InvalidToken | AuthUnavailable:
+        return AuthUnavailable(self.reason) if self.retry else InvalidToken(self.reason)
 
 
 class CachedAuthenticator:
     """Remembers answers by SHA-256 of the token for ``ttl`` seconds, never past ``exp``.
 
-    Valid and invalid answers are cached; "unavailable" never is. Concurrent checks
-    of one token share a single request, so a reconnect storm is one auth call.
+    Valid and invalid answers are cached, "unavailable" never is. The cache holds plain
+    values only (``until`` and a user id and expiry, or a refusal's reason): nothing of
+    the connection that asked. Refusals have a bound of their own (``refusals``), smaller
+    than ``size``, so a flood of distinct bad tokens cannot push out the valid ones.
+    Expired entries are swept on every insert.
+
+    A token whose unverified ``exp`` has passed is refused (4401) here, without a
+    remote call. Concurrent checks of one token share a single request, so a reconnect
+    storm is one auth call; at most ``concurrency`` checks run at once, the others wait
+    in turn, and a check that has no answer within ``timeout`` (waiting included) is
+    "unavailable". Any other exception of the inner authenticator is logged by type
+    and answered as "unavailable".
     """
 
-    def __init__(self, inner: Authenticator, metrics: Metrics, *, ttl: float, size: int) -> None:
+    def __init__(
+        self,
+        inner: Authenticator,
+        metrics: Metrics,
+        *,
+        ttl: float,
+        size: int,
+        refusals: int | None = None,
+        concurrency: int = 100,
+        timeout: float = 30.0,
+    ) -> None:
         self._inner = inner
         self._metrics = metrics
         self._ttl = ttl
         self._size = size
-        self._entries: OrderedDict[bytes, tuple[float, Identity | InvalidToken]] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Task[Identity]] = {}
+        self._refusal_size = size if refusals is None else min(refusals, size)
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(concurrency)
+        # Insertion order; every entry is (until, identity) or (until, reason).
+        self._valid: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
+        self._refused: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Task[Identity | Refusal]] = {}
+
+    def __len__(self) -> int:
+        """Cached answers, valid and refused."""
+        return len(self._valid) + len(self._refused)
 
     async def identify(self, token: str) -> Identity:
         started = time.perf_counter()
@@ -272,59 +370,167 @@ class CachedAuthenticator:
             self._metrics.auth_seconds.labels(outcome).observe(time.perf_counter() - started)
 
     async def _identify(self, token: str) -> Identity:
-        key = hashlib.sha256(token.encode()).digest()
         now = time.time()
-        entry = self._entries.get(key)
-        if entry is not None:
-            until, answer = entry
-            if now < until:
+        expiry = unverified_expiry(token)
+        if expiry is not None and expiry <= now:
+            # Expired whoever signed it: no need to ask anyone.
+            raise InvalidToken("token expired")
+        key = hashlib.sha256(token.encode(errors="surrogatepass")).digest()
+        valid = self._valid.get(key)
+        if valid is not None:
+            if now < valid[0]:
                 self._metrics.auth_cache_hits.inc()
-                if isinstance(answer, InvalidToken):
-                    raise InvalidToken(answer.reason)
-                return answer
-            del self._entries[key]
+                return valid[1]
+            del self._valid[key]
+        refused = self._refused.get(key)
+        if refused is not None:
+            if now < refused[0]:
+                self._metrics.auth_cache_hits.inc()
+                raise InvalidToken(refused[1])
+            del self._refused[key]
         check = self._inflight.get(key)
         if check is None:
             # The check runs in a task of its own: a client that leaves (its
             # handler cancelled) must not fail the others waiting on it.
             check = asyncio.get_running_loop().create_task(self._check(key, token))
-            check.add_done_callback(_retrieve)  # every waiter may have left
             self._inflight[key] = check
-        return await asyncio.shield(check)
+        answer = await asyncio.shield(check)
+        if isinstance(answer, Refusal):
+            # A new exception in this frame: the task's result stays a plain value.
+            raise answer.exception()
+        return answer
 
-    async def _check(self, key: bytes, token: str) -> Identity:
+    async def _check(self, key: bytes, token: str) -> Identity | Refusal:
+        """The inner check's answer as a value; never raises (but CancelledError)."""
+        answer: Identity | Refusal
+        running = False
         try:
-            identity = await self._inner.identify(token)
+            async with asyncio.timeout(self._timeout):
+                async with self._slots:
+                    running = True
+                    self._metrics.auth_checks_running.inc()
+                    try:
+                        answer = await self._inner.identify(token)
+                    finally:
+                        self._metrics.auth_checks_running.dec()
         except InvalidToken as exc:
-            self._remember(key, exc, None)
-            raise
-        else:
-            self._remember(key, identity, identity.expires_at)
-            return identity
+            answer = Refusal(exc.reason, retry=False)
+        except AuthUnavailable as exc:
+            answer = Refusal(exc.reason, retry=True)
+        except TimeoutError:
+            answer = Refusal("timeout" if running else "too many token checks", retry=True)
+        except Exception as exc:
+            log.error("auth_check_failed", extra={"error": type(exc).__name__})
+            answer = Refusal("internal error", retry=True)
         finally:
             del self._inflight[key]
+        self._remember(key, answer)
+        return answer
 
-    def _remember(
-        self, key: bytes, answer: Identity | InvalidToken, expires_at: float | None
-    ) -> None:
-        if self._ttl <= 0 or self._size <= 0:
+    def _remember(self, key: bytes, answer: Identity | Refusal) -> None:
+        if self._ttl <= 0:
             return
-        until = time.time() + self._ttl
-        if expires_at is not None:
-            until = min(until, expires_at)
-        self._entries[key] = (until, answer)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        now = time.time()
+        until = now + self._ttl
+        if isinstance(answer, Identity):
+            if answer.expires_at is not None:
+                until = min(until, answer.expires_at)
+            _insert(self._valid, key, (until, answer), self._size, now)
+        elif not answer.retry:
+            _insert(self._refused, key, (until, answer.reason), self._refusal_size, now)
+        else:
+            return
+        self._metrics.auth_cache_entries.labels("valid").set(len(self._valid))
+        self._metrics.auth_cache_entries.labels("refused").set(len(self._refused))
 
     async def close(self) -> None:
-        self._entries.clear()
+        self._valid.clear()
+        self._refused.clear()
         await self._inner.close()
 
 
-def _retrieve(task: asyncio.Task[Identity]) -> None:
-    if not task.cancelled():
-        task.exception()
+def _insert(
+    entries: OrderedDict[bytes, tuple[float, Any]],
+    key: bytes,
+    entry: tuple[float, Any],
+    bound: int,
+    now: float,
+) -> None:
+    """Add ``entry`` last; drop expired entries from the front, then the oldest over ``bound``.
+
+    Entries are in insertion order and ``until`` is at most insertion time + TTL, so
+    everything inserted more than a TTL ago is at the front: the sweep costs one look
+    per insert plus one per entry it removes.
+    """
+    if bound <= 0:
+        return
+    entries.pop(key, None)
+    entries[key] = entry
+    while entries:
+        oldest = next(iter(entries.values()))
+        if oldest[0] > now and len(entries) <= bound:
+            break
+        entries.popitem(last=False)
+
+
+def address_key(address: str) -> str:
+    """What the per-address limit counts ``address`` as: an IPv4 address, an IPv6 /64.
+
+    One IPv6 host usually holds a whole /64 and can change addresses within it at
+    will; anything that is not an IP address (a Unix socket) counts as itself.
+    """
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class Unauthenticated:
+    """Sockets whose token is still being checked: at most ``total``, ``per_address`` each.
+
+    ``enter`` counts a socket in or says which bound it hit; every socket counted in is
+    counted out once with ``leave``. Not thread-safe: used from one event loop, where
+    neither call awaits.
+    """
+
+    def __init__(self, total: int, per_address: int, metrics: Metrics) -> None:
+        self._total = total
+        self._per_address = per_address
+        self._metrics = metrics
+        self._count = 0
+        self._by_address: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def enter(self, address: str) -> str | None:
+        """Count a socket from ``address`` in; or "total" / "address" when over a bound."""
+        if self._count >= self._total:
+            return "total"
+        key = address_key(address)
+        count = self._by_address.get(key, 0)
+        if count >= self._per_address:
+            return "address"
+        self._by_address[key] = count + 1
+        self._count += 1
+        self._metrics.unauthenticated.set(self._count)
+        return None
+
+    def leave(self, address: str) -> None:
+        """Count out a socket that ``enter`` counted in."""
+        key = address_key(address)
+        count = self._by_address.get(key, 0) - 1
+        if count > 0:
+            self._by_address[key] = count
+        else:
+            self._by_address.pop(key, None)
+        self._count = max(0, self._count - 1)
+        self._metrics.unauthenticated.set(self._count)
 
 
 def build_authenticator(settings: Settings, metrics: Metrics) -> Authenticator:
@@ -335,5 +541,11 @@ def build_authenticator(settings: Settings, metrics: Metrics) -> Authenticator:
     else:
         inner = RemoteAuthenticator(settings)
     return CachedAuthenticator(
-        inner, metrics, ttl=settings.auth_cache_ttl, size=settings.auth_cache_size
+        inner,
+        metrics,
+        ttl=settings.auth_cache_ttl,
+        size=settings.auth_cache_size,
+        refusals=settings.auth_cache_refusals,
+        concurrency=settings.auth_concurrency,
+        timeout=settings.auth_timeout,
     )

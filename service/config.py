@@ -53,6 +53,8 @@ class Settings:
     auth_timeout: float = 3.0
     auth_cache_ttl: float = 30.0
     auth_cache_size: int = 100_000
+    auth_cache_refusals: int = 10_000
+    auth_concurrency: int = 100
     auth_jwt_secret: str = ""
     auth_jwt_public_key: str = ""
     auth_jwt_jwks_url: str = ""
@@ -71,6 +73,10 @@ class Settings:
 
     max_connections_per_user: int = 10
     max_connections: int = 100_000
+    max_unauthenticated: int = 1000
+    max_unauthenticated_per_address: int = 20
+    proxies_count: int = 0
+    handshake_timeout: float = 10.0
     allowed_origins: frozenset[str] = field(default_factory=frozenset)
     send_queue_size: int = 1000
     write_timeout: float = 10.0
@@ -124,6 +130,10 @@ class Settings:
             auth_timeout=r.seconds("AUTH_TIMEOUT", d.auth_timeout, minimum=0.01),
             auth_cache_ttl=r.seconds("AUTH_CACHE_TTL", d.auth_cache_ttl),
             auth_cache_size=r.integer("AUTH_CACHE_SIZE", d.auth_cache_size, 0, 10_000_000),
+            auth_cache_refusals=r.integer(
+                "AUTH_CACHE_REFUSALS", d.auth_cache_refusals, 0, 10_000_000
+            ),
+            auth_concurrency=r.integer("AUTH_CONCURRENCY", d.auth_concurrency, 1, 10_000),
             auth_jwt_secret=r.text("AUTH_JWT_SECRET", "", allow_empty=True),
             auth_jwt_public_key=r.text("AUTH_JWT_PUBLIC_KEY", "", allow_empty=True),
             auth_jwt_jwks_url=r.text("AUTH_JWT_JWKS_URL", "", allow_empty=True),
@@ -146,6 +156,14 @@ class Settings:
                 "MAX_CONNECTIONS_PER_USER", d.max_connections_per_user, 1, 100_000
             ),
             max_connections=r.integer("MAX_CONNECTIONS", d.max_connections, 1, 10_000_000),
+            max_unauthenticated=r.integer(
+                "MAX_UNAUTHENTICATED", d.max_unauthenticated, 1, 1_000_000
+            ),
+            max_unauthenticated_per_address=r.integer(
+                "MAX_UNAUTHENTICATED_PER_ADDRESS", d.max_unauthenticated_per_address, 1, 1_000_000
+            ),
+            proxies_count=r.integer("PROXIES_COUNT", d.proxies_count, 0, 10),
+            handshake_timeout=r.seconds("HANDSHAKE_TIMEOUT", d.handshake_timeout, minimum=0.1),
             allowed_origins=r.origins("ALLOWED_ORIGINS"),
             send_queue_size=r.integer("SEND_QUEUE_SIZE", d.send_queue_size, 1, 1_000_000),
             write_timeout=r.seconds("WRITE_TIMEOUT", d.write_timeout, minimum=0.1),

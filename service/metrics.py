@@ -104,6 +104,22 @@ class Metrics:
         self.auth_cache_hits = Counter(
             "notify_auth_cache_hits", "Token checks answered from the cache.", registry=r
         )
+        self.auth_cache_entries = Gauge(
+            "notify_auth_cache_entries",
+            "Answers in the token cache, by answer (valid, refused).",
+            ["answer"],
+            registry=r,
+        )
+        self.auth_checks_running = Gauge(
+            "notify_auth_checks_running",
+            "Token checks under way with the auth service or JWKS (at most AUTH_CONCURRENCY).",
+            registry=r,
+        )
+        self.unauthenticated = Gauge(
+            "notify_unauthenticated",
+            "Open WebSockets whose token is still being checked.",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "notify_consumer_lag",
             "Records behind the end of each assigned partition.",

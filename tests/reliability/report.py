@@ -76,7 +76,14 @@ SCENARIOS = """\
 8. **Security**: (a) the exact token in no log line, metric, close reason or HTTP
    error body; (b) a disallowed `Origin` refused with 4403 before the auth service is
    asked; (c) across many users with look-alike ids (case, prefixes, UUID spellings),
-   no frame ever reaches a user it does not name.
+   no frame ever reaches a user it does not name; (d) a flood of distinct invalid tokens
+   (20,000 at full scale, 2,000 short, 10 at a time, 6 KiB of headers each) through the
+   real auth stand-in, the gateway's RSS measured before and after (each cached refusal
+   used to keep its handler's request and socket alive); (e) a storm of bad tokens (5,000
+   at full scale, 1,000 short, 100 at a time from one address) while good clients connect
+   one after another from another loopback address, each timed from connect to its first
+   frame (a stored notification, flushed on connect); (f) request heads sent a byte every
+   0.5 s (slowloris) against `HANDSHAKE_TIMEOUT=2s`, while a prompt client connects.
 9. **Two processes through Redis** (one consumer group, users on either, some with a
    device on each, the rest offline): (a) one process SIGKILLed mid-stream, its clients
    reconnecting to the other (as through a load balancer), which takes over its

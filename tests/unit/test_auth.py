@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +27,8 @@ from service.auth import (
     InvalidToken,
     JwtAuthenticator,
     RemoteAuthenticator,
+    Unauthenticated,
+    address_key,
 )
 from service.config import Settings
 from service.metrics import Metrics
@@ -548,3 +553,184 @@ async def test_cache_close_closes_the_inner_authenticator() -> None:
     await auth.close()
     await auth.close()
     assert inner.closed
+
+
+# --- cache: what it keeps ----------------------------------------------------------------------
+
+
+class RequestLike:
+    """Stands for a handler's request and socket: big, and must die with the handler."""
+
+    def __init__(self) -> None:
+        self.headers = b"x" * 6144
+
+
+async def refused_handler(auth: CachedAuthenticator, token: str) -> weakref.ref[RequestLike]:
+    """A WebSocket handler in miniature: holds a request while its token is checked."""
+    request = RequestLike()
+    with contextlib.suppress(InvalidToken, AuthUnavailable):
+        await auth.identify(token)
+    return weakref.ref(request)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [InvalidToken("refused by auth service (401)"), AuthUnavailable("timeout"), KeyError("bug")],
+)
+async def test_a_finished_check_keeps_nothing_of_its_handler(
+    clock: FakeClock, error: Exception
+) -> None:
+    """After a refused check (cached or not) the handler's request can be freed."""
+    inner = Inner(error)
+    auth = cached(inner)
+    held = [await refused_handler(auth, f"bad-token-{i}") for i in range(3)]
+    held.append(await refused_handler(auth, "bad-token-0"))  # a cache hit, when cached
+    gc.collect()
+    assert [ref() for ref in held] == [None] * len(held)
+
+
+async def test_waiters_of_a_shared_refusal_are_freed_too() -> None:
+    """Several handlers waiting on one check all let go of their requests afterwards."""
+    inner = Inner(InvalidToken("refused"))
+    inner.gate = asyncio.Event()
+    auth = cached(inner)
+    handlers = [asyncio.create_task(refused_handler(auth, TOKEN)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    inner.gate.set()
+    held = await asyncio.gather(*handlers)
+    del handlers
+    gc.collect()
+    assert [ref() for ref in held] == [None] * 5
+    assert inner.calls == 1
+
+
+async def test_refusals_have_a_bound_of_their_own(clock: FakeClock) -> None:
+    """A flood of distinct bad tokens fills only the refusals' share: valid tokens stay."""
+    inner = Inner(Identity(USER))
+    auth = CachedAuthenticator(inner, Metrics(), ttl=30, size=100, refusals=10)
+    for i in range(5):
+        await auth.identify(f"good-{i}")
+    inner.result = InvalidToken("refused")
+    for i in range(1000):
+        with pytest.raises(InvalidToken):
+            await auth.identify(f"bad-{i}")
+    assert len(auth) == 5 + 10
+    inner.result = Identity("someone-else")
+    assert [await auth.identify(f"good-{i}") for i in range(5)] == [Identity(USER)] * 5
+
+
+async def test_expired_entries_are_swept_without_being_looked_up(clock: FakeClock) -> None:
+    """Entries past their TTL leave the cache when new ones arrive, not only when asked for."""
+    inner = Inner(InvalidToken("refused"))
+    auth = cached(inner, ttl=30, size=1000)
+    for i in range(100):
+        with pytest.raises(InvalidToken):
+            await auth.identify(f"bad-{i}")
+    assert len(auth) == 100
+    clock.now += 31
+    with pytest.raises(InvalidToken):
+        await auth.identify("one-more")
+    assert len(auth) == 1
+
+
+async def test_a_token_past_its_exp_is_refused_without_asking(clock: FakeClock) -> None:
+    """A JWT whose ``exp`` has passed gets 4401 at once, signed or not, with no remote call."""
+    inner = Inner(Identity(USER))
+    auth = cached(inner)
+    expired = jwt.encode(
+        {"sub": USER, "exp": int(clock.now) - 1}, "any-key-at-all-here-32-bytes-long"
+    )
+    with pytest.raises(InvalidToken) as raised:
+        await auth.identify(expired)
+    assert raised.value.reason == "token expired"
+    assert inner.calls == 0
+    fresh = jwt.encode(
+        {"sub": USER, "exp": int(clock.now) + 60}, "any-key-at-all-here-32-bytes-long"
+    )
+    assert await auth.identify(fresh) == Identity(USER)
+    assert inner.calls == 1
+
+
+async def test_remote_checks_are_bounded_and_queued_in_turn() -> None:
+    """At most AUTH_CONCURRENCY checks run at once; the others wait and are answered later."""
+    running = peak = 0
+    release = asyncio.Event()
+
+    class Counting(Inner):
+        async def identify(self, token: str) -> Identity:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await release.wait()
+            running -= 1
+            return Identity(token)
+
+    auth = CachedAuthenticator(Counting(Identity(USER)), Metrics(), ttl=30, size=100, concurrency=3)
+    checks = [asyncio.create_task(auth.identify(f"user-{i}")) for i in range(10)]
+    await asyncio.sleep(0.05)
+    assert running == 3
+    release.set()
+    assert [i.user_id for i in await asyncio.gather(*checks)] == [f"user-{i}" for i in range(10)]
+    assert peak == 3
+
+
+async def test_a_check_without_answer_in_time_is_unavailable_waiting_included() -> None:
+    """Checks queued behind a stuck one get 4503 after AUTH_TIMEOUT, not an endless wait."""
+    inner = Inner(Identity(USER))
+    inner.gate = asyncio.Event()  # never set: the auth service hangs
+    auth = CachedAuthenticator(inner, Metrics(), ttl=30, size=100, concurrency=1, timeout=0.2)
+    checks = [auth.identify(f"token-{i}") for i in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(*checks, return_exceptions=True), 5)
+    assert all(isinstance(result, AuthUnavailable) for result in results), results
+    assert inner.calls < 5  # the queued checks never reached the auth service
+
+
+async def test_an_unexpected_error_of_the_check_is_unavailable_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in a check answers 4503 (retry), logs its type, and never reaches the client."""
+    auth = cached(Inner(KeyError(TOKEN)))
+    with pytest.raises(AuthUnavailable) as raised:
+        await auth.identify(TOKEN)
+    assert_secret_free(raised.value)
+    [record] = [r for r in caplog.records if r.name == "notify.auth"]
+    assert record.error == "KeyError"  # type: ignore[attr-defined]
+    assert TOKEN not in caplog.text
+    assert record.exc_info is None
+
+
+# --- sockets waiting for their token check ------------------------------------------------------
+
+
+def test_unauthenticated_sockets_are_bounded_in_total_and_per_address() -> None:
+    """Past the per-address bound one address is refused, others not; past the total, all."""
+    waiting = Unauthenticated(total=5, per_address=2, metrics=Metrics())
+    assert waiting.enter("10.0.0.1") is None
+    assert waiting.enter("10.0.0.1") is None
+    assert waiting.enter("10.0.0.1") == "address"
+    assert waiting.enter("10.0.0.2") is None
+    waiting.leave("10.0.0.1")
+    assert waiting.enter("10.0.0.1") is None
+    assert waiting.enter("10.0.0.3") is None
+    assert waiting.enter("10.0.0.4") is None
+    assert waiting.enter("10.0.0.5") == "total"
+    assert len(waiting) == 5
+    for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"):
+        waiting.leave(address)
+    assert len(waiting) == 0
+    assert waiting.enter("10.0.0.5") is None
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("[2001:db8:1:2:bbbb::9]", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("/run/notify.sock", "/run/notify.sock"),
+    ],
+)
+def test_one_ipv6_host_counts_as_its_64(address: str, key: str) -> None:
+    """An IPv6 client cannot escape the per-address bound by changing its interface id."""
+    assert address_key(address) == key

@@ -23,6 +23,12 @@ def test_defaults_match_the_documented_ones() -> None:
     assert s.retention_batch == 10_000
     assert s.max_connections_per_user == 10
     assert s.user_id_fields == ("id", "user_id", "uuid", "sub", "claims.sub", "user.id")
+    assert s.auth_cache_refusals == 10_000
+    assert s.auth_concurrency == 100
+    assert s.max_unauthenticated == 1000
+    assert s.max_unauthenticated_per_address == 20
+    assert s.proxies_count == 0
+    assert s.handshake_timeout == 10.0
 
 
 def test_values_are_read_from_the_environment() -> None:
@@ -56,6 +62,7 @@ def test_values_are_read_from_the_environment() -> None:
         ("BACKLOG_TTL", "12h", 12 * 3600.0),
         ("WRITE_TIMEOUT", "2.5s", 2.5),
         ("SHUTDOWN_TIMEOUT", "30", 30.0),
+        ("HANDSHAKE_TIMEOUT", "2s", 2.0),
     ],
 )
 def test_durations_accept_units(name: str, raw: str, seconds: float) -> None:
@@ -126,6 +133,12 @@ def test_jwt_mode_with_a_public_key_and_rs256_is_accepted() -> None:
         ({"DATABASE_URL": "mysql://notify@db/notify"}, "DATABASE_URL"),
         ({"REDIS_URL": "redis://:hunter2@redis:port"}, "REDIS_URL"),
         ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL"),
+        ({"AUTH_CACHE_REFUSALS": "-1"}, "AUTH_CACHE_REFUSALS"),
+        ({"AUTH_CONCURRENCY": "0"}, "AUTH_CONCURRENCY"),
+        ({"MAX_UNAUTHENTICATED": "0"}, "MAX_UNAUTHENTICATED"),
+        ({"MAX_UNAUTHENTICATED_PER_ADDRESS": "none"}, "MAX_UNAUTHENTICATED_PER_ADDRESS"),
+        ({"PROXIES_COUNT": "11"}, "PROXIES_COUNT"),
+        ({"HANDSHAKE_TIMEOUT": "0"}, "HANDSHAKE_TIMEOUT"),
     ],
 )
 def test_a_wrong_value_is_refused_naming_the_variable(env: dict[str, str], variable: str) -> None:
