@@ -120,14 +120,8 @@ class MemoryBroker:
         if self._closing or self._receiver is None:
             return [0] * len(notifications)
         online = self._hub.online
-        counts: list[int] = []
-        received: list[tuple[Notification, bytes]] = []
-        for notification in notifications:
-            if online(notification.user_id):
-                counts.append(1)
-                received.append((notification, LOCAL))
-            else:
-                counts.append(0)
+        counts = [1 if online(n.user_id) else 0 for n in notifications]
+        received = [(n, LOCAL) for n, count in zip(notifications, counts, strict=True) if count]
         if received:
             self._receiver.receive(received)
         return counts

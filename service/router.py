@@ -266,26 +266,27 @@ class Router:
         for notification in notifications:
             awaiting[notification.message_id] = 0
         counts = await self._retry("broker", lambda: broker.publish(notifications))
-        unreached: list[Notification] = []
         # By message_id, as receivers acknowledge; one id may be several users' notifications.
-        published: dict[str, list[Notification]] = {}
+        unreached: list[Notification] = []
         for notification, count in zip(notifications, counts, strict=True):
-            key = notification.message_id
-            if count == 0:
-                unreached.append(notification)
+            if count:
+                awaiting[notification.message_id] += count
             else:
-                published.setdefault(key, []).append(notification)
-            awaiting[key] = awaiting.get(key, 0) + count
+                unreached.append(notification)
         for key in [key for key, left in awaiting.items() if left <= 0]:
             del awaiting[key]
-        if not published or not awaiting:  # nothing to wait for: every receiver acknowledged
-            awaiting.clear()  # before its PUBLISH reply came back
-            return unreached
+        if not awaiting:  # nothing to wait for: no receiver, or every one acknowledged
+            return unreached  # before its PUBLISH reply came back
         self._all_acked = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait_for(asyncio.shield(self._all_acked), self._ack_timeout)
         except TimeoutError:
-            missing = [n for key in self._awaiting for n in published.get(key, ())]
+            left = self._awaiting
+            missing = [
+                n
+                for n, count in zip(notifications, counts, strict=True)
+                if count and n.message_id in left
+            ]
             log.warning("ack_timeout", extra={"unacknowledged": len(missing)})
             self._metrics.ack_timeouts.inc(len(missing))
             unreached += missing
@@ -348,9 +349,13 @@ class Router:
         unwritten = await self._deliver_here([notification for notification, _ in received])
         if unwritten:
             await self.store(unwritten)
-        by_origin: dict[bytes, list[str]] = {}
-        for notification, origin in received:
-            by_origin.setdefault(origin, []).append(notification.message_id)
+        origins = {origin for _, origin in received}
+        if len(origins) == 1:  # the common case: one publisher
+            by_origin = {origins.pop(): [n.message_id for n, _ in received]}
+        else:
+            by_origin = {}
+            for notification, origin in received:
+                by_origin.setdefault(origin, []).append(notification.message_id)
         try:
             await self._broker.acknowledge(by_origin)
         except BrokerUnavailable as exc:
