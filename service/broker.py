@@ -98,8 +98,7 @@ class MemoryBroker:
     to call from any task on the loop.
     """
 
-    healthy = True
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # none: nothing runs in the background
 
     def __init__(self, hub: Presence) -> None:
         self._hub = hub
@@ -138,9 +137,6 @@ class MemoryBroker:
     async def readiness(self) -> dict[str, bool]:
         """No check of its own: there is nothing to reach."""
         return {}
-
-    async def ping(self) -> bool:
-        return True
 
     async def drain(self, grace: float) -> None:
         """From now on nothing is received here: the router stores what is published."""
