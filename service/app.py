@@ -26,7 +26,6 @@ from .connection import (
     TOO_MANY,
     UNAUTHORIZED,
     UNAVAILABLE,
-    Connection,
 )
 from .guard import SocketGuard
 from .hub import Rejected
@@ -183,7 +182,7 @@ def create_app(
             "PROXIES_COUNT": settings.proxies_count or None,
         }
     )
-    gateway = node or Node(settings)
+    gateway = node or Node.build(settings)
     app.ctx.node = gateway
     unauthenticated = Unauthenticated(
         settings.max_unauthenticated, settings.max_unauthenticated_per_address, gateway.metrics
@@ -326,10 +325,11 @@ async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str)
 async def serve_client(
     node: Node, request: Request, ws: Websocket, unauthenticated: Unauthenticated
 ) -> None:
-    """Check the client, register its connection, write to it until it goes away.
+    """Check the client, plug it into the node, read from it until it goes away.
 
-    Order (DESIGN.md §3): check the token, subscribe (with Redis), register, then
-    the writer flushes the stored backlog before any live frame.
+    The checks (origin, token, identity) are this adapter's; what happens on
+    connect (subscribe, register, flush) and on disconnect is ``Node.connect``'s
+    and ``Node.disconnect``'s.
 
     Before its token is checked a socket is one of ``unauthenticated``: over their
     total, or over their number from its client address, it is closed with 4503 at
@@ -372,36 +372,16 @@ async def serve_client(
     if identity is None:
         return
 
-    socket = SanicSocket(ws)
-    connection = Connection(
-        socket,
-        identity,
-        node.metrics,
-        queue_size=settings.send_queue_size,
-        on_unsent=node.router.store_soon,
-    )
-    broker = node.broker
-    if broker is not None:
-        # Subscribe before registering and flushing: a message published from now
-        # on reaches this process, and one published before is in the store.
-        try:
-            await broker.subscribe(identity.user_id)
-        except BrokerUnavailable:
-            await _reject(node, ws, UNAVAILABLE, "service unavailable, retry later", "broker")
-            return
+    # The identity is known: the node subscribes, registers and starts the writer.
     try:
-        node.hub.register(connection)
+        connection = await node.connect(SanicSocket(ws), identity)
+    except BrokerUnavailable:
+        await _reject(node, ws, UNAVAILABLE, "service unavailable, retry later", "broker")
+        return
     except Rejected as exc:
-        if broker is not None:
-            broker.unsubscribe(identity.user_id)
         await _reject(node, ws, TOO_MANY, exc.reason, "too_many")
         return
-    socket.on_stall(connection.stalled)
-    node.metrics.connections_opened.inc()
-    node.metrics.connections.set(len(node.hub))
     access.info("ws_open", extra={"connections": len(node.hub)})
-
-    node.start_writer(connection)
     expiry: asyncio.TimerHandle | None = None
     if settings.auth_close_on_expiry and identity.expires_at is not None:
         expiry = asyncio.get_running_loop().call_later(
@@ -416,17 +396,10 @@ async def serve_client(
     except Exception as exc:
         log.debug("ws_read_stopped", extra={"error": type(exc).__name__})
     finally:
-        # Synchronous on purpose: Sanic may cancel this task when the client
-        # leaves, and the connection must still leave the hub and settle its queue.
-        node.hub.unregister(connection)
-        if broker is not None:
-            broker.unsubscribe(identity.user_id)
-        node.metrics.connections.set(len(node.hub))
+        # Synchronous, so it completes even when Sanic cancels this task.
         if expiry is not None:
             expiry.cancel()
-        # The writer sees the detach and ends by itself: cancelling it could cut a
-        # flush between writing frames and deleting their rows.
-        connection.detach()
+        node.disconnect(connection)
         access.info("ws_close", extra={"connections": len(node.hub)})
 
 

@@ -1,6 +1,10 @@
-"""Redis pub/sub fan-out between gateway processes (DESIGN.md §6).
+"""The fan-out between gateway processes: Redis pub/sub, or memory for a single process.
 
-Each process SUBSCRIBEs to ``<prefix><user id>`` for the users connected to it.
+Both brokers implement the router's ``Broker`` protocol and are driven the same
+way; which one a process uses is decided in ``service/node.py`` (``build_parts``):
+``MemoryBroker`` when ``REDIS_URL`` is empty, ``RedisBroker`` otherwise.
+
+With Redis, each process SUBSCRIBEs to ``<prefix><user id>`` for the users connected to it.
 The process that consumed a notification PUBLISHes it there; Redis answers with
 the number of processes that received it, and zero means "offline everywhere".
 A flush hint (``F``) on the same channel tells a process to re-read the store
@@ -65,6 +69,81 @@ class Receiver(Protocol):
     def resync(self) -> None:
         """The subscription was interrupted: every local connection re-reads the store."""
         ...
+
+
+class Presence(Protocol):
+    """What the memory broker needs of the hub: whether a user is connected here."""
+
+    def online(self, user_id: str) -> bool: ...
+
+
+# The only origin of the memory broker: every notification is published and received
+# by this process, so acknowledgements go straight back to its own router.
+LOCAL = b"local"
+
+
+class MemoryBroker:
+    """The broker of a single process (``REDIS_URL`` empty): publishing is local delivery.
+
+    It keeps the router on the one code path of the Redis broker: ``publish``
+    counts one receiver for each notification whose user has a connection in the
+    hub (zero otherwise, and the router stores it), and hands the received ones
+    to the router synchronously, with no copy, no encoding and no task of its own;
+    acknowledgements and flush hints go straight back to the router. It holds no
+    connection: ``subscribe`` only has to be called in the connect order
+    (subscribe, register, flush), the hub being the subscription.
+
+    After ``drain`` nothing counts as received, as a Redis broker that left its
+    channels. ``start()`` once; ``close()`` is idempotent. Every method is safe
+    to call from any task on the loop.
+    """
+
+    task: asyncio.Task[None] | None = None  # none: nothing runs in the background
+
+    def __init__(self, hub: Presence) -> None:
+        self._hub = hub
+        self._receiver: Receiver | None = None
+        self._closing = False
+
+    async def start(self, receiver: Receiver, wait: float = 0.0) -> None:
+        self._receiver = receiver
+
+    async def subscribe(self, user_id: str, wait: float = 5.0) -> None:
+        """Nothing to wait for: a user is received here once registered in the hub."""
+
+    def unsubscribe(self, user_id: str) -> None:
+        """Nothing to leave: a user unregistered from the hub is received no more."""
+
+    async def publish(self, notifications: Sequence[Notification]) -> list[int]:
+        """Hand the notifications of connected users to the receiver; 1 for those, 0 else."""
+        if self._closing or self._receiver is None:
+            return [0] * len(notifications)
+        online = self._hub.online
+        counts = [1 if online(n.user_id) else 0 for n in notifications]
+        received = [(n, LOCAL) for n, count in zip(notifications, counts, strict=True) if count]
+        if received:
+            self._receiver.receive(received)
+        return counts
+
+    async def publish_flush(self, user_ids: Iterable[str]) -> None:
+        if self._receiver is not None:
+            self._receiver.flush_hint(user_ids)
+
+    async def acknowledge(self, by_origin: dict[bytes, list[str]]) -> None:
+        if self._receiver is not None:
+            for message_ids in by_origin.values():
+                self._receiver.acknowledged(message_ids)
+
+    async def readiness(self) -> dict[str, bool]:
+        """No check of its own: there is nothing to reach."""
+        return {}
+
+    async def drain(self, grace: float) -> None:
+        """From now on nothing is received here: the router stores what is published."""
+        self._closing = True
+
+    async def close(self) -> None:
+        self._closing = True
 
 
 def encode(notification: Notification, origin: str) -> bytes:
@@ -236,6 +315,10 @@ class RedisBroker:
                 [_publish(origin, ACK + orjson.dumps(ids)) for origin, ids in remote.items()]
             )
             await self._call(payload, len(remote), "acknowledge")
+
+    async def readiness(self) -> dict[str, bool]:
+        """``redis``: the pub/sub connection is subscribed and Redis answers a PING."""
+        return {"redis": self.healthy and await self.ping()}
 
     async def ping(self) -> bool:
         try:

@@ -82,6 +82,10 @@ class Hub(Generic[P]):
         if not peers:
             del self._by_user[peer.user_id]
 
+    def online(self, user_id: str) -> bool:
+        """Whether ``user_id`` has at least one connection here."""
+        return user_id in self._by_user
+
     def connections(self, user_id: str) -> tuple[P, ...]:
         """The open connections of ``user_id`` (a snapshot; empty when offline)."""
         peers = self._by_user.get(user_id)

@@ -1,13 +1,27 @@
-"""The node: one gateway process, owning its parts and running startup and shutdown.
+"""The node: one gateway process, owning its parts and running connect, startup and shutdown.
 
-Startup order:  store pool -> authenticator -> hub/router -> broker -> consumer -> loops.
+This is the one place where the parts are built (:func:`build_parts`) and put
+in order. The parts: the store, the authenticator, the hub and the router, the
+broker (``MemoryBroker`` when ``REDIS_URL`` is empty, ``RedisBroker`` otherwise:
+one code path either way) and the Kafka consumer. ``Node`` takes them ready-made,
+so its ordering rules are unit-tested with fakes.
+
+Startup order:  store pool -> broker (receiving for the router) -> consumer -> loops.
+
+Connect order (:meth:`Node.connect`): subscribe the process to the user's channel,
+register the connection in the hub, then its writer flushes the stored backlog
+before any live frame. Take any notification N for the user: published after the
+subscription, it reaches this process (and the registered connection, or the
+store, whose insert is followed by a flush hint); published before, it is in the
+store by the time the flush reads it, or stored after, and hinted. Never lost.
+
 Shutdown order (``stop``), under ``SHUTDOWN_TIMEOUT``:
 
 1. readiness turns false and new WebSockets are refused with 1001;
 2. the consumer finishes the batch in hand (its frames written, published or
    stored), commits, and closes;
-3. with Redis: the process leaves every channel and delivers what was already
-   published to it;
+3. the broker drains: with Redis, the process leaves every channel and delivers
+   what was already published to it; after this nothing more is received here;
 4. every open connection is closed with 1001 (going away: reconnect elsewhere),
    and what their queues still held is stored;
 5. background loops stop, the broker, the auth client and the store pool close.
@@ -19,19 +33,20 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Collection, Coroutine
 from contextlib import aclosing
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from .auth import Authenticator, build_authenticator
-from .broker import RedisBroker
+from .auth import Authenticator, Identity, build_authenticator
+from .broker import MemoryBroker, Receiver, RedisBroker
 from .config import Settings
-from .connection import GOING_AWAY, Connection
+from .connection import GOING_AWAY, Connection, Socket
 from .consumer import Consumer
-from .hub import Hub
+from .hub import Hub, Rejected
 from .limits import raise_open_files
 from .metrics import Metrics
-from .router import Router, StoreUnavailable
+from .router import Backlog, Router, StoreUnavailable
 from .store import Store
 
 log = logging.getLogger("notify.node")
@@ -63,38 +78,134 @@ def is_ready(checks: dict[str, bool]) -> bool:
     return all(ok for name, ok in checks.items() if name not in ADVISORY)
 
 
+class NodeStore(Backlog, Protocol):
+    """What the node needs of the store (``service.store.Store``), besides the router's."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable."""
+        ...
+
+    def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]: ...
+
+    def cap(
+        self, max_per_user: int, user_ids: Collection[str] | None, batch: int
+    ) -> AsyncGenerator[int, None]: ...
+
+
+class NodeBroker(Protocol):
+    """What the node needs of the broker (``service.broker``), besides the router's."""
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The broker's background task, if it runs one."""
+        ...
+
+    async def start(self, receiver: Receiver, wait: float = 0.0) -> None: ...
+
+    async def subscribe(self, user_id: str, wait: float = 5.0) -> None:
+        """Returns once messages for the user reach this process. Raises BrokerUnavailable."""
+        ...
+
+    def unsubscribe(self, user_id: str) -> None: ...
+
+    async def readiness(self) -> dict[str, bool]:
+        """The broker's own readiness checks, by name (none for the memory broker)."""
+        ...
+
+    async def drain(self, grace: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class NodeConsumer(Protocol):
+    """What the node needs of the Kafka consumer (``service.consumer.Consumer``)."""
+
+    @property
+    def task(self) -> asyncio.Task[None] | None: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def dead_letter_healthy(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None:
+        """Finish the batch in hand, commit it, close."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """Everything a node runs, built by :func:`build_parts` (or by a test, with fakes).
+
+    The router already holds the hub, the store and the broker; the consumer
+    holds the router as its dispatcher.
+    """
+
+    metrics: Metrics
+    store: NodeStore
+    auth: Authenticator
+    hub: Hub[Connection]
+    broker: NodeBroker
+    router: Router
+    consumer: NodeConsumer
+
+
+def build_parts(
+    settings: Settings, metrics: Metrics, *, authenticator: Authenticator | None = None
+) -> Parts:
+    """The production parts of one process, wired: the one place that chooses them.
+
+    The broker is a ``MemoryBroker`` over the hub when ``REDIS_URL`` is empty, a
+    ``RedisBroker`` otherwise. Nothing is started or connected here.
+    """
+    store = Store(settings.database_url, pool_size=settings.database_pool_size)
+    hub: Hub[Connection] = Hub(
+        max_per_user=settings.max_connections_per_user, max_total=settings.max_connections
+    )
+    broker: RedisBroker | MemoryBroker = (
+        RedisBroker(settings.redis_url, settings.redis_channel_prefix)
+        if settings.redis_url
+        else MemoryBroker(hub)
+    )
+    router = Router(
+        hub,  # type: ignore[arg-type]  # Hub is invariant; Connection is an Outlet
+        store,
+        metrics,
+        broker=broker,
+        # A receiver may legitimately take up to WRITE_TIMEOUT on one socket.
+        ack_timeout=settings.write_timeout + 5.0,
+        flush_batch=settings.flush_batch,
+    )
+    return Parts(
+        metrics=metrics,
+        store=store,
+        auth=authenticator or build_authenticator(settings, metrics),
+        hub=hub,
+        broker=broker,
+        router=router,
+        consumer=Consumer(settings, router, metrics),
+    )
+
+
 class Node:
     """Everything one gateway process runs. ``start()`` once; ``stop()`` is idempotent."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        metrics: Metrics | None = None,
-        authenticator: Authenticator | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, parts: Parts) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
-        self.store = Store(settings.database_url, pool_size=settings.database_pool_size)
-        self.auth = authenticator or build_authenticator(settings, self.metrics)
-        self.hub: Hub[Connection] = Hub(
-            max_per_user=settings.max_connections_per_user, max_total=settings.max_connections
-        )
-        self.broker = (
-            RedisBroker(settings.redis_url, settings.redis_channel_prefix)
-            if settings.redis_url
-            else None
-        )
-        self.router = Router(
-            self.hub,  # type: ignore[arg-type]  # Hub is invariant; Connection is an Outlet
-            self.store,
-            self.metrics,
-            broker=self.broker,
-            # A receiver may legitimately take up to WRITE_TIMEOUT on one socket.
-            ack_timeout=settings.write_timeout + 5.0,
-            flush_batch=settings.flush_batch,
-        )
-        self.consumer = Consumer(settings, self.router, self.metrics)
+        self.metrics = parts.metrics
+        self.store = parts.store
+        self.auth = parts.auth
+        self.hub = parts.hub
+        self.broker = parts.broker
+        self.router = parts.router
+        self.consumer = parts.consumer
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: set[asyncio.Task[None]] = set()
@@ -113,16 +224,20 @@ class Node:
         """
         raise_open_files(self.settings.max_connections)
         await self.store.start()
-        if self.broker is not None:
-            # A worker serves as soon as this returns: wait (bounded) for the pub/sub
-            # connection, or its first clients would be turned away with 4503.
-            await self.broker.start(self.router, wait=5.0)
-            self._supervise(self.broker.task)
+        # A worker serves as soon as this returns: wait (bounded) for Redis's pub/sub
+        # connection, or its first clients would be turned away with 4503.
+        await self.broker.start(self.router, wait=5.0)
+        self._supervise(self.broker.task)
         self.consumer.start()
         self._supervise(self.consumer.task)
         _tune_gc()
         self._spawn("backlog-retention", self._retention_loop)
         log.info("node_started", extra={"port": self.settings.port})
+
+    @classmethod
+    def build(cls, settings: Settings, *, authenticator: Authenticator | None = None) -> Node:
+        """A node with the production parts (:func:`build_parts`)."""
+        return cls(settings, build_parts(settings, Metrics(), authenticator=authenticator))
 
     def _spawn(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
         task = asyncio.create_task(loop(), name=name)
@@ -156,11 +271,59 @@ class Node:
         if task is not None:
             task.add_done_callback(done)
 
-    def start_writer(self, connection: Connection) -> None:
-        """Run the connection's writer task; the node keeps it until it ends."""
+    async def connect(self, socket: Socket, identity: Identity) -> Connection:
+        """Plug an authenticated client in: subscribe, register, then write.
+
+        In the order of the module docstring: the process is subscribed to the
+        user's channel, the connection registered in the hub (from then on live
+        notifications queue for it), and its writer started, which sends the
+        stored backlog before any live frame. Pair every connection it returns
+        with :meth:`disconnect`.
+
+        Raises:
+            BrokerUnavailable: the subscription was not confirmed (Redis down);
+                nothing is registered.
+            Rejected: a connection limit; nothing is left subscribed.
+        If cancelled (the client left while subscribing), nothing is left behind.
+        """
+        user_id = identity.user_id
+        connection = Connection(
+            socket,
+            identity,
+            self.metrics,
+            queue_size=self.settings.send_queue_size,
+            on_unsent=self.router.store_soon,
+        )
+        # Subscribe before registering and flushing: a message published from now
+        # on reaches this process, and one published before is in the store.
+        await self.broker.subscribe(user_id)
+        try:
+            self.hub.register(connection)
+        except Rejected:
+            self.broker.unsubscribe(user_id)
+            raise
+        socket.on_stall(connection.stalled)
+        self.metrics.connections_opened.inc()
+        self.metrics.connections.set(len(self.hub))
         task = asyncio.create_task(connection.run(self.router.flush_backlog), name="ws-writer")
         self._writers.add(task)
         task.add_done_callback(self._writers.discard)
+        return connection
+
+    def disconnect(self, connection: Connection) -> None:
+        """The client is gone: unregister, unsubscribe, settle what its queue held.
+
+        Synchronous on purpose: Sanic may cancel the handler when the client
+        leaves, and the connection must still leave the hub and settle its queue.
+        The writer sees the detach and ends by itself (cancelling it could cut a
+        flush between writing frames and deleting their rows). Idempotent.
+        """
+        connection.detach()
+        if connection not in self.hub.connections(connection.user_id):
+            return  # already disconnected: its subscription was given back then
+        self.hub.unregister(connection)
+        self.broker.unsubscribe(connection.user_id)
+        self.metrics.connections.set(len(self.hub))
 
     async def readiness(self) -> dict[str, bool]:
         """Each readiness check by name; the node is ready when all but ``ADVISORY`` are true."""
@@ -176,10 +339,8 @@ class Node:
         }
         if self.settings.kafka_dlq_topic:
             checks["dlq"] = self.consumer.dead_letter_healthy
-        if self.broker is not None:
-            checks["redis"] = (
-                self.broker.healthy and self.router.broker_healthy and await self.broker.ping()
-            )
+        for name, ok in (await self.broker.readiness()).items():
+            checks[name] = ok and self.router.broker_healthy
         return checks
 
     async def stop(self) -> None:
@@ -191,10 +352,9 @@ class Node:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         log.info("node_stopping", extra={"connections": len(self.hub)})
         await self.consumer.stop(grace=max(0.1, deadline - time.monotonic() - 1.0))
-        if self.broker is not None:
-            # Leave every channel first, so no other process counts this one as a
-            # receiver any more; what arrived before that is delivered or stored.
-            await self.broker.drain(grace=max(0.1, deadline - time.monotonic() - 0.5))
+        # Leave every channel first, so no other process counts this one as a
+        # receiver any more; what arrived before that is delivered or stored.
+        await self.broker.drain(grace=max(0.1, deadline - time.monotonic() - 0.5))
         closing = [c.close(GOING_AWAY, "server shutting down") for c in self.hub]
         if closing:
             done = asyncio.gather(*closing, return_exceptions=True)
@@ -215,8 +375,7 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.broker is not None:
-            await self.broker.close()
+        await self.broker.close()
         await self.auth.close()
         await self.store.close()
         self._stopped.set()

@@ -41,7 +41,13 @@ class BrokerUnavailable(Exception):
 
 
 class Broker(Protocol):
-    """What the router needs of the fan-out between processes (``service.broker``)."""
+    """What the router needs of the fan-out between processes (``service.broker``).
+
+    Two implementations, one code path: ``RedisBroker`` (several processes) and
+    ``MemoryBroker`` (one process, where publishing is local delivery). Either
+    hands what it received to :meth:`Router.receive` and acknowledgements to
+    :meth:`Router.acknowledged`.
+    """
 
     async def publish(self, notifications: Sequence[Notification]) -> list[int]:
         """Publish each to its user's channel; how many processes received each.
@@ -190,9 +196,10 @@ class Delivery:
 class Router:
     """Sends notifications to live connections and keeps the rest in the backlog.
 
-    Without a broker, "live connections" are this process's. With one (Redis),
-    every notification is published to its user's channel and each process that
-    holds a connection of the user delivers it through :meth:`receive`.
+    Every notification is published through the broker to its user's channel,
+    and each process that holds a connection of the user delivers it through
+    :meth:`receive` and acknowledges it; with one process (the memory broker)
+    that is this router, called back at once.
 
     ``deliver`` is called by one consumer at a time; ``flush_backlog`` by each
     connection's writer; ``receive``, ``flush_hint`` and ``resync`` by the broker.
@@ -204,7 +211,7 @@ class Router:
         backlog: Backlog,
         metrics: Metrics,
         *,
-        broker: Broker | None = None,
+        broker: Broker,
         ack_timeout: float = 15.0,
         delivery_wait: float = 0.2,
         flush_batch: int = 200,
@@ -241,10 +248,7 @@ class Router:
         the caller must not commit past these notifications, and cancelling it is
         safe (nothing is acknowledged).
         """
-        if self._broker is None:
-            unwritten = await self._deliver_here(notifications)
-        else:
-            unwritten = await self._publish(self._broker, notifications)
+        unwritten = await self._publish(self._broker, notifications)
         if unwritten:
             await self.store(unwritten)
 
@@ -262,28 +266,27 @@ class Router:
         for notification in notifications:
             awaiting[notification.message_id] = 0
         counts = await self._retry("broker", lambda: broker.publish(notifications))
-        unreached: list[Notification] = []
         # By message_id, as receivers acknowledge; one id may be several users' notifications.
-        published: dict[str, list[Notification]] = {}
+        unreached: list[Notification] = []
         for notification, count in zip(notifications, counts, strict=True):
-            key = notification.message_id
-            if count == 0:
-                unreached.append(notification)
+            if count:
+                awaiting[notification.message_id] += count
             else:
-                published.setdefault(key, []).append(notification)
-            awaiting[key] = awaiting.get(key, 0) + count
+                unreached.append(notification)
         for key in [key for key, left in awaiting.items() if left <= 0]:
             del awaiting[key]
-        if not published:
-            awaiting.clear()
-            return unreached
+        if not awaiting:  # nothing to wait for: no receiver, or every one acknowledged
+            return unreached  # before its PUBLISH reply came back
         self._all_acked = asyncio.get_running_loop().create_future()
-        if not awaiting:
-            self._all_acked.set_result(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._all_acked), self._ack_timeout)
         except TimeoutError:
-            missing = [n for key in self._awaiting for n in published.get(key, ())]
+            left = self._awaiting
+            missing = [
+                n
+                for n, count in zip(notifications, counts, strict=True)
+                if count and n.message_id in left
+            ]
             log.warning("ack_timeout", extra={"unacknowledged": len(missing)})
             self._metrics.ack_timeouts.inc(len(missing))
             unreached += missing
@@ -346,15 +349,18 @@ class Router:
         unwritten = await self._deliver_here([notification for notification, _ in received])
         if unwritten:
             await self.store(unwritten)
-        by_origin: dict[bytes, list[str]] = {}
-        for notification, origin in received:
-            by_origin.setdefault(origin, []).append(notification.message_id)
-        if self._broker is not None:
-            try:
-                await self._broker.acknowledge(by_origin)
-            except BrokerUnavailable as exc:
-                # The publisher times out and stores them: twice, never lost.
-                log.warning("ack_failed", extra={"error": str(exc)})
+        origins = {origin for _, origin in received}
+        if len(origins) == 1:  # the common case: one publisher
+            by_origin = {origins.pop(): [n.message_id for n, _ in received]}
+        else:
+            by_origin = {}
+            for notification, origin in received:
+                by_origin.setdefault(origin, []).append(notification.message_id)
+        try:
+            await self._broker.acknowledge(by_origin)
+        except BrokerUnavailable as exc:
+            # The publisher times out and stores them: twice, never lost.
+            log.warning("ack_failed", extra={"error": str(exc)})
 
     def store_soon(self, notifications: list[Notification]) -> None:
         """Store, in the background, frames a connection took but never sent (aborted)."""
@@ -399,11 +405,8 @@ class Router:
         self._metrics.store_duplicates.inc(len(notifications) - added)
         users = {n.user_id for n in notifications}
         self._stored_users |= users
-        if self._broker is None:
-            self.flush_hint(users)
-        else:
-            broker = self._broker
-            await self._retry("broker", lambda: broker.publish_flush(users))
+        broker = self._broker
+        await self._retry("broker", lambda: broker.publish_flush(users))
 
     async def _retry(self, part: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run ``operation`` until it succeeds, backing off while ``part`` is unavailable."""

@@ -1,19 +1,34 @@
-"""In-memory stand-ins for what the router and a connection talk to: the store and the socket.
+"""In-memory stand-ins for what the router, a connection and a node talk to.
 
 Each fake does just enough to exercise one contract of ``service``: the backlog
 keeps rows in the order PostgreSQL would return them, the socket records frames
-and can be made to hang or to fail like a real peer that went away.
+and can be made to hang or to fail like a real peer that went away; a node's
+parts (store, hub, broker, consumer, authenticator, socket) record what is done
+to them, in order, in one ``Events`` list.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from service.auth import Identity
+from service.broker import MemoryBroker
+from service.hub import Hub
+from service.metrics import Metrics
 from service.notification import Notification
-from service.router import Delivery, Stored, StoreUnavailable
+from service.router import (
+    Backlog,
+    BrokerUnavailable,
+    Delivery,
+    Outlet,
+    Router,
+    Stored,
+    StoreUnavailable,
+)
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -33,6 +48,21 @@ async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.001)
+
+
+async def local_router(
+    hub: Hub[Outlet],
+    backlog: Backlog,
+    metrics: Metrics,
+    broker: MemoryBroker | None = None,
+    **options: Any,
+) -> Router:
+    """A router on the memory broker over ``hub`` (a fresh one unless given), as
+    ``service.node.build_parts`` wires it when ``REDIS_URL`` is empty."""
+    broker = broker or MemoryBroker(hub)
+    router = Router(hub, backlog, metrics, broker=broker, **options)
+    await broker.start(router)
+    return router
 
 
 class FakeBacklog:
@@ -216,3 +246,146 @@ class FakeSocket:
         self.failed_with = (code, reason)
         self.release()
         return True
+
+
+# --- the parts of a node, recording what is done to them, in order -------------------------
+
+
+class Events(list[tuple[str, ...]]):
+    """What happened to a node's fake parts, in order: ``("subscribe", "alice")``, ..."""
+
+
+class FakeStore(FakeBacklog):
+    """The store as the node uses it: the backlog, plus a lifecycle and the retention calls.
+
+    Retention finds nothing to expire, and its cap check waits until it is
+    cancelled (a retention statement under way when the node stops).
+    """
+
+    def __init__(self, events: Events) -> None:
+        super().__init__()
+        self.events = events
+
+    async def start(self) -> None:
+        self.events.append(("store start",))
+
+    async def close(self) -> None:
+        self.events.append(("store close",))
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def save(self, notifications: Sequence[Notification]) -> int:
+        added = await super().save(notifications)
+        self.events.append(("store save", *sorted(n.user_id for n in notifications)))
+        return added
+
+    async def fetch(
+        self, user_id: str, after: tuple[datetime, int] | None, limit: int
+    ) -> list[Stored]:
+        self.events.append(("store fetch", user_id))
+        return await super().fetch(user_id, after, limit)
+
+    async def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]:
+        return
+        yield 0
+
+    async def cap(
+        self, max_per_user: int, user_ids: Collection[str] | None, batch: int
+    ) -> AsyncGenerator[int, None]:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.events.append(("retention stopped",))
+        yield 0
+
+
+class RecordingHub(Hub[Outlet]):
+    """The real hub, recording registrations."""
+
+    def __init__(self, events: Events, *, max_per_user: int = 10, max_total: int = 100) -> None:
+        super().__init__(max_per_user=max_per_user, max_total=max_total)
+        self.events = events
+
+    def register(self, peer: Outlet) -> None:
+        super().register(peer)
+        self.events.append(("register", peer.user_id))
+
+    def unregister(self, peer: Outlet) -> None:
+        super().unregister(peer)
+        self.events.append(("unregister", peer.user_id))
+
+
+class RecordingBroker(MemoryBroker):
+    """The memory broker, recording subscriptions and its lifecycle; ``refs`` per user.
+
+    ``unavailable = True`` makes ``subscribe`` fail as with Redis down.
+    """
+
+    def __init__(self, hub: Hub[Outlet], events: Events) -> None:
+        super().__init__(hub)
+        self.events = events
+        self.refs: dict[str, int] = {}
+        self.unavailable = False
+
+    async def subscribe(self, user_id: str, wait: float = 5.0) -> None:
+        if self.unavailable:
+            raise BrokerUnavailable("subscribe failed: TimeoutError")
+        self.refs[user_id] = self.refs.get(user_id, 0) + 1
+        self.events.append(("subscribe", user_id))
+
+    def unsubscribe(self, user_id: str) -> None:
+        self.refs[user_id] -= 1
+        if not self.refs[user_id]:
+            del self.refs[user_id]
+        self.events.append(("unsubscribe", user_id))
+
+    async def drain(self, grace: float) -> None:
+        self.events.append(("broker drain",))
+        await super().drain(grace)
+
+    async def close(self) -> None:
+        self.events.append(("broker close",))
+        await super().close()
+
+
+class FakeConsumer:
+    """A consumer that consumes nothing: only its start and stop are recorded."""
+
+    task: asyncio.Task[None] | None = None
+    healthy = True
+    dead_letter_healthy = True
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+
+    def start(self) -> None:
+        self.events.append(("consumer start",))
+
+    async def stop(self, grace: float) -> None:
+        self.events.append(("consumer stop",))
+
+
+class FakeAuth:
+    """Every token is the user id it names."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+
+    async def identify(self, token: str) -> Identity:
+        return Identity(token)
+
+    async def close(self) -> None:
+        self.events.append(("auth close",))
+
+
+class RecordingSocket(FakeSocket):
+    """A fake socket whose close is recorded among the node's events."""
+
+    def __init__(self, events: Events) -> None:
+        super().__init__()
+        self.events = events
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.events.append(("socket close", str(code)))
+        await super().close(code, reason)

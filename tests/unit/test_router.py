@@ -20,7 +20,7 @@ from service.metrics import Metrics
 from service.notification import Notification
 from service.router import Outlet, Router, StoreUnavailable
 
-from .fakes import FakeBacklog, FakeOutlet, FakeSocket, notification, until
+from .fakes import FakeBacklog, FakeOutlet, FakeSocket, local_router, notification, until
 
 
 @pytest.fixture
@@ -39,8 +39,11 @@ def backlog() -> FakeBacklog:
 
 
 @pytest.fixture
-def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
-    return Router(hub, backlog, metrics, flush_batch=2, retry_initial=0.005, retry_max=0.02)
+async def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
+    """A single-process router: the memory broker, as with ``REDIS_URL`` empty."""
+    return await local_router(
+        hub, backlog, metrics, flush_batch=2, retry_initial=0.005, retry_max=0.02
+    )
 
 
 def count(metrics: Metrics, name: str) -> float:
