@@ -19,15 +19,9 @@ from sanic.response import HTTPResponse, json, raw
 from websockets.protocol import State
 
 from .auth import AuthUnavailable, InvalidToken
+from .closecode import CloseCode
 from .config import Settings
-from .connection import (
-    FORBIDDEN,
-    GOING_AWAY,
-    TOO_MANY,
-    UNAUTHORIZED,
-    UNAVAILABLE,
-    Connection,
-)
+from .connection import Connection
 from .guard import SocketGuard
 from .hub import Rejected
 from .node import Node, is_ready
@@ -102,7 +96,7 @@ class SanicSocket:
         if self._guard is not None:
             self._guard.on_stall = callback
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close with the closing handshake, bounded: never waits on a peer that does not read.
 
         The close frame is written only if the socket has room for it; otherwise the
@@ -229,7 +223,7 @@ def stop_failed(app: Sanic[Any, Any]) -> None:
     app.stop()
 
 
-async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str) -> None:
+async def _reject(node: Node, ws: Websocket, code: CloseCode, reason: str, label: str) -> None:
     """Refuse the client with ``code``: the close frame if the socket has room, a bounded
     wait for the client's answer, then abort. Never waits on a client that does not read."""
     node.metrics.connections_rejected.labels(label).inc()
@@ -245,31 +239,35 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
     """
     settings = node.settings
     if node.stopping:
-        await _reject(node, ws, GOING_AWAY, "server shutting down", "shutting_down")
+        await _reject(node, ws, CloseCode.GOING_AWAY, CloseCode.GOING_AWAY.reason, "shutting_down")
         return
     if settings.allowed_origins:
         origin = (request.headers.get("origin") or "").rstrip("/")
         # Browsers always send Origin; a client without one is not a browser page.
         if origin and origin not in settings.allowed_origins:
-            await _reject(node, ws, FORBIDDEN, "origin not allowed", "origin")
+            await _reject(node, ws, CloseCode.FORBIDDEN, CloseCode.FORBIDDEN.reason, "origin")
             return
     token = token_of(request)
     if token is None:
-        await _reject(node, ws, UNAUTHORIZED, "missing token", "missing_token")
+        await _reject(node, ws, CloseCode.UNAUTHORIZED, "missing token", "missing_token")
         return
     try:
         identity = await node.auth.identify(token)
     except InvalidToken as exc:
-        await _reject(node, ws, UNAUTHORIZED, exc.reason[:100], "invalid_token")
+        await _reject(node, ws, CloseCode.UNAUTHORIZED, exc.reason[:100], "invalid_token")
         return
     except AuthUnavailable as exc:
         log.warning("auth_unavailable", extra={"error": exc.reason})
         await _reject(
-            node, ws, UNAVAILABLE, "auth service unavailable, retry later", "auth_unavailable"
+            node,
+            ws,
+            CloseCode.UNAVAILABLE,
+            "auth service unavailable, retry later",
+            "auth_unavailable",
         )
         return
     if identity.expires_at is not None and identity.expires_at <= time.time():
-        await _reject(node, ws, UNAUTHORIZED, "token expired", "invalid_token")
+        await _reject(node, ws, CloseCode.UNAUTHORIZED, "token expired", "invalid_token")
         return
 
     socket = SanicSocket(ws)
@@ -287,14 +285,14 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
         try:
             await broker.subscribe(identity.user_id)
         except BrokerUnavailable:
-            await _reject(node, ws, UNAVAILABLE, "service unavailable, retry later", "broker")
+            await _reject(node, ws, CloseCode.UNAVAILABLE, CloseCode.UNAVAILABLE.reason, "broker")
             return
     try:
         node.hub.register(connection)
     except Rejected as exc:
         if broker is not None:
             broker.unsubscribe(identity.user_id)
-        await _reject(node, ws, TOO_MANY, exc.reason, "too_many")
+        await _reject(node, ws, CloseCode.TOO_MANY, exc.reason, "too_many")
         return
     socket.on_stall(connection.stalled)
     node.metrics.connections_opened.inc()
@@ -305,7 +303,10 @@ async def serve_client(node: Node, request: Request, ws: Websocket) -> None:
     expiry: asyncio.TimerHandle | None = None
     if settings.auth_close_on_expiry and identity.expires_at is not None:
         expiry = asyncio.get_running_loop().call_later(
-            identity.expires_at - time.time(), connection.abort, UNAUTHORIZED, "token expired"
+            identity.expires_at - time.time(),
+            connection.abort,
+            CloseCode.UNAUTHORIZED,
+            "token expired",
         )
     try:
         # The server only sends; client frames are read and dropped (the size

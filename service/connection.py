@@ -16,20 +16,12 @@ from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 from .auth import Identity
+from .closecode import CloseCode
 from .metrics import Metrics
 from .notification import Notification
 from .router import Delivery
 
 log = logging.getLogger("notify.connection")
-
-# Close codes of the wire contract (DESIGN.md §2).
-GOING_AWAY: Final = 1001
-MESSAGE_TOO_BIG: Final = 1009
-TRY_AGAIN_LATER: Final = 1013
-UNAUTHORIZED: Final = 4401
-FORBIDDEN: Final = 4403
-TOO_MANY: Final = 4429
-UNAVAILABLE: Final = 4503
 
 _SEEN_LIMIT: Final = 512
 # Frames remembered while the socket's buffer is not empty, to store again what
@@ -57,7 +49,7 @@ class Socket(Protocol):
         """Call ``callback`` just before the socket is aborted for a write stalled too long."""
         ...
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close with the closing handshake, within a bounded time: a peer that does not
         answer (or has no room for the close frame) is aborted."""
         ...
@@ -185,7 +177,7 @@ class Connection:
         if len(self._queue) >= self._queue_size:
             log.warning("connection_overflow", extra={"queued": len(self._queue)})
             self._metrics.slow_closed.inc()
-            self.abort(TRY_AGAIN_LATER, "too slow to keep up")
+            self.abort(CloseCode.TRY_AGAIN_LATER)
             return False
         self._queue.append(delivery)
         self._wake()
@@ -305,17 +297,19 @@ class Connection:
         self._closed = True
         self._abandon()
 
-    def abort(self, code: int, reason: str) -> None:
-        """Close at once, without waiting for the socket: for a peer that is too slow.
+    def abort(self, code: CloseCode, reason: str | None = None) -> None:
+        """Close at once, without waiting for the socket: for a peer that is too slow,
+        or a token that expired. ``reason`` defaults to the code's own phrase.
 
-        Idempotent. Queued deliveries are settled as not written.
+        Idempotent. Queued deliveries are settled as not written, and frames the
+        socket took but never sent are handed to ``on_unsent``.
         """
         if self._closed:
             return
         self._closed = True
         self._abandon()
         self._reclaim_unsent()
-        self._socket.fail_connection(code, reason)
+        self._socket.fail_connection(code, code.reason if reason is None else reason)
 
     def stalled(self) -> None:
         """The socket had no room for ``WRITE_TIMEOUT``: 1013, and store what it held.
@@ -325,13 +319,14 @@ class Connection:
         if self._closed:
             return
         self._metrics.slow_closed.inc()
-        self.abort(TRY_AGAIN_LATER, "too slow to keep up")
+        self.abort(CloseCode.TRY_AGAIN_LATER)
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Close with the closing handshake (e.g. 1001 on shutdown). Idempotent.
 
-        Bounded in time: a peer that does not answer, or has no room for the close
-        frame, is aborted (see ``Socket.close``).
+        ``reason`` defaults to the code's own phrase. Bounded in time: a peer that
+        does not answer, or has no room for the close frame, is aborted (see
+        ``Socket.close``).
         """
         if self._closed:
             return
@@ -339,6 +334,6 @@ class Connection:
         self._abandon()
         self._reclaim_unsent()
         try:
-            await self._socket.close(code, reason)
+            await self._socket.close(code, code.reason if reason is None else reason)
         except Exception as exc:
             log.debug("close_failed", extra={"error": type(exc).__name__})

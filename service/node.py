@@ -25,8 +25,9 @@ from typing import Any
 
 from .auth import Authenticator, build_authenticator
 from .broker import RedisBroker
+from .closecode import CloseCode
 from .config import Settings
-from .connection import GOING_AWAY, Connection
+from .connection import Connection
 from .consumer import Consumer
 from .hub import Hub
 from .limits import raise_open_files
@@ -195,7 +196,7 @@ class Node:
             # Leave every channel first, so no other process counts this one as a
             # receiver any more; what arrived before that is delivered or stored.
             await self.broker.drain(grace=max(0.1, deadline - time.monotonic() - 0.5))
-        closing = [c.close(GOING_AWAY, "server shutting down") for c in self.hub]
+        closing = [c.close(CloseCode.GOING_AWAY) for c in self.hub]
         if closing:
             done = asyncio.gather(*closing, return_exceptions=True)
             try:

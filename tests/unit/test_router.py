@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 import pytest
 
 from service.auth import Identity
+from service.closecode import CloseCode
 from service.connection import Connection
 from service.hub import Hub
 from service.metrics import Metrics
@@ -395,8 +396,8 @@ async def test_closing_a_connection_stores_what_it_had_not_written(
     batch = [notification("alice", "a"), notification("alice", "b")]
     delivering = asyncio.create_task(router.deliver(batch))
     await until(lambda: socket.sending == 1)
-    await connection.close(1001, "server shutting down")
-    await connection.close(1001, "server shutting down")
+    await connection.close(CloseCode.GOING_AWAY)
+    await connection.close(CloseCode.GOING_AWAY)
     await asyncio.wait_for(delivering, 1.0)
     assert socket.closed_with == (1001, "server shutting down")
     assert socket.frames == []
@@ -503,7 +504,7 @@ async def test_abort_settles_the_frame_being_written_as_not_written(
     n = notification("alice")
     delivering = asyncio.create_task(router.deliver([n]))
     await until(lambda: socket.sending == 1)
-    connection.abort(1013, "too slow to keep up")
+    connection.abort(CloseCode.TRY_AGAIN_LATER)
     await asyncio.wait_for(delivering, 2.0)
     assert backlog.stored_ids == [n.message_id]
 
@@ -519,7 +520,7 @@ async def test_frames_left_in_the_socket_buffer_are_stored_on_abort(
     await router.deliver(sent)
     assert socket.frames == [n.frame for n in sent]
     assert backlog.stored_ids == []
-    connection.abort(1013, "too slow to keep up")
+    connection.abort(CloseCode.TRY_AGAIN_LATER)
     await router.drain()
     assert sorted(backlog.stored_ids) == sorted(n.message_id for n in sent)
 
@@ -558,7 +559,7 @@ async def test_flushed_frames_left_in_the_socket_buffer_are_stored_again_on_abor
     await until(lambda: connection._idle)
     assert socket.frames == [n.frame for n in stored]
     assert backlog.rows == {}
-    connection.abort(1013, "too slow to keep up")
+    connection.abort(CloseCode.TRY_AGAIN_LATER)
     await router.drain()
     assert sorted(backlog.stored_ids) == sorted(n.message_id for n in stored)
 
