@@ -93,7 +93,6 @@ class Node:
             broker=self.broker,
             # A receiver may legitimately take up to WRITE_TIMEOUT on one socket.
             ack_timeout=settings.write_timeout + 5.0,
-            flush_batch=settings.flush_batch,
         )
         self.consumer = Consumer(settings, self.router, self.metrics)
         self.stopping = False
@@ -158,8 +157,10 @@ class Node:
             task.add_done_callback(done)
 
     def start_writer(self, connection: Connection) -> None:
-        """Run the connection's writer task; the node keeps it until it ends."""
-        task = asyncio.create_task(connection.run(self.router.flush_backlog), name="ws-writer")
+        """Run the connection's writer task (backlog first, from the store); the node keeps
+        it until it ends."""
+        writer = connection.run(self.store, flush_batch=self.settings.flush_batch)
+        task = asyncio.create_task(writer, name="ws-writer")
         self._writers.add(task)
         task.add_done_callback(self._writers.discard)
 

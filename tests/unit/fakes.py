@@ -12,8 +12,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from service.connection import Stored
+from service.delivery import Delivery
 from service.notification import Notification
-from service.router import Delivery, Stored, StoreUnavailable
+from service.router import StoreUnavailable
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -112,8 +114,6 @@ class FakeOutlet:
         self.mode = mode
         self.frames: list[str] = []
         self.flush_requests = 0
-        self._seen: set[str] = set()
-        self.fail_write_at: int | None = None
 
     @property
     def user_id(self) -> str:
@@ -123,7 +123,6 @@ class FakeOutlet:
         if self.mode != "now":
             return False
         self.frames.append(notification.frame)
-        self._seen.add(notification.message_id)
         return True
 
     def offer(self, delivery: Delivery) -> bool:
@@ -132,7 +131,6 @@ class FakeOutlet:
         loop = asyncio.get_running_loop()
         if self.mode == "write":
             self.frames.append(delivery.notification.frame)
-            self._seen.add(delivery.notification.message_id)
             loop.call_soon(delivery.settle, True)
         else:
             loop.call_soon(delivery.settle, False)
@@ -140,18 +138,6 @@ class FakeOutlet:
 
     def request_flush(self) -> None:
         self.flush_requests += 1
-
-    def seen(self, message_id: str) -> bool:
-        return message_id in self._seen
-
-    async def write(self, frame: str) -> None:
-        if self.fail_write_at is not None and len(self.frames) >= self.fail_write_at:
-            raise ConnectionResetError("peer went away")
-        await asyncio.sleep(0)
-        self.frames.append(frame)
-
-    def mark_written(self, notification: Notification) -> None:
-        self._seen.add(notification.message_id)
 
 
 class PeerGone(Exception):
