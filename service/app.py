@@ -19,14 +19,8 @@ from sanic.response import HTTPResponse, json, raw
 from websockets.protocol import State
 
 from .auth import AuthUnavailable, Identity, InvalidToken, Unauthenticated
+from .closecode import CloseCode
 from .config import Settings
-from .connection import (
-    FORBIDDEN,
-    GOING_AWAY,
-    TOO_MANY,
-    UNAUTHORIZED,
-    UNAVAILABLE,
-)
 from .guard import SocketGuard
 from .hub import Rejected
 from .node import Node, is_ready
@@ -101,7 +95,7 @@ class SanicSocket:
         if self._guard is not None:
             self._guard.on_stall = callback
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close with the closing handshake, bounded: never waits on a peer that does not read.
 
         The close frame is written only if the socket has room for it; otherwise the
@@ -133,16 +127,20 @@ async def _authenticate(node: Node, ws: Websocket, token: str) -> Identity | Non
     try:
         identity = await node.auth.identify(token)
     except InvalidToken as exc:
-        await _reject(node, ws, UNAUTHORIZED, exc.reason[:100], "invalid_token")
+        await _reject(node, ws, CloseCode.UNAUTHORIZED, exc.reason[:100], "invalid_token")
         return None
     except AuthUnavailable as exc:
         log.warning("auth_unavailable", extra={"error": exc.reason})
         await _reject(
-            node, ws, UNAVAILABLE, "auth service unavailable, retry later", "auth_unavailable"
+            node,
+            ws,
+            CloseCode.UNAVAILABLE,
+            "auth service unavailable, retry later",
+            "auth_unavailable",
         )
         return None
     if identity.expires_at is not None and identity.expires_at <= time.time():
-        await _reject(node, ws, UNAUTHORIZED, "token expired", "invalid_token")
+        await _reject(node, ws, CloseCode.UNAUTHORIZED, "token expired", "invalid_token")
         return None
     return identity
 
@@ -314,7 +312,7 @@ def _limit_request_heads(app: Sanic[Any, Any], timeout: float) -> None:
         disarm(conn_info)
 
 
-async def _reject(node: Node, ws: Websocket, code: int, reason: str, label: str) -> None:
+async def _reject(node: Node, ws: Websocket, code: CloseCode, reason: str, label: str) -> None:
     """Refuse the client with ``code``: the close frame if the socket has room, a bounded
     wait for the client's answer, then abort. Never waits on a client that does not read."""
     node.metrics.connections_rejected.labels(label).inc()
@@ -337,30 +335,34 @@ async def serve_client(
     """
     settings = node.settings
     if node.stopping:
-        await _reject(node, ws, GOING_AWAY, "server shutting down", "shutting_down")
+        await _reject(node, ws, CloseCode.GOING_AWAY, CloseCode.GOING_AWAY.reason, "shutting_down")
         return
     if settings.allowed_origins:
         origin = (request.headers.get("origin") or "").rstrip("/")
         # Browsers always send Origin; a client without one is not a browser page.
         if origin and origin not in settings.allowed_origins:
-            await _reject(node, ws, FORBIDDEN, "origin not allowed", "origin")
+            await _reject(node, ws, CloseCode.FORBIDDEN, CloseCode.FORBIDDEN.reason, "origin")
             return
     token = token_of(request)
     if token is None:
-        await _reject(node, ws, UNAUTHORIZED, "missing token", "missing_token")
+        await _reject(node, ws, CloseCode.UNAUTHORIZED, "missing token", "missing_token")
         return
     address = request.client_ip
     match unauthenticated.enter(address):
         case "total":
             await _reject(
-                node, ws, UNAVAILABLE, "too many clients connecting, retry later", "unauthenticated"
+                node,
+                ws,
+                CloseCode.UNAVAILABLE,
+                "too many clients connecting, retry later",
+                "unauthenticated",
             )
             return
         case "address":
             await _reject(
                 node,
                 ws,
-                UNAVAILABLE,
+                CloseCode.UNAVAILABLE,
                 "too many clients connecting from this address, retry later",
                 "unauthenticated_per_address",
             )
@@ -376,16 +378,19 @@ async def serve_client(
     try:
         connection = await node.connect(SanicSocket(ws), identity)
     except BrokerUnavailable:
-        await _reject(node, ws, UNAVAILABLE, "service unavailable, retry later", "broker")
+        await _reject(node, ws, CloseCode.UNAVAILABLE, "service unavailable, retry later", "broker")
         return
     except Rejected as exc:
-        await _reject(node, ws, TOO_MANY, exc.reason, "too_many")
+        await _reject(node, ws, CloseCode.TOO_MANY, exc.reason, "too_many")
         return
     access.info("ws_open", extra={"connections": len(node.hub)})
     expiry: asyncio.TimerHandle | None = None
     if settings.auth_close_on_expiry and identity.expires_at is not None:
         expiry = asyncio.get_running_loop().call_later(
-            identity.expires_at - time.time(), connection.abort, UNAUTHORIZED, "token expired"
+            identity.expires_at - time.time(),
+            connection.abort,
+            CloseCode.UNAUTHORIZED,
+            "token expired",
         )
     try:
         # The server only sends; client frames are read and dropped (the size

@@ -1,10 +1,18 @@
 """One client WebSocket: a bounded send queue drained by a single writer task.
 
-The connection is the only place that writes to its socket. A frame is written
-at once by :meth:`Connection.write_now` when the writer is idle and the socket
-has room (the common case); otherwise it arrives as a
-:class:`~service.router.Delivery` in the queue and is settled exactly once, as
-written or not, so the router knows what still has to be stored.
+The connection is the only place that writes to its socket, and the only one
+that closes it once it is registered:
+
+* a live frame is written at once by :meth:`Connection.write_now` when the
+  writer is idle and the socket has room (the common case); otherwise it
+  arrives as a :class:`~service.delivery.Delivery` in the queue, and the writer
+  settles it exactly once, as written or not, so the router knows what still has
+  to be stored;
+* the stored backlog is read, written and deleted by the writer itself
+  (:meth:`Connection.flush_backlog`), first on connect and again whenever the
+  router asks (``request_flush``), so stored and live frames never interleave;
+* closes use a :class:`~service.closecode.CloseCode`; frames the socket took but
+  never sent are handed back (``on_unsent``) to be stored again.
 """
 
 from __future__ import annotations
@@ -12,24 +20,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Final, Protocol
 
 from .auth import Identity
+from .closecode import CloseCode
+from .delivery import Delivery
 from .metrics import Metrics
 from .notification import Notification
-from .router import Delivery
+from .router import StoreUnavailable
 
 log = logging.getLogger("notify.connection")
-
-# Close codes of the wire contract (DESIGN.md §2).
-GOING_AWAY: Final = 1001
-MESSAGE_TOO_BIG: Final = 1009
-TRY_AGAIN_LATER: Final = 1013
-UNAUTHORIZED: Final = 4401
-FORBIDDEN: Final = 4403
-TOO_MANY: Final = 4429
-UNAVAILABLE: Final = 4503
 
 _SEEN_LIMIT: Final = 512
 # Frames remembered while the socket's buffer is not empty, to store again what
@@ -57,12 +60,36 @@ class Socket(Protocol):
         """Call ``callback`` just before the socket is aborted for a write stalled too long."""
         ...
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Close with the closing handshake, within a bounded time: a peer that does not
         answer (or has no room for the close frame) is aborted."""
         ...
 
     def fail_connection(self, code: int = 1006, reason: str = "") -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A notification read back from the store, with its place in the user's backlog."""
+
+    notification: Notification
+    cursor: tuple[datetime, int]
+
+
+class StoredRows(Protocol):
+    """What a connection needs of the backlog store (``service.store``) to flush it."""
+
+    async def fetch(
+        self, user_id: str, after: tuple[datetime, int] | None, limit: int
+    ) -> list[Stored]:
+        """The user's stored rows after ``after``, oldest first. Raises StoreUnavailable."""
+        ...
+
+    async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
+        """Remove notifications delivered to ``user_id``; other users' rows with the same
+        ids stay. Raises StoreUnavailable.
+        """
+        ...
 
 
 class _Flush:
@@ -145,8 +172,7 @@ class Connection:
         """
         if not self._idle or self._closed:
             return False
-        message_id = notification.message_id
-        if self.seen(message_id):
+        if self._wrote(notification.message_id):
             return True
         if not self._socket.send_now(notification.frame):
             return False
@@ -155,7 +181,7 @@ class Connection:
 
     def _written(self, notification: Notification) -> None:
         """Book a live frame handed to the socket."""
-        self.mark_written(notification)
+        self._mark_written(notification)
         self._metrics.observe_delivery(notification.created_ms)
 
     def _reclaim_unsent(self) -> None:
@@ -185,7 +211,7 @@ class Connection:
         if len(self._queue) >= self._queue_size:
             log.warning("connection_overflow", extra={"queued": len(self._queue)})
             self._metrics.slow_closed.inc()
-            self.abort(TRY_AGAIN_LATER, "too slow to keep up")
+            self.abort(CloseCode.TRY_AGAIN_LATER)
             return False
         self._queue.append(delivery)
         self._wake()
@@ -199,10 +225,11 @@ class Connection:
         self._queue.append(_FLUSH)
         self._wake()
 
-    def seen(self, message_id: str) -> bool:
+    def _wrote(self, message_id: str) -> bool:
+        """Whether this connection already wrote ``message_id`` (one of its recent ones)."""
         return self._seen is not None and message_id in self._seen
 
-    def mark_written(self, notification: Notification) -> None:
+    def _mark_written(self, notification: Notification) -> None:
         """Book a frame handed to the socket, live or flushed from the store.
 
         Its id is remembered, so a redelivery is not sent twice here; while the
@@ -224,23 +251,66 @@ class Connection:
         elif self._unsent:
             self._unsent.clear()
 
-    async def write(self, frame: str) -> None:
-        """Send one text frame, waiting for room in the socket.
+    async def flush_backlog(self, backlog: StoredRows, page: int) -> int:
+        """Write the user's stored notifications, oldest first, in pages of ``page`` rows.
 
-        A socket with no room for ``WRITE_TIMEOUT`` is cut off (``service.guard``),
-        which ends the wait with an error.
+        A row is deleted (by user and message id) only after its frame was handed to
+        the socket; one this connection already wrote is deleted without being sent
+        again. Only the writer calls this (or a test, before the writer runs), so
+        stored and live frames never interleave. Returns how many frames were
+        written. If the store is unavailable it logs, stops and leaves the rows for
+        a later flush.
+
+        Raises whatever the socket's ``send`` raises when the connection fails; the
+        rows of the frames written until then are deleted first.
         """
-        await self._socket.send(frame)
+        written = 0
+        cursor: tuple[datetime, int] | None = None
+        while True:
+            try:
+                rows = await backlog.fetch(self.user_id, cursor, page)
+            except StoreUnavailable as exc:
+                log.warning("flush_store_unavailable", extra={"error": str(exc)})
+                return written
+            if not rows:
+                return written
+            done: list[str] = []
+            try:
+                for stored in rows:
+                    notification = stored.notification
+                    if not self._wrote(notification.message_id):
+                        # A socket with no room for WRITE_TIMEOUT is cut off
+                        # (``service.guard``), which ends this wait with an error.
+                        await self._socket.send(notification.frame)
+                        self._mark_written(notification)
+                        written += 1
+                        self._metrics.flushed.inc()
+                    done.append(notification.message_id)
+            finally:
+                if done:
+                    await self._delete_quietly(backlog, done)
+            if len(rows) < page:
+                return written
+            cursor = rows[-1].cursor
 
-    async def run(self, flush_backlog: Callable[[Connection], Awaitable[int]]) -> None:
+    async def _delete_quietly(self, backlog: StoredRows, message_ids: list[str]) -> None:
+        try:
+            await backlog.delete(self.user_id, message_ids)
+        except StoreUnavailable as exc:
+            # The frames were written; the rows will be sent again on a later
+            # connection. At least once, never silently lost.
+            log.warning("flush_delete_failed", extra={"error": str(exc), "rows": len(message_ids)})
+
+    async def run(self, backlog: StoredRows, *, flush_batch: int) -> None:
         """The writer: the stored backlog first, then live deliveries in order.
 
-        Runs until the connection closes or the socket fails; on exit every
-        delivery still queued is settled as not written. Never raises for a
-        failed socket.
+        The backlog is flushed again, in turn with live frames, whenever
+        ``request_flush`` asks. Runs until the connection closes or the socket
+        fails; on exit every delivery still queued is settled as not written.
+        Never raises for a failed socket.
         """
         try:
-            await flush_backlog(self)
+            await self.flush_backlog(backlog, flush_batch)
             while not self._closed:
                 if not self._queue:
                     self._wakeup = self._loop.create_future()
@@ -253,15 +323,16 @@ class Connection:
                 item = self._queue.popleft()
                 if isinstance(item, _Flush):
                     self._flush_pending = False
-                    await flush_backlog(self)
+                    await self.flush_backlog(backlog, flush_batch)
                     continue
                 notification = item.notification
-                if self.seen(notification.message_id):
+                if self._wrote(notification.message_id):
                     item.settle(True)
                     continue
                 self._inflight = item
                 try:
-                    await self.write(notification.frame)
+                    # As in the flush: a socket with no room for WRITE_TIMEOUT is cut off.
+                    await self._socket.send(notification.frame)
                 except BaseException:
                     if self._inflight is item:
                         self._inflight = None
@@ -305,17 +376,19 @@ class Connection:
         self._closed = True
         self._abandon()
 
-    def abort(self, code: int, reason: str) -> None:
-        """Close at once, without waiting for the socket: for a peer that is too slow.
+    def abort(self, code: CloseCode, reason: str | None = None) -> None:
+        """Close at once, without waiting for the socket: for a peer that is too slow,
+        or a token that expired. ``reason`` defaults to the code's own phrase.
 
-        Idempotent. Queued deliveries are settled as not written.
+        Idempotent. Queued deliveries are settled as not written, and frames the
+        socket took but never sent are handed to ``on_unsent``.
         """
         if self._closed:
             return
         self._closed = True
         self._abandon()
         self._reclaim_unsent()
-        self._socket.fail_connection(code, reason)
+        self._socket.fail_connection(code, code.reason if reason is None else reason)
 
     def stalled(self) -> None:
         """The socket had no room for ``WRITE_TIMEOUT``: 1013, and store what it held.
@@ -325,13 +398,14 @@ class Connection:
         if self._closed:
             return
         self._metrics.slow_closed.inc()
-        self.abort(TRY_AGAIN_LATER, "too slow to keep up")
+        self.abort(CloseCode.TRY_AGAIN_LATER)
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Close with the closing handshake (e.g. 1001 on shutdown). Idempotent.
 
-        Bounded in time: a peer that does not answer, or has no room for the close
-        frame, is aborted (see ``Socket.close``).
+        ``reason`` defaults to the code's own phrase. Bounded in time: a peer that
+        does not answer, or has no room for the close frame, is aborted (see
+        ``Socket.close``).
         """
         if self._closed:
             return
@@ -339,6 +413,6 @@ class Connection:
         self._abandon()
         self._reclaim_unsent()
         try:
-            await self._socket.close(code, reason)
+            await self._socket.close(code, code.reason if reason is None else reason)
         except Exception as exc:
             log.debug("close_failed", extra={"error": type(exc).__name__})

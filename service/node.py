@@ -40,8 +40,9 @@ from typing import Any, Protocol
 
 from .auth import Authenticator, Identity, build_authenticator
 from .broker import MemoryBroker, Receiver, RedisBroker
+from .closecode import CloseCode
 from .config import Settings
-from .connection import GOING_AWAY, Connection, Socket
+from .connection import Connection, Socket, StoredRows
 from .consumer import Consumer
 from .hub import Hub, Rejected
 from .limits import raise_open_files
@@ -78,8 +79,9 @@ def is_ready(checks: dict[str, bool]) -> bool:
     return all(ok for name, ok in checks.items() if name not in ADVISORY)
 
 
-class NodeStore(Backlog, Protocol):
-    """What the node needs of the store (``service.store.Store``), besides the router's."""
+class NodeStore(Backlog, StoredRows, Protocol):
+    """What the node needs of the store (``service.store.Store``), besides the router's
+    and the connections'."""
 
     async def start(self) -> None: ...
 
@@ -181,7 +183,6 @@ def build_parts(
         broker=broker,
         # A receiver may legitimately take up to WRITE_TIMEOUT on one socket.
         ack_timeout=settings.write_timeout + 5.0,
-        flush_batch=settings.flush_batch,
     )
     return Parts(
         metrics=metrics,
@@ -305,7 +306,8 @@ class Node:
         socket.on_stall(connection.stalled)
         self.metrics.connections_opened.inc()
         self.metrics.connections.set(len(self.hub))
-        task = asyncio.create_task(connection.run(self.router.flush_backlog), name="ws-writer")
+        writer = connection.run(self.store, flush_batch=self.settings.flush_batch)
+        task = asyncio.create_task(writer, name="ws-writer")
         self._writers.add(task)
         task.add_done_callback(self._writers.discard)
         return connection
@@ -355,7 +357,7 @@ class Node:
         # Leave every channel first, so no other process counts this one as a
         # receiver any more; what arrived before that is delivered or stored.
         await self.broker.drain(grace=max(0.1, deadline - time.monotonic() - 0.5))
-        closing = [c.close(GOING_AWAY, "server shutting down") for c in self.hub]
+        closing = [c.close(CloseCode.GOING_AWAY) for c in self.hub]
         if closing:
             done = asyncio.gather(*closing, return_exceptions=True)
             try:

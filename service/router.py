@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Protocol, TypeVar
 
+from .delivery import Batch, Queue
 from .hub import Hub
 from .metrics import Metrics
 from .notification import Notification
@@ -22,14 +21,6 @@ from .notification import Notification
 log = logging.getLogger("notify.router")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """A notification read back from the store, with its place in the user's backlog."""
-
-    notification: Notification
-    cursor: tuple[datetime, int]
 
 
 class StoreUnavailable(Exception):
@@ -66,7 +57,10 @@ class Broker(Protocol):
 
 
 class Backlog(Protocol):
-    """What the router needs of the persistent store of undelivered notifications."""
+    """What the router needs of the persistent store of undelivered notifications.
+
+    (A connection reads and deletes the rows it flushes: ``connection.StoredRows``.)
+    """
 
     async def save(self, notifications: Sequence[Notification]) -> int:
         """Store notifications; one already stored for its user (same message_id) is ignored.
@@ -76,121 +70,24 @@ class Backlog(Protocol):
         """
         ...
 
-    async def fetch(
-        self, user_id: str, after: tuple[datetime, int] | None, limit: int
-    ) -> list[Stored]:
-        """The user's stored rows after ``after``, oldest first. Raises StoreUnavailable."""
-        ...
 
-    async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
-        """Remove notifications delivered to ``user_id``; other users' rows with the same
-        ids stay. Raises StoreUnavailable.
-        """
-        ...
+class Outlet(Queue, Protocol):
+    """What the router needs of one live connection (``service.connection``).
 
-
-class Outlet(Protocol):
-    """What the router needs of one live connection."""
+    ``offer`` (from :class:`~service.delivery.Queue`) is called by the batch the
+    router hands the connections it could not write to at once.
+    """
 
     @property
     def user_id(self) -> str: ...
 
     def write_now(self, notification: Notification) -> bool:
-        """Write the frame at once if that needs no waiting; False: use ``offer``."""
-        ...
-
-    def offer(self, delivery: Delivery) -> bool:
-        """Queue a delivery; False if the connection is closed or just overflowed."""
+        """Write the frame at once if that needs no waiting; False: offer it in a batch."""
         ...
 
     def request_flush(self) -> None:
         """Ask the connection to re-read the store at its next turn."""
         ...
-
-    def seen(self, message_id: str) -> bool:
-        """Whether this connection already wrote ``message_id``."""
-        ...
-
-    async def write(self, frame: str) -> None:
-        """Write one frame now (only from the connection's own writer)."""
-        ...
-
-    def mark_written(self, notification: Notification) -> None:
-        """Book a frame ``write`` handed to the socket."""
-        ...
-
-
-class Batch:
-    """Tracks the queued deliveries of one consumer batch until each is settled.
-
-    Settled means written to a socket, or given up by every connection it was
-    queued on (closed, overflowed, too slow); the latter are collected in
-    ``unwritten`` to be stored.
-    """
-
-    __slots__ = ("_deliveries", "_done", "_pending", "unwritten")
-
-    def __init__(self) -> None:
-        self._pending = 0
-        self._done: asyncio.Future[None] | None = None
-        self._deliveries: list[Delivery] = []
-        self.unwritten: list[Notification] = []
-
-    def _add(self, delivery: Delivery) -> None:
-        self._pending += 1
-        self._deliveries.append(delivery)
-
-    def _settle(self, notification: Notification, written: bool) -> None:
-        if not written:
-            self.unwritten.append(notification)
-        self._pending -= 1
-        if self._pending == 0 and self._done is not None and not self._done.done():
-            self._done.set_result(None)
-
-    async def wait(self, budget: float) -> list[Notification]:
-        """Wait up to ``budget`` seconds for every delivery to settle.
-
-        Returns what must be stored: the deliveries given up, and those still
-        queued when the budget ran out (a slow socket must not hold up everyone
-        else's notifications; if it writes them later, they arrive twice at worst).
-        """
-        if self._pending:
-            self._done = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(self._done, budget)
-            except TimeoutError:
-                late = [d.notification for d in self._deliveries if not d.settled]
-                return self.unwritten + late
-        return self.unwritten
-
-
-class Delivery:
-    """One notification on its way to the live connections of its user.
-
-    Each connection it is queued on settles it exactly once; when the last one
-    has, the batch learns whether any of them wrote it.
-    """
-
-    __slots__ = ("_batch", "_remaining", "_written", "notification")
-
-    def __init__(
-        self, notification: Notification, batch: Batch, fanout: int, *, written: bool = False
-    ) -> None:
-        self.notification = notification
-        self._batch = batch
-        self._remaining = fanout
-        self._written = written
-
-    @property
-    def settled(self) -> bool:
-        return self._remaining <= 0
-
-    def settle(self, written: bool) -> None:
-        """Record the outcome on one connection. Safe to call once per connection."""
-        self._written = self._written or written
-        self._remaining -= 1
-        if self._remaining == 0:
-            self._batch._settle(self.notification, self._written)
 
 
 class Router:
@@ -201,8 +98,12 @@ class Router:
     :meth:`receive` and acknowledges it; with one process (the memory broker)
     that is this router, called back at once.
 
-    ``deliver`` is called by one consumer at a time; ``flush_backlog`` by each
-    connection's writer; ``receive``, ``flush_hint`` and ``resync`` by the broker.
+    The router only chooses: the connections of a user, or the store. It writes
+    to no socket; each connection writes its own frames, flushes its own backlog
+    and settles what it was offered (``service.connection``, ``service.delivery``).
+
+    ``deliver`` is called by one consumer at a time; ``receive``, ``flush_hint``
+    and ``resync`` by the broker; ``store_soon`` by a connection that was aborted.
     """
 
     def __init__(
@@ -214,7 +115,6 @@ class Router:
         broker: Broker,
         ack_timeout: float = 15.0,
         delivery_wait: float = 0.2,
-        flush_batch: int = 200,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
     ) -> None:
@@ -226,7 +126,6 @@ class Router:
         self._delivery_wait = delivery_wait
         self._awaiting: dict[str, int] = {}
         self._all_acked: asyncio.Future[None] | None = None
-        self._flush_batch = flush_batch
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self.store_healthy = True
@@ -325,13 +224,7 @@ class Router:
             waiting = [outlet for outlet in outlets if not outlet.write_now(notification)]
             if not waiting:
                 continue
-            delivery = Delivery(
-                notification, batch, len(waiting), written=len(waiting) < len(outlets)
-            )
-            batch._add(delivery)
-            for outlet in waiting:
-                if not outlet.offer(delivery):
-                    delivery.settle(False)
+            batch.offer(notification, waiting, written=len(waiting) < len(outlets))
         return offline + await batch.wait(self._delivery_wait)
 
     def receive(self, received: list[tuple[Notification, bytes]]) -> None:
@@ -427,49 +320,3 @@ class Router:
                 log.info(f"{part}_recovered")
                 setattr(self, f"{part}_healthy", True)
             return result
-
-    async def flush_backlog(self, outlet: Outlet) -> int:
-        """Write the user's stored notifications to ``outlet``, oldest first.
-
-        A row is deleted only after its frame was written; a notification this
-        connection already wrote is deleted without being sent again. Called from
-        the connection's writer, so frames of one connection never interleave.
-        Returns how many frames were written. If the store is unavailable it logs,
-        stops and leaves the rows for a later connection.
-
-        Raises whatever ``outlet.write`` raises when the connection fails.
-        """
-        written = 0
-        cursor: tuple[datetime, int] | None = None
-        while True:
-            try:
-                page = await self._backlog.fetch(outlet.user_id, cursor, self._flush_batch)
-            except StoreUnavailable as exc:
-                log.warning("flush_store_unavailable", extra={"error": str(exc)})
-                return written
-            if not page:
-                return written
-            done: list[str] = []
-            try:
-                for stored in page:
-                    notification = stored.notification
-                    if not outlet.seen(notification.message_id):
-                        await outlet.write(notification.frame)
-                        outlet.mark_written(notification)
-                        written += 1
-                        self._metrics.flushed.inc()
-                    done.append(notification.message_id)
-            finally:
-                if done:
-                    await self._delete_quietly(outlet.user_id, done)
-            if len(page) < self._flush_batch:
-                return written
-            cursor = page[-1].cursor
-
-    async def _delete_quietly(self, user_id: str, message_ids: list[str]) -> None:
-        try:
-            await self._backlog.delete(user_id, message_ids)
-        except StoreUnavailable as exc:
-            # The frames were written; the rows will be sent again on a later
-            # connection. At least once, never silently lost.
-            log.warning("flush_delete_failed", extra={"error": str(exc), "rows": len(message_ids)})

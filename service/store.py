@@ -27,8 +27,9 @@ from typing import Any
 
 import asyncpg
 
+from .connection import Stored
 from .notification import Notification
-from .router import Stored, StoreUnavailable
+from .router import StoreUnavailable
 
 log = logging.getLogger("notify.store")
 

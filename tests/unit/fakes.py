@@ -17,16 +17,16 @@ from typing import Any
 
 from service.auth import Identity
 from service.broker import MemoryBroker
+from service.connection import Stored
+from service.delivery import Delivery
 from service.hub import Hub
 from service.metrics import Metrics
 from service.notification import Notification
 from service.router import (
     Backlog,
     BrokerUnavailable,
-    Delivery,
     Outlet,
     Router,
-    Stored,
     StoreUnavailable,
 )
 
@@ -142,8 +142,6 @@ class FakeOutlet:
         self.mode = mode
         self.frames: list[str] = []
         self.flush_requests = 0
-        self._seen: set[str] = set()
-        self.fail_write_at: int | None = None
 
     @property
     def user_id(self) -> str:
@@ -153,7 +151,6 @@ class FakeOutlet:
         if self.mode != "now":
             return False
         self.frames.append(notification.frame)
-        self._seen.add(notification.message_id)
         return True
 
     def offer(self, delivery: Delivery) -> bool:
@@ -162,7 +159,6 @@ class FakeOutlet:
         loop = asyncio.get_running_loop()
         if self.mode == "write":
             self.frames.append(delivery.notification.frame)
-            self._seen.add(delivery.notification.message_id)
             loop.call_soon(delivery.settle, True)
         else:
             loop.call_soon(delivery.settle, False)
@@ -170,18 +166,6 @@ class FakeOutlet:
 
     def request_flush(self) -> None:
         self.flush_requests += 1
-
-    def seen(self, message_id: str) -> bool:
-        return message_id in self._seen
-
-    async def write(self, frame: str) -> None:
-        if self.fail_write_at is not None and len(self.frames) >= self.fail_write_at:
-            raise ConnectionResetError("peer went away")
-        await asyncio.sleep(0)
-        self.frames.append(frame)
-
-    def mark_written(self, notification: Notification) -> None:
-        self._seen.add(notification.message_id)
 
 
 class PeerGone(Exception):

@@ -2,7 +2,8 @@
 
 The first half drives the router with fake outlets; the second with real
 ``Connection`` objects over a fake socket, so the writer, the bounded queue and
-the settle-once bookkeeping are exercised as in production.
+the settle-once bookkeeping are exercised as in production. The flush itself,
+a connection's own work, is tested in ``test_connection``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 import pytest
 
 from service.auth import Identity
+from service.closecode import CloseCode
 from service.connection import Connection
 from service.hub import Hub
 from service.metrics import Metrics
 from service.notification import Notification
-from service.router import Outlet, Router, StoreUnavailable
+from service.router import Outlet, Router
 
 from .fakes import FakeBacklog, FakeOutlet, FakeSocket, local_router, notification, until
 
@@ -41,9 +43,7 @@ def backlog() -> FakeBacklog:
 @pytest.fixture
 async def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
     """A single-process router: the memory broker, as with ``REDIS_URL`` empty."""
-    return await local_router(
-        hub, backlog, metrics, flush_batch=2, retry_initial=0.005, retry_max=0.02
-    )
+    return await local_router(hub, backlog, metrics, retry_initial=0.005, retry_max=0.02)
 
 
 def count(metrics: Metrics, name: str) -> float:
@@ -192,116 +192,21 @@ async def test_redelivered_offline_notification_is_stored_once(
     assert count(metrics, "notify_notifications_stored_total") == 1
 
 
-# --- flush_backlog, with fake outlets ----------------------------------------------------------
-
-
-async def test_flush_sends_oldest_first_and_empties_the_backlog(
-    router: Router, backlog: FakeBacklog, metrics: Metrics
-) -> None:
-    """On connect a user receives every stored notification, oldest first, each once."""
-    stored = [notification("alice", f"n{i}") for i in range(5)]
-    backlog.put(*stored)
-    tab = FakeOutlet("alice")
-    assert await router.flush_backlog(tab) == 5
-    assert tab.frames == [n.frame for n in stored]
-    assert backlog.rows == {}
-    assert count(metrics, "notify_notifications_flushed_total") == 5
-
-
-async def test_flush_leaves_other_users_rows_alone(router: Router, backlog: FakeBacklog) -> None:
-    """Connecting as one user never sends or removes another user's stored notifications."""
-    bobs = notification("bob")
-    backlog.put(notification("alice"), bobs, notification("alice"))
-    tab = FakeOutlet("alice")
-    assert await router.flush_backlog(tab) == 2
-    assert bobs.frame not in tab.frames
-    assert backlog.stored_ids == [bobs.message_id]
-
-
-async def test_flush_deletes_a_row_only_after_its_frame_was_written(
-    router: Router, backlog: FakeBacklog
-) -> None:
-    """A stored notification is still in the store at the moment its frame is being written."""
-    stored = [notification("alice", f"n{i}") for i in range(3)]
-    backlog.put(*stored)
-    by_frame = {n.frame: n.message_id for n in stored}
-    present_while_writing: list[bool] = []
-
-    class Checking(FakeOutlet):
-        async def write(self, frame: str) -> None:
-            present_while_writing.append(("alice", by_frame[frame]) in backlog.rows)
-            await super().write(frame)
-
-    await router.flush_backlog(Checking("alice"))
-    assert present_while_writing == [True, True, True]
-    assert backlog.rows == {}
-
-
-async def test_flush_interrupted_by_a_dead_socket_keeps_the_unsent_rows(
-    router: Router, backlog: FakeBacklog
-) -> None:
-    """If the connection dies mid-flush, what it did not receive waits for the next connection."""
-    stored = [notification("alice", f"n{i}") for i in range(5)]
-    backlog.put(*stored)
-    tab = FakeOutlet("alice")
-    tab.fail_write_at = 3
-    with pytest.raises(ConnectionResetError):
-        await router.flush_backlog(tab)
-    assert tab.frames == [n.frame for n in stored[:3]]
-    assert backlog.stored_ids == [n.message_id for n in stored[3:]]
-
-
-async def test_flush_skips_what_this_connection_already_wrote(
-    router: Router, backlog: FakeBacklog
-) -> None:
-    """A notification already shown on this connection is removed from the store, not resent."""
-    already, fresh = notification("alice"), notification("alice")
-    backlog.put(already, fresh)
-    tab = FakeOutlet("alice")
-    tab.mark_written(already)
-    assert await router.flush_backlog(tab) == 1
-    assert tab.frames == [fresh.frame]
-    assert backlog.rows == {}
-
-
-async def test_flush_with_the_store_down_sends_nothing_and_keeps_rows(
-    router: Router, backlog: FakeBacklog
-) -> None:
-    """A connection opened while PostgreSQL is down stays open; its backlog waits."""
-    n = notification("alice")
-    backlog.put(n)
-    backlog.unavailable = True
-    tab = FakeOutlet("alice")
-    assert await router.flush_backlog(tab) == 0
-    assert tab.frames == []
-    backlog.unavailable = False
-    assert backlog.stored_ids == [n.message_id]
-
-
-async def test_flush_survives_a_failed_delete(router: Router, backlog: FakeBacklog) -> None:
-    """If removing flushed rows fails, the frames are still delivered and the rows kept."""
-    n = notification("alice")
-    backlog.put(n)
-    tab = FakeOutlet("alice")
-
-    async def refuse(user_id: str, message_ids: object) -> None:
-        raise StoreUnavailable("gone")
-
-    backlog.delete = refuse  # type: ignore[method-assign]
-    assert await router.flush_backlog(tab) == 1
-    assert tab.frames == [n.frame]
-    assert backlog.stored_ids == [n.message_id]
-
-
 # --- with real connections over a fake socket -----------------------------------------------
+
+
+FLUSH_BATCH = 2  # rows per page of a connection's flush: several pages in the tests
 
 
 class Clients:
     """Opens real connections on the hub and runs their writers; closes them all at the end."""
 
-    def __init__(self, hub: Hub[Outlet], router: Router, metrics: Metrics) -> None:
+    def __init__(
+        self, hub: Hub[Outlet], router: Router, backlog: FakeBacklog, metrics: Metrics
+    ) -> None:
         self._hub = hub
         self._router = router
+        self._backlog = backlog
         self._metrics = metrics
         self._writers: list[asyncio.Task[None]] = []
 
@@ -322,7 +227,7 @@ class Clients:
         return connection, socket
 
     def start(self, connection: Connection) -> asyncio.Task[None]:
-        writer = asyncio.create_task(connection.run(self._router.flush_backlog))
+        writer = asyncio.create_task(connection.run(self._backlog, flush_batch=FLUSH_BATCH))
         self._writers.append(writer)
         return writer
 
@@ -333,8 +238,10 @@ class Clients:
 
 
 @pytest.fixture
-async def clients(hub: Hub[Outlet], router: Router, metrics: Metrics) -> AsyncIterator[Clients]:
-    opened = Clients(hub, router, metrics)
+async def clients(
+    hub: Hub[Outlet], router: Router, backlog: FakeBacklog, metrics: Metrics
+) -> AsyncIterator[Clients]:
+    opened = Clients(hub, router, backlog, metrics)
     yield opened
     await opened.close_all()
 
@@ -398,8 +305,8 @@ async def test_closing_a_connection_stores_what_it_had_not_written(
     batch = [notification("alice", "a"), notification("alice", "b")]
     delivering = asyncio.create_task(router.deliver(batch))
     await until(lambda: socket.sending == 1)
-    await connection.close(1001, "server shutting down")
-    await connection.close(1001, "server shutting down")
+    await connection.close(CloseCode.GOING_AWAY)
+    await connection.close(CloseCode.GOING_AWAY)
     await asyncio.wait_for(delivering, 1.0)
     assert socket.closed_with == (1001, "server shutting down")
     assert socket.frames == []
@@ -506,7 +413,7 @@ async def test_abort_settles_the_frame_being_written_as_not_written(
     n = notification("alice")
     delivering = asyncio.create_task(router.deliver([n]))
     await until(lambda: socket.sending == 1)
-    connection.abort(1013, "too slow to keep up")
+    connection.abort(CloseCode.TRY_AGAIN_LATER)
     await asyncio.wait_for(delivering, 2.0)
     assert backlog.stored_ids == [n.message_id]
 
@@ -522,7 +429,7 @@ async def test_frames_left_in_the_socket_buffer_are_stored_on_abort(
     await router.deliver(sent)
     assert socket.frames == [n.frame for n in sent]
     assert backlog.stored_ids == []
-    connection.abort(1013, "too slow to keep up")
+    connection.abort(CloseCode.TRY_AGAIN_LATER)
     await router.drain()
     assert sorted(backlog.stored_ids) == sorted(n.message_id for n in sent)
 
@@ -561,7 +468,7 @@ async def test_flushed_frames_left_in_the_socket_buffer_are_stored_again_on_abor
     await until(lambda: connection._idle)
     assert socket.frames == [n.frame for n in stored]
     assert backlog.rows == {}
-    connection.abort(1013, "too slow to keep up")
+    connection.abort(CloseCode.TRY_AGAIN_LATER)
     await router.drain()
     assert sorted(backlog.stored_ids) == sorted(n.message_id for n in stored)
 
@@ -575,28 +482,20 @@ def same_id_for(message_id: str, *users: str) -> list[Notification]:
 
 
 async def test_one_message_id_for_two_offline_users_is_stored_for_each(
-    router: Router, backlog: FakeBacklog, metrics: Metrics
+    router: Router, backlog: FakeBacklog, metrics: Metrics, clients: Clients
 ) -> None:
     """An announcement sent to two offline users under one id waits for both of them."""
     for_alice, for_bob = same_id_for(str(uuid.uuid4()), "alice", "bob")
     await router.deliver([for_alice, for_bob])
-    alice, bob = FakeOutlet("alice"), FakeOutlet("bob")
-    assert await router.flush_backlog(alice) == 1
-    assert await router.flush_backlog(bob) == 1
-    assert alice.frames == [for_alice.frame]
-    assert bob.frames == [for_bob.frame]
+    (alice, alice_socket), (bob, bob_socket) = (
+        clients.open(user, start=False) for user in ("alice", "bob")
+    )
+    assert await alice.flush_backlog(backlog, FLUSH_BATCH) == 1
+    assert await bob.flush_backlog(backlog, FLUSH_BATCH) == 1
+    assert alice_socket.frames == [for_alice.frame]
+    assert bob_socket.frames == [for_bob.frame]
     assert count(metrics, "notify_notifications_stored_total") == 2
     assert count(metrics, "notify_store_duplicates_total") == 0
-
-
-async def test_flushing_one_user_keeps_another_users_row_with_the_same_id(
-    router: Router, backlog: FakeBacklog
-) -> None:
-    """Delivering the shared id to one user removes only that user's row."""
-    for_alice, for_bob = same_id_for(str(uuid.uuid4()), "alice", "bob")
-    backlog.put(for_alice, for_bob)
-    assert await router.flush_backlog(FakeOutlet("alice")) == 1
-    assert list(backlog.rows) == [("bob", for_bob.message_id)]
 
 
 async def test_a_redelivered_duplicate_for_the_same_user_is_counted(

@@ -1,0 +1,164 @@
+"""The connection's flush of the stored backlog: oldest first, a row deleted only once written.
+
+A real ``Connection`` over a fake socket and an in-memory backlog; the writer's
+live path, with the router, is in ``test_router``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from service.auth import Identity
+from service.connection import Connection
+from service.metrics import Metrics
+from service.notification import Notification
+from service.router import StoreUnavailable
+
+from .fakes import FakeBacklog, FakeSocket, notification
+
+PAGE = 2  # rows per page of the flush: several pages in every test
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def backlog() -> FakeBacklog:
+    return FakeBacklog()
+
+
+def count(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name) or 0.0
+
+
+def connect(
+    user_id: str, metrics: Metrics, socket: FakeSocket | None = None
+) -> tuple[Connection, FakeSocket]:
+    """A connection of ``user_id`` whose writer is not running: the test flushes it."""
+    socket = socket or FakeSocket()
+    return Connection(socket, Identity(user_id), metrics, queue_size=100), socket
+
+
+async def test_flush_sends_oldest_first_and_empties_the_backlog(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """On connect a user receives every stored notification, oldest first, each once."""
+    stored = [notification("alice", f"n{i}") for i in range(5)]
+    backlog.put(*stored)
+    tab, socket = connect("alice", metrics)
+    assert await tab.flush_backlog(backlog, PAGE) == 5
+    assert socket.frames == [n.frame for n in stored]
+    assert backlog.rows == {}
+    assert count(metrics, "notify_notifications_flushed_total") == 5
+
+
+async def test_flush_leaves_other_users_rows_alone(backlog: FakeBacklog, metrics: Metrics) -> None:
+    """Connecting as one user never sends or removes another user's stored notifications."""
+    bobs = notification("bob")
+    backlog.put(notification("alice"), bobs, notification("alice"))
+    tab, socket = connect("alice", metrics)
+    assert await tab.flush_backlog(backlog, PAGE) == 2
+    assert bobs.frame not in socket.frames
+    assert backlog.stored_ids == [bobs.message_id]
+
+
+async def test_flush_deletes_a_row_only_after_its_frame_was_written(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A stored notification is still in the store at the moment its frame is being written."""
+    stored = [notification("alice", f"n{i}") for i in range(3)]
+    backlog.put(*stored)
+    by_frame = {n.frame: n.message_id for n in stored}
+    present_while_writing: list[bool] = []
+
+    class Checking(FakeSocket):
+        async def send(self, message: str) -> None:
+            present_while_writing.append(("alice", by_frame[message]) in backlog.rows)
+            await super().send(message)
+
+    tab, _ = connect("alice", metrics, Checking())
+    await tab.flush_backlog(backlog, PAGE)
+    assert present_while_writing == [True, True, True]
+    assert backlog.rows == {}
+
+
+async def test_flush_interrupted_by_a_dead_socket_keeps_the_unsent_rows(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """If the connection dies mid-flush, what it did not receive waits for the next connection."""
+    stored = [notification("alice", f"n{i}") for i in range(5)]
+    backlog.put(*stored)
+
+    class Dying(FakeSocket):
+        async def send(self, message: str) -> None:
+            if len(self.frames) >= 3:
+                raise ConnectionResetError("peer went away")
+            await super().send(message)
+
+    tab, socket = connect("alice", metrics, Dying())
+    with pytest.raises(ConnectionResetError):
+        await tab.flush_backlog(backlog, PAGE)
+    assert socket.frames == [n.frame for n in stored[:3]]
+    assert backlog.stored_ids == [n.message_id for n in stored[3:]]
+
+
+async def test_flush_skips_what_this_connection_already_wrote(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A notification already shown on this connection is removed from the store, not resent."""
+    already, fresh = notification("alice"), notification("alice")
+    backlog.put(already)
+    tab, socket = connect("alice", metrics)
+    assert await tab.flush_backlog(backlog, PAGE) == 1  # ``already`` is shown here
+    backlog.put(already, fresh)  # stored again (a redelivery), and a new one
+    assert await tab.flush_backlog(backlog, PAGE) == 1
+    assert socket.frames == [already.frame, fresh.frame]
+    assert backlog.rows == {}
+
+
+async def test_flush_with_the_store_down_sends_nothing_and_keeps_rows(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A connection opened while PostgreSQL is down stays open; its backlog waits."""
+    n = notification("alice")
+    backlog.put(n)
+    backlog.unavailable = True
+    tab, socket = connect("alice", metrics)
+    assert await tab.flush_backlog(backlog, PAGE) == 0
+    assert socket.frames == []
+    assert not tab.closed
+    backlog.unavailable = False
+    assert backlog.stored_ids == [n.message_id]
+
+
+async def test_flush_survives_a_failed_delete(backlog: FakeBacklog, metrics: Metrics) -> None:
+    """If removing flushed rows fails, the frames are still delivered and the rows kept."""
+    n = notification("alice")
+    backlog.put(n)
+    tab, socket = connect("alice", metrics)
+
+    async def refuse(user_id: str, message_ids: object) -> None:
+        raise StoreUnavailable("gone")
+
+    backlog.delete = refuse  # type: ignore[method-assign]
+    assert await tab.flush_backlog(backlog, PAGE) == 1
+    assert socket.frames == [n.frame]
+    assert backlog.stored_ids == [n.message_id]
+
+
+async def test_flushing_one_user_keeps_another_users_row_with_the_same_id(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """Delivering the shared id to one user removes only that user's row."""
+    shared = str(uuid.uuid4())
+    for_alice, for_bob = (
+        Notification.build(shared, user, f"for {user}", "b", 0) for user in ("alice", "bob")
+    )
+    backlog.put(for_alice, for_bob)
+    tab, _ = connect("alice", metrics)
+    assert await tab.flush_backlog(backlog, PAGE) == 1
+    assert list(backlog.rows) == [("bob", for_bob.message_id)]
