@@ -114,6 +114,13 @@ export class NotifyClient {
     this._state = "idle";
     this._ws = null;
     this._version = null; // "v1" | "v2" while open
+    // What the gateway speaks, once learned: browsers fail a handshake in which the
+    // server selects none of the offered subprotocols, so a v1 gateway is found out by
+    // a failed v2 attempt followed by a v1 attempt that opens.
+    this._serverVersion = null;
+    this._offeredV2 = false;
+    this._probeV1 = false; // the next attempt offers no subprotocol
+    this._probeSoon = true; // the first v2 failure of an unknown gateway probes v1 at once
     this._attempt = 0; // consecutive failures, for the backoff
     this._openedAt = null;
     this._lastClose = null; // {code, reason}
@@ -204,7 +211,11 @@ export class NotifyClient {
 
     let ws;
     try {
-      const protocols = this._protocol === "v1" ? [] : [PROTOCOL_V2];
+      this._offeredV2 =
+        this._protocol === "v2" ||
+        (this._protocol === "auto" && this._serverVersion !== "v1" && !this._probeV1);
+      this._probeV1 = false;
+      const protocols = this._offeredV2 ? [PROTOCOL_V2] : [];
       ws = new this._WebSocket(this._endpoint(token), protocols);
     } catch {
       // A malformed URL: no retry can fix it. The error is not passed on: its message
@@ -226,7 +237,14 @@ export class NotifyClient {
     ws.onopen = () => this._onOpen(generation, ws);
     ws.onmessage = (event) => this._onMessage(generation, ws, event.data);
     ws.onclose = (event) => this._onClose(generation, event.code, event.reason);
-    ws.onerror = () => {}; // a close event always follows; it carries the code
+    // A failed handshake: browsers follow the error with a close event (1006), but
+    // Node 20's WebSocket fires the error alone. An error after the open is followed
+    // by the close event, which carries the code.
+    ws.onerror = () => {
+      if (generation === this._generation && this._state !== "open") {
+        this._onClose(generation, 1006, "connection failed");
+      }
+    };
   }
 
   _endpoint(token) {
@@ -269,6 +287,7 @@ export class NotifyClient {
       return;
     }
     this._version = selected ? "v2" : "v1";
+    this._serverVersion = this._version;
     if (!selected) this._pendingAcks = []; // a v1 gateway takes no acks
     // The gateway has had the chance to take `acked`: it treated them as acknowledged.
     this._ackedParam = [];
@@ -438,6 +457,38 @@ export class NotifyClient {
     }
     this._openedAt = null;
     const decision = closeAction(code);
+    if (decision.action === "now") {
+      // A new deployment may speak another version: ask again.
+      this._serverVersion = null;
+      this._probeSoon = true;
+    }
+    const v2Failed =
+      !wasOpen && code === 1006 && this._offeredV2 && this._protocol === "auto" &&
+      this._serverVersion === null;
+    if (v2Failed) {
+      // A v1 gateway, or no gateway: the next attempt offers v1 (they alternate until
+      // one opens). The first time, it comes at once (with jitter): the common case is
+      // a v1 gateway that is up. Later, at the backoff's pace, so an outage costs no
+      // extra attempts.
+      this._probeV1 = true;
+      if (this._probeSoon) {
+        this._probeSoon = false;
+        const delay = backoffDelay(0, this._backoff, this._random);
+        this._setState("reconnecting", {
+          reason: "the notify.v2 handshake failed (1006)",
+          action: "retry",
+          delay,
+          doing: "trying protocol v1",
+        });
+        const generation = this._generation;
+        this._retryTimer = this._timers.setTimeout(() => {
+          this._retryTimer = null;
+          if (generation !== this._generation || this._state !== "reconnecting") return;
+          this._open("trying protocol v1");
+        }, delay);
+        return;
+      }
+    }
     if (decision.action === "stop") {
       this._stop(`${decision.reason} (${code})`, code);
       return;

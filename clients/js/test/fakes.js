@@ -90,6 +90,12 @@ export function fakeWebSocketClass() {
       this.onmessage?.({ data: JSON.stringify(object) });
     }
 
+    /** A failed handshake as Node 20's WebSocket reports it: an error event, no close. */
+    failHandshake() {
+      this.readyState = 3;
+      this.onerror?.({});
+    }
+
     serverClose(code, reason = "") {
       this.readyState = 3;
       this.onclose?.({ code, reason });
