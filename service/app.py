@@ -28,6 +28,7 @@ from .connection import (
     UNAVAILABLE,
     Connection,
 )
+from .demo import add_demo_routes
 from .guard import SocketGuard
 from .hub import Rejected
 from .node import Node, is_ready
@@ -196,6 +197,9 @@ def create_app(
     async def metrics(request: Request) -> HTTPResponse:
         gateway.metrics.connections.set(len(gateway.hub))
         return raw(gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    if settings.demo_page:
+        add_demo_routes(app)
 
     @app.websocket(WS_PATH)  # type: ignore[untyped-decorator]
     async def notify(request: Request, ws: Websocket) -> None:
