@@ -19,7 +19,9 @@ if [[ ! -x "$CHROMIUM" ]]; then
   log "installing Debian's chromium package"
   # The package lists may be missing or stale on a fresh machine.
   $sudo_ apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  # DejaVu: the page and its screenshot show Cyrillic and Latin text.
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends \
+    chromium fonts-dejavu-core >/dev/null
 fi
 [[ -x "$CHROMIUM" ]] || { log "error: $CHROMIUM still missing after the install"; exit 1; }
 echo "$CHROMIUM"
