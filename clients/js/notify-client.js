@@ -243,6 +243,14 @@ export class NotifyClient {
     ws.onerror = () => {
       if (generation === this._generation && this._state !== "open") {
         this._onClose(generation, 1006, "connection failed");
+        // Release whatever the implementation still holds; Node's WebSocket may fire
+        // another error from inside close(): this socket's events are ignored by now.
+        ws.onerror = null;
+        try {
+          ws.close();
+        } catch {
+          // already closed
+        }
       }
     };
   }
@@ -452,15 +460,18 @@ export class NotifyClient {
     );
     this._sentAcks = [];
     this._pendingAcks = [];
-    if (wasOpen && this._openedAt !== null && this._now() - this._openedAt >= this._stableAfter) {
+    const openFor = wasOpen && this._openedAt !== null ? this._now() - this._openedAt : 0;
+    if (openFor >= this._stableAfter) {
       this._attempt = 0; // a stable connection: the next failure starts small again
     }
     this._openedAt = null;
     const decision = closeAction(code);
     if (decision.action === "now") {
-      // A new deployment may speak another version: ask again.
+      // A new deployment may speak another version: ask again. The quick v1 probe only
+      // after a real session: a draining gateway refuses new connections with 1001
+      // too, and those must not add attempts beyond the backoff's.
       this._serverVersion = null;
-      this._probeSoon = true;
+      if (openFor >= 1000) this._probeSoon = true;
     }
     const v2Failed =
       !wasOpen && code === 1006 && this._offeredV2 && this._protocol === "auto" &&
