@@ -69,7 +69,7 @@ test-js: venv up migrate
 	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$(LOCAL_KAFKA)} \
 	DATABASE_URL=$${DATABASE_URL:-$(LOCAL_DATABASE_URL)} \
 	PYTHON=$(CURDIR)/$(BIN)/python \
-	node $(NODE_WS_FLAG) --no-warnings=ExperimentalWarning --test clients/js/test/*.test.js
+	node $(NODE_WS_FLAG) --no-warnings=ExperimentalWarning --test --test-timeout=300000 clients/js/test/*.test.js
 
 run: venv up migrate
 	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$(LOCAL_KAFKA)} \
