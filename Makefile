@@ -2,6 +2,8 @@
 #   make test    install everything, start Kafka and PostgreSQL, lint, type-check, run every test
 #   make run     start Kafka and PostgreSQL, migrate, run the gateway on :8001
 #   make demo    the platform's scenario end to end on this machine, then stop everything
+#   make demo-web   the same services and the live page in a browser, until Ctrl-C
+#   make test-js    the JS client's tests (unit, and against the real gateway)
 #   make bench   the benchmark of docs/performance.md (not part of make test)
 #   make reliability   faults, load and bad input at full size; writes docs/reliability.md
 #   make up / make down    start / stop the local Kafka, PostgreSQL and Redis
@@ -13,10 +15,10 @@ BIN := $(VENV)/bin
 LOCAL_DATABASE_URL := postgresql://notify:notify@127.0.0.1:$(or $(PG_PORT),5432)/notify
 LOCAL_KAFKA := 127.0.0.1:$(or $(KAFKA_PORT),9092)
 
-.PHONY: help venv up down migrate lint test test-unit test-integration run demo bench reliability lock clean
+.PHONY: help venv up down migrate lint test test-unit test-integration test-js browser run demo demo-web bench reliability lock clean
 
 help:
-	@sed -n "2,8p" Makefile
+	@sed -n "2,10p" Makefile
 
 $(BIN)/.installed: requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,14 +48,28 @@ lint: venv
 	$(BIN)/ruff format --check service migrations tests dev bench
 	$(BIN)/mypy service bench tests/support
 
-test: venv up lint
+test: venv up lint browser
 	$(BIN)/pytest -q tests
+	$(MAKE) test-js
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
 
-test-integration: venv up
+test-integration: venv up browser
 	$(BIN)/pytest -q tests/integration
+
+# Debian's Chromium for the browser test (installed when missing; never a downloaded build).
+browser:
+	scripts/browser.sh
+
+# Node 20 has a WebSocket behind a flag; Node 22 has it always.
+NODE_WS_FLAG := $(shell node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' 2>/dev/null || echo --experimental-websocket)
+
+test-js: venv up migrate
+	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$(LOCAL_KAFKA)} \
+	DATABASE_URL=$${DATABASE_URL:-$(LOCAL_DATABASE_URL)} \
+	PYTHON=$(CURDIR)/$(BIN)/python \
+	node $(NODE_WS_FLAG) --no-warnings=ExperimentalWarning --test --test-timeout=300000 clients/js/test/*.test.js
 
 run: venv up migrate
 	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$(LOCAL_KAFKA)} \
@@ -63,6 +79,9 @@ run: venv up migrate
 
 demo: venv
 	$(BIN)/python dev/demo.py
+
+demo-web: venv
+	$(BIN)/python dev/demo.py --web
 
 # The reliability suite at the issue's sizes, then docs/reliability.md from its figures.
 # It runs its own Kafka (19092/19093) and PostgreSQL (15432).

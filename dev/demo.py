@@ -3,11 +3,17 @@
 Starts local Kafka and PostgreSQL (unless already running), migrates, starts the
 development auth stand-in and the gateway, logs a client in, connects it,
 produces the seed's message with Kafka's own console producer, prints what the
-client received, and stops everything it started.
+client received, and stops everything it started. The gateway serves the live page
+(``DEMO_PAGE=true``) meanwhile, and its address is printed.
+
+``make demo-web`` (``--web``): the same services, then the live page's address with a
+token for the seed's user; the seed's message is produced so that the page has one to
+show, and everything keeps running until Ctrl-C.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -66,7 +72,43 @@ async def scenario(auth: AuthStandIn) -> str:
     return str(frame)
 
 
+def page_url(auth: AuthStandIn) -> str:
+    """The live page with a fresh token for the seed's user, in the fragment: browsers
+    never send a fragment to the server, so the token reaches no access log."""
+    answer = httpx.post(f"http://127.0.0.1:{auth.port}/api/v1/auth/login", json={"user_id": USER})
+    return f"http://127.0.0.1:{PORT}/demo/#token={answer.json()['access_token']}"
+
+
+def serve_page(auth: AuthStandIn, gateway: subprocess.Popen[bytes]) -> int:
+    """``--web``: print the page's address, produce the seed, run until Ctrl-C."""
+    step(f"the live page (open it in a browser): {page_url(auth)}")
+    step("a backend produces the seed's line into notification.send (console producer)")
+    subprocess.run(
+        ["scripts/kafka.sh", "produce", "notification.send"],
+        input=SEED + "\n",
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    step(
+        "more: scripts/kafka.sh produce notification.send, one JSON line per notification "
+        f'(user_id "{USER}"); Ctrl-C stops everything'
+    )
+    try:
+        while gateway.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    print("the gateway exited", file=sys.stderr)
+    return 1
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--web", action="store_true", help="serve the live page until Ctrl-C (make demo-web)"
+    )
+    args = parser.parse_args()
     started: list[str] = []
     for script in ("scripts/postgres.sh", "scripts/kafka.sh"):
         if not running(script):
@@ -85,6 +127,7 @@ def main() -> int:
         NOTIFY_PORT=str(PORT),
         AUTH_VERIFY_URL=auth.verify_url,
         LOG_LEVEL="WARNING",
+        DEMO_PAGE="true",
     )
     step(f"starting the gateway on 127.0.0.1:{PORT}")
     gateway = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
@@ -100,6 +143,9 @@ def main() -> int:
                 print("the gateway did not become ready", file=sys.stderr)
                 return 1
             time.sleep(0.3)
+        if args.web:
+            return serve_page(auth, gateway)
+        step(f"the live page, while the demo runs: {page_url(auth)}")
         frame = asyncio.run(scenario(auth))
         step("the client received:")
         print(json.dumps(json.loads(frame), ensure_ascii=False, indent=2), flush=True)

@@ -21,6 +21,7 @@ from websockets.protocol import State
 from .auth import AuthUnavailable, Identity, InvalidToken, Unauthenticated
 from .closecode import CloseCode
 from .config import Settings
+from .demo import add_demo_routes
 from .guard import SocketGuard
 from .hub import Rejected
 from .node import Node, is_ready
@@ -228,6 +229,9 @@ def create_app(
     async def metrics(request: Request) -> HTTPResponse:
         gateway.metrics.connections.set(len(gateway.hub))
         return raw(gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    if settings.demo_page:
+        add_demo_routes(app)
 
     @app.websocket(WS_PATH)  # type: ignore[untyped-decorator]
     async def notify(request: Request, ws: Websocket) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from .resp import Address
@@ -18,6 +19,10 @@ T = TypeVar("T")
 DEFAULT_USER_ID_FIELDS = ("id", "user_id", "uuid", "sub", "claims.sub", "user.id")
 TOKEN_PLACEMENTS = ("bearer", "header", "cookie", "json", "query")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# The live demo page and the JS client it loads, served with DEMO_PAGE=true. They are in
+# a source checkout (clients/js), not in the image.
+DEMO_ROOT = Path(__file__).resolve().parents[1] / "clients" / "js"
 
 
 class ConfigError(ValueError):
@@ -86,6 +91,7 @@ class Settings:
 
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
+    demo_page: bool = False
 
     redis_url: str = ""
     redis_channel_prefix: str = "user:"
@@ -172,6 +178,7 @@ class Settings:
             ping_timeout=r.seconds("PING_TIMEOUT", d.ping_timeout, minimum=0.1),
             shutdown_timeout=r.seconds("SHUTDOWN_TIMEOUT", d.shutdown_timeout, minimum=0.1),
             log_level=r.choice("LOG_LEVEL", d.log_level, LOG_LEVELS),
+            demo_page=r.boolean("DEMO_PAGE", d.demo_page),
             redis_url=r.redis("REDIS_URL"),
             redis_channel_prefix=r.text("REDIS_CHANNEL_PREFIX", d.redis_channel_prefix),
         )
@@ -201,6 +208,11 @@ class Settings:
                 raise ConfigError(
                     "AUTH_JWT_ALGORITHMS: HS* algorithms need AUTH_JWT_SECRET, not a public key"
                 )
+        if self.demo_page and not (DEMO_ROOT / "demo" / "index.html").is_file():
+            raise ConfigError(
+                "DEMO_PAGE: the page is served from a source checkout (clients/js), "
+                "which this installation does not have; the image does not ship it"
+            )
         if self.auth_token_in in ("header", "cookie", "json", "query") and not self.auth_token_name:
             raise ConfigError(f"AUTH_TOKEN_NAME: required when AUTH_TOKEN_IN={self.auth_token_in}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from service.config import ConfigError, Settings
@@ -155,3 +157,18 @@ def test_database_url_error_never_shows_the_password() -> None:
     assert "DATABASE_URL" in str(raised.value)
     assert "Hunter2-secret" not in str(raised.value)
     assert "Hunter2-secret" not in repr(raised.value.args)
+
+
+def test_demo_page_is_off_by_default_and_validated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DEMO_PAGE is off unless asked; a bad value, or the page's files missing (an
+    installation without the source checkout), stops the start naming DEMO_PAGE."""
+    assert Settings.from_env({}).demo_page is False
+    assert Settings.from_env({"DEMO_PAGE": "true"}).demo_page is True
+    with pytest.raises(ConfigError, match="DEMO_PAGE"):
+        Settings.from_env({"DEMO_PAGE": "maybe"})
+    monkeypatch.setattr("service.config.DEMO_ROOT", tmp_path)
+    with pytest.raises(ConfigError, match="DEMO_PAGE"):
+        Settings.from_env({"DEMO_PAGE": "true"})
+    assert Settings.from_env({"DEMO_PAGE": "false"}).demo_page is False
