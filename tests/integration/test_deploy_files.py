@@ -1,4 +1,4 @@
-"""The deploy files (Dockerfile, .dockerignore, docker-compose*.yml) against DESIGN.md §1 and §5.
+"""The deploy files (Dockerfile, .dockerignore, docker-compose*.yml) against the README.
 
 No Docker engine is needed: the files are parsed and checked for the facts the
 platform's scenario depends on, and ``scripts/lint-docker.sh`` lints them.

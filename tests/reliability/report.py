@@ -22,7 +22,7 @@ DEFAULT_OUTPUT = ROOT / "docs" / "reliability.md"
 INTRO = """\
 # Reliability: faults, load and bad input, with figures
 
-The gateway promises at least once, per user (DESIGN.md §3): every push message is
+The gateway promises at least once, per user (docs/design.md): every push message is
 written to a socket of its user or kept in PostgreSQL until the user connects, and
 nothing is dropped silently. `tests/reliability/` tries to break that promise with
 real processes on loopback: the gateway (`python -m service`; two of them through
