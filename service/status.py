@@ -18,15 +18,33 @@ status             when
 
 The platform's notification service uses them to fall back to e-mail or a mobile
 push when a notification stays unread. This module holds the interface the other
-parts call; :class:`NoStatus` is the sink when ``STATUS_TOPIC`` is empty.
+parts call; :class:`NoStatus` is the sink when ``STATUS_TOPIC`` is empty,
+:class:`KafkaStatus` the one that produces to it.
+
+At least once: the consumer calls :meth:`StatusSink.flush` before it commits an
+offset, so the events of committed records are in Kafka first, unless the status
+topic failed for longer than the flush waits (then they are logged and counted, and
+delivery goes on: status events never hold up notifications). A record read again
+after a crash reports its events again; the platform dedupes by
+``(message_id, user_id, status)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Final, Protocol
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final, Protocol
 
+import orjson
+
+from .metrics import Metrics
 from .notification import Notification
+
+log = logging.getLogger("notify.status")
 
 WRITTEN: Final = "written"
 ACKED: Final = "acked"
@@ -80,5 +98,281 @@ class NoStatus:
     async def flush(self) -> None:
         return None
 
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
 
 NO_STATUS: Final = NoStatus()
+
+
+class Producer(Protocol):
+    """What :class:`KafkaStatus` needs of ``aiokafka.AIOKafkaProducer`` (a fake in tests)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None
+    ) -> Awaitable[Any]:
+        """Queue one record; the awaitable it returns settles when Kafka has it."""
+        ...
+
+
+# Events held in memory at most, waiting for Kafka: about 200 bytes each, so some
+# 20 MB. Beyond it the oldest are dropped (counted, logged): memory stays bounded
+# when the status topic is down, and delivery never waits for it.
+MAX_PENDING: Final = 100_000
+# Events handed to the producer in one round; the next round starts once Kafka has
+# answered for all of them (or SEND_TIMEOUT passed), so rounds settle in order.
+ROUND: Final = 5_000
+SEND_TIMEOUT: Final = 15.0
+# How long flush() waits; while rounds keep failing, FLUSH_WHILE_FAILING only, so a
+# status topic that is down costs each consumer batch at most that.
+FLUSH_TIMEOUT: Final = 10.0
+FLUSH_WHILE_FAILING: Final = 1.0
+# Warnings about dropped events: at most one per this many seconds.
+_WARN_EVERY = 10.0
+
+
+class KafkaStatus:
+    """Produces status events to ``topic``, keyed by ``user_id``, from a bounded queue.
+
+    The report methods (:class:`StatusSink`) only encode and append: they never
+    block nor raise, and are safe to call from any coroutine of the event loop (not
+    from other threads). A background task ``status-producer`` (started by
+    :meth:`start`) connects, retrying while Kafka is down, and sends the queue in
+    order, round after round: events for one user reach the topic in the order they
+    were reported. A round Kafka refuses or does not confirm within
+    :data:`SEND_TIMEOUT` is given up (logged, counted as ``failed``); over
+    :data:`MAX_PENDING` waiting events the oldest are dropped (counted as
+    ``dropped``, logged at most every 10 s). ``close()`` is idempotent.
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        metrics: Metrics,
+        producer: Callable[[], Producer],
+        *,
+        max_pending: int = MAX_PENDING,
+        flush_timeout: float = FLUSH_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
+    ) -> None:
+        self._topic = topic
+        self._metrics = metrics
+        self._make_producer = producer
+        self._max_pending = max_pending
+        self._flush_timeout = flush_timeout
+        self._send_timeout = send_timeout
+        # (sequence number, key, value); sequence numbers count every event reported.
+        self._queue: deque[tuple[int, bytes | None, bytes]] = deque()
+        self._reported = 0
+        self._settled = 0  # every event up to this sequence number is sent or given up
+        self._wakeup = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._failing = False
+        self._warned_at = -_WARN_EVERY
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    async def start(self) -> None:
+        """Start the producing task; returns at once (Kafka may still be down)."""
+        if self._task is None and not self._closed:
+            self._task = asyncio.create_task(self._run(), name="status-producer")
+
+    async def close(self) -> None:
+        """Flush (bounded by the flush timeout), then stop the task and the producer."""
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        left = len(self._queue)
+        if left:
+            log.warning("status_events_unsent", extra={"events": left})
+            self._metrics.status_events.labels("failed").inc(left)
+            self._queue.clear()
+
+    def written(self, notifications: Sequence[Notification]) -> None:
+        self._report_all(notifications, WRITTEN)
+
+    def acked(self, user_id: str, message_ids: Iterable[str]) -> None:
+        at = _now_ms()
+        for message_id in message_ids:
+            self._report(user_id, message_id, ACKED, at)
+
+    def stored(self, notifications: Sequence[Notification]) -> None:
+        self._report_all(notifications, STORED)
+
+    def expired(self, rows: Iterable[tuple[str, str]]) -> None:
+        at = _now_ms()
+        for user_id, message_id in rows:
+            self._report(user_id, message_id, EXPIRED, at)
+
+    def dead_lettered(self, user_id: str | None, message_id: str | None) -> None:
+        self._report(user_id, message_id, DEAD_LETTERED, _now_ms())
+
+    async def flush(self) -> None:
+        """Return once every event reported before the call is sent or given up on.
+
+        Waits at most the flush timeout (:data:`FLUSH_WHILE_FAILING` while Kafka keeps
+        refusing); events still unsent then stay queued, and the wait is logged and
+        counted (``notify_status_flush_timeouts_total``). Never raises.
+        """
+        target = self._reported
+        if self._settled >= target or self._task is None:
+            return
+        timeout = self._flush_timeout
+        if self._failing:
+            timeout = min(timeout, FLUSH_WHILE_FAILING)
+        try:
+            async with self._progress:
+                await asyncio.wait_for(
+                    self._progress.wait_for(lambda: self._settled >= target), timeout
+                )
+        except TimeoutError:
+            self._metrics.status_flush_timeouts.inc()
+            log.warning(
+                "status_flush_timeout",
+                extra={"waiting": target - self._settled, "timeout": timeout},
+            )
+
+    def _report_all(self, notifications: Sequence[Notification], status: str) -> None:
+        at = _now_ms()
+        for n in notifications:
+            self._report(n.user_id, n.message_id, status, at)
+
+    def _report(self, user_id: str | None, message_id: str | None, status: str, at: int) -> None:
+        if self._closed:
+            return
+        value = orjson.dumps(
+            {"message_id": message_id, "user_id": user_id, "status": status, "at": at}
+        )
+        self._reported += 1
+        self._queue.append(
+            (self._reported, user_id.encode() if user_id is not None else None, value)
+        )
+        if len(self._queue) > self._max_pending:
+            self._queue.popleft()
+            self._metrics.status_events.labels("dropped").inc()
+            now = time.monotonic()
+            if now - self._warned_at >= _WARN_EVERY:
+                self._warned_at = now
+                log.warning("status_events_dropped", extra={"pending": len(self._queue)})
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        """Connect (retrying), then send the queue round after round until cancelled."""
+        producer = await self._connect()
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._queue:
+                    await self._send_round(producer)
+        finally:
+            try:
+                await producer.stop()
+            except Exception as exc:
+                log.warning("kafka_close_failed", extra={"error": type(exc).__name__})
+
+    async def _connect(self) -> Producer:
+        delay = 0.5
+        while True:
+            producer = self._make_producer()
+            try:
+                await producer.start()
+                return producer
+            except Exception as exc:
+                self._failing = True
+                log.error("status_connect_failed", extra={"error": _describe(exc)})
+                with contextlib.suppress(Exception):  # a half-started client
+                    await producer.stop()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _send_round(self, producer: Producer) -> None:
+        """Send up to :data:`ROUND` events, wait for Kafka's answers, mark them settled."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._send_timeout
+        count = min(len(self._queue), ROUND)
+        events = [self._queue.popleft() for _ in range(count)]
+        last = events[-1][0]
+        futures: list[asyncio.Future[Any]] = []
+        failed, error = 0, ""
+        try:
+            for index, (_, key, value) in enumerate(events):
+                try:
+                    # send() waits for metadata and for room in the producer's buffer.
+                    sent = await asyncio.wait_for(
+                        producer.send(self._topic, value=value, key=key),
+                        max(deadline - loop.time(), 0.01),
+                    )
+                except TimeoutError:
+                    failed += count - index
+                    error = "TimeoutError"
+                    break
+                except Exception as exc:
+                    failed += 1
+                    error = _describe(exc)
+                    continue
+                futures.append(asyncio.ensure_future(sent))
+            if futures:
+                done, pending = await asyncio.wait(
+                    futures, timeout=max(deadline - loop.time(), 0.01)
+                )
+                for future in pending:
+                    future.cancel()
+                failed += len(pending)
+                error = error or ("TimeoutError" if pending else "")
+                for future in done:
+                    if future.exception() is not None:
+                        failed += 1
+                        error = error or _describe(future.exception())
+        finally:
+            produced = count - failed
+            if produced:
+                self._metrics.status_events.labels("produced").inc(produced)
+            if failed:
+                self._metrics.status_events.labels("failed").inc(failed)
+                log.warning("status_events_failed", extra={"events": failed, "error": error})
+            self._failing = failed > 0
+            self._settled = max(self._settled, last)
+            async with self._progress:
+                self._progress.notify_all()
+
+
+def kafka_producer(bootstrap_servers: str) -> Callable[[], Producer]:
+    """A factory of the producer for status events: acks from all replicas, no compression."""
+    from aiokafka import AIOKafkaProducer
+
+    def make() -> Producer:
+        producer: Producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            client_id="notify-ws-status",
+            acks="all",
+            linger_ms=5,
+            request_timeout_ms=10_000,
+        )
+        return producer
+
+    return make
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _describe(exc: BaseException | None) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]

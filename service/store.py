@@ -8,7 +8,8 @@ are read per user in ``(created_at, seq)`` order, oldest first.
 Retention (:meth:`Store.expire`, :meth:`Store.cap`) deletes in batches of a
 bounded number of rows, one short statement each, so a table with millions of
 rows to drop drains without a statement that runs for minutes, holds millions of
-row locks or hits a statement timeout.
+row locks or hits a statement timeout. Each batch returns the ``(user_id,
+message_id)`` pairs it deleted, for the ``expired`` status events.
 
 Every method raises :class:`~service.router.StoreUnavailable` when PostgreSQL
 cannot be reached or refuses, and is safe to call concurrently (asyncpg pool).
@@ -65,6 +66,7 @@ WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM undelivered_notification WHERE created_at < $1
     ORDER BY created_at LIMIT $2
 )) AND created_at < $1
+RETURNING user_id, message_id
 """
 
 # Users with rows, in user_id order, $2 at a time after $1: a walk of the
@@ -115,6 +117,7 @@ WHERE ctid = ANY(ARRAY(
     ) AS excess
     LIMIT $4
 ))
+RETURNING user_id, message_id
 """
 
 # Users checked against the cap per statement: each costs up to cap + 1 index entries.
@@ -210,30 +213,34 @@ class Store:
         async with self._connection() as connection:
             await connection.execute(_DELETE, user_id, [uuid.UUID(m) for m in message_ids])
 
-    async def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]:
+    async def expire(
+        self, ttl_seconds: float, batch: int
+    ) -> AsyncGenerator[list[tuple[str, str]], None]:
         """Delete rows older than the TTL, oldest first, at most ``batch`` per statement.
 
-        Yields the number deleted by each statement, and ends after the first one
-        that found fewer than ``batch``. The cutoff is fixed when it starts, so it
-        ends even while rows keep arriving. Each statement takes a pool connection
-        of its own: stopping between two yields (``aclose``) leaves nothing open.
+        Yields the ``(user_id, message_id)`` pairs deleted by each statement, and
+        ends after the first one that found fewer than ``batch``. The cutoff is fixed
+        when it starts, so it ends even while rows keep arriving. Each statement takes
+        a pool connection of its own: stopping between two yields (``aclose``) leaves
+        nothing open.
         """
         async with self._connection() as connection:
             cutoff = await connection.fetchval(_EXPIRY_CUTOFF, float(ttl_seconds))
         while True:
             async with self._connection() as connection:
-                deleted = _count(await connection.execute(_EXPIRE_BATCH, cutoff, batch))
+                deleted = _pairs(await connection.fetch(_EXPIRE_BATCH, cutoff, batch))
             yield deleted
-            if deleted < batch:
+            if len(deleted) < batch:
                 return
 
     async def cap(
         self, max_per_user: int, user_ids: Collection[str] | None, batch: int
-    ) -> AsyncGenerator[int, None]:
+    ) -> AsyncGenerator[list[tuple[str, str]], None]:
         """Delete the oldest rows of users over the cap, at most ``batch`` per statement.
 
         ``user_ids`` limits the check to those users; None checks everyone, walking
-        the users in order. Yields the number deleted by each statement; a statement
+        the users in order. Yields the ``(user_id, message_id)`` pairs deleted by each
+        statement; a statement
         reads at most ``max_per_user + 1`` index entries per user it checks.
         """
         async for users in self._users(user_ids):
@@ -248,9 +255,9 @@ class Store:
             )
             while True:
                 async with self._connection() as connection:
-                    deleted = _count(await connection.execute(_CAP_BATCH, *bounds, batch))
+                    deleted = _pairs(await connection.fetch(_CAP_BATCH, *bounds, batch))
                 yield deleted
-                if deleted < batch:
+                if len(deleted) < batch:
                     break
 
     async def _users(self, user_ids: Collection[str] | None) -> AsyncIterator[list[str]]:
@@ -278,6 +285,11 @@ class Store:
         """Check that PostgreSQL answers. Raises StoreUnavailable."""
         async with self._connection() as connection:
             await connection.fetchval("SELECT 1 FROM undelivered_notification LIMIT 1")
+
+
+def _pairs(rows: Sequence[Any]) -> list[tuple[str, str]]:
+    """``(user_id, message_id)`` of rows a ``DELETE ... RETURNING`` answered."""
+    return [(row["user_id"], str(row["message_id"])) for row in rows]
 
 
 async def _keep_session(connection: Any) -> None:

@@ -74,10 +74,19 @@ async def test_deleting_one_users_row_keeps_another_users_row_with_the_same_id(
 async def test_expiry_deletes_in_batches_and_keeps_recent_rows(
     store: Store, db: asyncpg.Connection
 ) -> None:
-    """5,000 expired rows go in statements of at most 100; rows younger than the TTL stay."""
+    """5,000 expired rows go in statements of at most 100, each answering the pairs it
+    deleted; rows younger than the TTL stay."""
     await _insert(db, "old", 5_000, timedelta(days=2))
     await _insert(db, "new", 300, timedelta(0))
-    batches = [deleted async for deleted in store.expire(24 * 3600, 100)]
+    old = {
+        (r["user_id"], str(r["message_id"]))
+        for r in await db.fetch(
+            "SELECT user_id, message_id FROM undelivered_notification WHERE user_id LIKE 'old-%'"
+        )
+    }
+    answers = [deleted async for deleted in store.expire(24 * 3600, 100)]
+    assert {pair for deleted in answers for pair in deleted} == old
+    batches = [len(deleted) for deleted in answers]
     assert sum(batches) == 5_000
     assert max(batches) <= 100
     assert len(batches) >= 50
@@ -97,10 +106,10 @@ async def test_expiry_stopped_between_batches_deletes_the_rest_next_time(
     """A pass cut short (``aclose``) leaves no lock behind; the next pass finishes the work."""
     await _insert(db, "old", 1_000, timedelta(days=2))
     batches = store.expire(24 * 3600, 100)
-    assert await anext(batches) == 100
+    assert len(await anext(batches)) == 100
     await batches.aclose()
     assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 900
-    assert sum([deleted async for deleted in store.expire(24 * 3600, 100)]) == 900
+    assert sum([len(deleted) async for deleted in store.expire(24 * 3600, 100)]) == 900
 
 
 async def test_cap_keeps_each_users_newest_rows_in_batches(
@@ -118,7 +127,7 @@ async def test_cap_keeps_each_users_newest_rows_in_batches(
             """
         )
     }
-    batches = [deleted async for deleted in store.cap(250, None, 100)]
+    batches = [len(deleted) async for deleted in store.cap(250, None, 100)]
     assert sum(batches) == 7 * 150
     assert max(batches) <= 100
     after = {
@@ -144,7 +153,7 @@ async def test_cap_walks_every_user_when_asked_for_all(
         FROM generate_series(1, 7500) AS i
         """
     )
-    assert sum([deleted async for deleted in store.cap(1, None, 1000)]) == 5000
+    assert sum([len(deleted) async for deleted in store.cap(1, None, 1000)]) == 5000
     assert await db.fetchval("SELECT count(DISTINCT user_id) FROM undelivered_notification") == 2500
     assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 2500
 
@@ -154,7 +163,10 @@ async def test_cap_of_listed_users_leaves_the_others_alone(
 ) -> None:
     """Checking only the users stored to since the last pass touches no one else."""
     await _insert(db, "a", 7 * 5, timedelta(hours=1))
-    assert sum([d async for d in store.cap(2, ["a-1", "a-2", "nobody"], 100)]) == 6
+    deleted = [
+        pair async for pairs in store.cap(2, ["a-1", "a-2", "nobody"], 100) for pair in pairs
+    ]
+    assert sorted(user for user, _ in deleted) == ["a-1"] * 3 + ["a-2"] * 3
     counts = dict(
         await db.fetch("SELECT user_id, count(*) FROM undelivered_notification GROUP BY user_id")
     )

@@ -270,18 +270,20 @@ class FakeStore(FakeBacklog):
         self.events.append(("store fetch", user_id))
         return await super().fetch(user_id, after, limit)
 
-    async def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]:
+    async def expire(
+        self, ttl_seconds: float, batch: int
+    ) -> AsyncGenerator[list[tuple[str, str]], None]:
         return
-        yield 0
+        yield []
 
     async def cap(
         self, max_per_user: int, user_ids: Collection[str] | None, batch: int
-    ) -> AsyncGenerator[int, None]:
+    ) -> AsyncGenerator[list[tuple[str, str]], None]:
         try:
             await asyncio.Event().wait()
         finally:
             self.events.append(("retention stopped",))
-        yield 0
+        yield []
 
 
 class RecordingHub(Hub[Outlet]):
