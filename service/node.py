@@ -156,8 +156,8 @@ class NodeStatus(StatusSink, Protocol):
 
     async def start(self) -> None: ...
 
-    async def close(self) -> None:
-        """Flush what was reported (bounded), then stop. Idempotent."""
+    async def close(self, grace: float) -> None:
+        """Flush what was reported (for ``grace`` seconds at most), then stop. Idempotent."""
         ...
 
 
@@ -409,7 +409,7 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.status.close()
+        await self.status.close(grace=max(0.1, deadline - time.monotonic()))
         await self.broker.close()
         await self.auth.close()
         await self.store.close()

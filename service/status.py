@@ -101,7 +101,7 @@ class NoStatus:
     async def start(self) -> None:
         return None
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
         return None
 
 
@@ -188,11 +188,14 @@ class KafkaStatus:
         if self._task is None and not self._closed:
             self._task = asyncio.create_task(self._run(), name="status-producer")
 
-    async def close(self) -> None:
-        """Flush (bounded by the flush timeout), then stop the task and the producer."""
+    async def close(self, grace: float = FLUSH_TIMEOUT) -> None:
+        """Flush (for ``grace`` seconds at most), then stop the task and the producer.
+
+        Events still unsent then are logged and counted as ``failed``.
+        """
         if self._closed:
             return
-        await self.flush()
+        await self._flush(min(grace, self._flush_timeout))
         self._closed = True
         task, self._task = self._task, None
         if task is not None:
@@ -230,12 +233,13 @@ class KafkaStatus:
         refusing); events still unsent then stay queued, and the wait is logged and
         counted (``notify_status_flush_timeouts_total``). Never raises.
         """
+        await self._flush(self._flush_timeout)
+
+    async def _flush(self, budget: float) -> None:
         target = self._reported
         if self._settled >= target or self._task is None:
             return
-        timeout = self._flush_timeout
-        if self._failing:
-            timeout = min(timeout, FLUSH_WHILE_FAILING)
+        timeout = min(budget, FLUSH_WHILE_FAILING) if self._failing else budget
         try:
             async with self._progress:
                 await asyncio.wait_for(
