@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiokafka.partitioner import DefaultPartitioner
 
 from service.config import Settings
 from service.consumer import Consumer, _poison_ids
@@ -23,16 +24,40 @@ from service.status import KafkaStatus, NoStatus
 TOPIC = "notification.status"
 
 
+class FakeBatch:
+    """A record batch that takes ``capacity`` records, like aiokafka's BatchBuilder."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.records: list[tuple[bytes | None, bytes]] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> object | None:
+        if len(self.records) >= self.capacity:
+            return None
+        self.records.append((key, value))
+        return object()
+
+
 class FakeProducer:
     """Records what is sent, in order; Kafka's answers come when the test says so.
 
-    ``held`` is None to confirm every record at once, or a list collecting the
-    futures for the test to settle.
+    ``held`` is None to confirm every batch at once, or a list collecting the futures
+    for the test to settle. ``sent`` is ``(topic, partition, key, record)`` per event;
+    ``batches`` the sizes of the batches sent.
     """
 
-    def __init__(self, *, held: list[asyncio.Future[Any]] | None = None) -> None:
-        self.sent: list[tuple[str, bytes | None, dict[str, Any]]] = []
+    def __init__(
+        self,
+        *,
+        held: list[asyncio.Future[Any]] | None = None,
+        partitions: int = 1,
+        capacity: int = 1000,
+    ) -> None:
+        self.sent: list[tuple[str, int, bytes | None, dict[str, Any]]] = []
+        self.batches: list[int] = []
         self.held = held
+        self.partitions = partitions
+        self.capacity = capacity
         self.refuse: Exception | None = None
         self.started = self.stopped = 0
 
@@ -42,11 +67,18 @@ class FakeProducer:
     async def stop(self) -> None:
         self.stopped += 1
 
-    async def send(
-        self, topic: str, value: bytes | None = None, key: bytes | None = None
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(range(self.partitions))
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(self.capacity)
+
+    async def send_batch(
+        self, batch: FakeBatch, topic: str, *, partition: int
     ) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.sent.append((topic, key, json.loads(value or b"null")))
+        self.sent.extend((topic, partition, k, json.loads(v)) for k, v in batch.records)
+        self.batches.append(len(batch.records))
         if self.refuse is not None:
             future.set_exception(self.refuse)
         elif self.held is None:
@@ -54,6 +86,9 @@ class FakeProducer:
         else:
             self.held.append(future)
         return future
+
+    def keys(self) -> list[bytes | None]:
+        return [key for _, _, key, _ in self.sent]
 
 
 def notification(user_id: str) -> Notification:
@@ -85,7 +120,8 @@ async def test_events_are_produced_in_order_keyed_by_user_with_the_record_schema
     await status.flush()
 
     got = [
-        (topic, key, r["user_id"], r["message_id"], r["status"]) for topic, key, r in producer.sent
+        (topic, key, r["user_id"], r["message_id"], r["status"])
+        for topic, _, key, r in producer.sent
     ]
     assert got == [
         (TOPIC, b"alice", "alice", a.message_id, "stored"),
@@ -95,18 +131,48 @@ async def test_events_are_produced_in_order_keyed_by_user_with_the_record_schema
         (TOPIC, b"carol", "carol", "00000000-0000-0000-0000-000000000001", "expired"),
         (TOPIC, None, None, None, "dead_lettered"),
     ]
-    assert all(set(r) == {"message_id", "user_id", "status", "at"} for _, _, r in producer.sent)
-    assert all(
-        isinstance(r["at"], int) and r["at"] > 1_700_000_000_000 for _, _, r in producer.sent
-    )
+    assert all(set(r) == {"message_id", "user_id", "status", "at"} for *_, r in producer.sent)
+    assert all(isinstance(r["at"], int) and r["at"] > 1_700_000_000_000 for *_, r in producer.sent)
     assert events(metrics, "produced") == 6
+    await status.close()
+
+
+async def test_each_users_events_go_to_the_partition_of_their_key_in_order() -> None:
+    """Over several partitions and batches, a user's events keep their order, on the
+    partition Kafka's default partitioner gives the user id, so consumers keyed by user
+    see them in order; a user-less event goes to any partition."""
+    producer = FakeProducer(partitions=3, capacity=4)
+    status, metrics = await sink(producer)
+    users = [f"user-{n}" for n in range(6)]
+    sent = [notification(users[n % 6]) for n in range(60)]
+    status.stored(sent)
+    status.dead_lettered(None, None)
+    await status.flush()
+
+    assert max(producer.batches) == 4 and len(producer.batches) >= 15
+    assert events(metrics, "produced") == 61
+    for user in users:
+        mine = [(p, r["message_id"]) for _, p, k, r in producer.sent if k == user.encode()]
+        assert [m for _, m in mine] == [n.message_id for n in sent if n.user_id == user]
+        assert {p for p, _ in mine} == {DefaultPartitioner()(user.encode(), [0, 1, 2], [0, 1, 2])}
+    await status.close()
+
+
+async def test_user_ids_of_any_text_are_encoded_as_json() -> None:
+    """Quotes, backslashes, control and non-ASCII characters come out as valid JSON."""
+    producer = FakeProducer()
+    status, _ = await sink(producer)
+    odd = 'a"b\\c\n\u00e9\u2028'
+    status.expired([(odd, "00000000-0000-0000-0000-000000000001")])
+    await status.flush()
+    assert [(k, r["user_id"]) for _, _, k, r in producer.sent] == [(odd.encode(), odd)]
     await status.close()
 
 
 async def test_flush_returns_only_once_kafka_confirmed_what_was_reported_before() -> None:
     """flush() waits for Kafka's acknowledgement of every event reported before it."""
     held: list[asyncio.Future[Any]] = []
-    producer = FakeProducer(held=held)
+    producer = FakeProducer(held=held, capacity=1)
     status, _ = await sink(producer)
     status.stored([notification("alice"), notification("bob")])
     flush = asyncio.create_task(status.flush())
@@ -151,7 +217,7 @@ async def test_refused_events_are_counted_as_failed_and_later_ones_go_on() -> No
     await status.flush()
     assert events(metrics, "failed") == 1
     assert events(metrics, "produced") == 1
-    assert [key for _, key, _ in producer.sent] == [b"alice", b"bob"]
+    assert producer.keys() == [b"alice", b"bob"]
     await status.close()
 
 
@@ -164,7 +230,7 @@ async def test_over_the_bound_the_oldest_events_are_dropped_and_counted() -> Non
     assert events(metrics, "dropped") == 2
     await status.start()
     await status.flush()
-    assert [key for _, key, _ in producer.sent] == [b"user-2", b"user-3", b"user-4"]
+    assert producer.keys() == [b"user-2", b"user-3", b"user-4"]
     await status.close()
 
 
@@ -187,7 +253,7 @@ async def test_the_sink_connects_when_kafka_comes_up_and_sends_what_waited() -> 
     status.stored([notification("alice")])
     await asyncio.wait_for(status.flush(), 5.0)
     assert len(made) == 2
-    assert [key for _, key, _ in made[1].sent] == [b"alice"]
+    assert made[1].keys() == [b"alice"]
     await status.close()
 
 
@@ -199,7 +265,7 @@ async def test_close_flushes_stops_the_producer_and_is_idempotent() -> None:
     await status.close()
     await status.close()
     status.stored([notification("bob")])  # after close: ignored, never raises
-    assert [key for _, key, _ in producer.sent] == [b"alice"]
+    assert producer.keys() == [b"alice"]
     assert producer.stopped == 1
 
 
