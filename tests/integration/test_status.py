@@ -128,6 +128,10 @@ async def test_poison_late_and_retained_notifications_are_reported_on_the_status
     assert ("hoarder", hoard[2]["message_id"]) not in kept
     metrics = httpx.get(f"{gateway.base}/metrics").text
     assert 'notify_status_events_total{outcome="produced"}' in metrics
+    assert 'notify_status_events_total{outcome="failed"}' not in metrics
+    # With the sink, SIGTERM still drains and exits cleanly, nothing left unsent.
+    assert gateway.stop() == 0
+    assert "status_events_unsent" not in gateway.logs()
 
 
 @pytest.mark.skipif(not ROUTER_REPORTS, reason="the router does not report to the sink yet")
