@@ -331,7 +331,7 @@ class KafkaStatus:
         events = [self._queue.popleft() for _ in range(count)]
         last = events[-1][0]
         sent: list[tuple[asyncio.Future[Any], int]] = []
-        failed, error = 0, ""
+        failed, error, complete = 0, "", False
         try:
             try:
                 # Waits for the topic's metadata: bounded like the rest of the round.
@@ -364,7 +364,15 @@ class KafkaStatus:
                     elif future.exception() is not None:
                         failed += size
                         error = error or _describe(future.exception())
+            complete = True
         finally:
+            if not complete:  # cancelled (close) or a bug: only what Kafka confirmed counts
+                confirmed = sum(
+                    size
+                    for future, size in sent
+                    if future.done() and not future.cancelled() and future.exception() is None
+                )
+                failed, error = count - confirmed, error or "interrupted"
             produced = count - failed
             if produced:
                 self._metrics.status_events.labels("produced").inc(produced)

@@ -391,3 +391,14 @@ async def test_the_consumer_reports_poison_and_late_records_and_flushes_before_c
         "flush",
         "commit 3",
     ]
+
+
+async def test_close_gives_up_after_its_grace_and_counts_what_kafka_did_not_confirm() -> None:
+    """At shutdown a Kafka that does not answer costs ``grace`` only; its events are failed."""
+    producer = FakeProducer(held=[])
+    status, metrics = await sink(producer)
+    status.stored([notification("alice"), notification("bob")])
+    await asyncio.wait_for(status.close(grace=0.2), 5.0)
+    assert events(metrics, "failed") == 2
+    assert events(metrics, "produced") == 0
+    assert producer.stopped == 1
