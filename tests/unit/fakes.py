@@ -29,6 +29,7 @@ from service.router import (
     Router,
     StoreUnavailable,
 )
+from service.store import OnDeleted
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -271,19 +272,23 @@ class FakeStore(FakeBacklog):
         return await super().fetch(user_id, after, limit)
 
     async def expire(
-        self, ttl_seconds: float, batch: int
-    ) -> AsyncGenerator[list[tuple[str, str]], None]:
+        self, ttl_seconds: float, batch: int, on_deleted: OnDeleted | None = None
+    ) -> AsyncGenerator[int, None]:
         return
-        yield []
+        yield 0
 
     async def cap(
-        self, max_per_user: int, user_ids: Collection[str] | None, batch: int
-    ) -> AsyncGenerator[list[tuple[str, str]], None]:
+        self,
+        max_per_user: int,
+        user_ids: Collection[str] | None,
+        batch: int,
+        on_deleted: OnDeleted | None = None,
+    ) -> AsyncGenerator[int, None]:
         try:
             await asyncio.Event().wait()
         finally:
             self.events.append(("retention stopped",))
-        yield []
+        yield 0
 
 
 class RecordingHub(Hub[Outlet]):
