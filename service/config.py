@@ -43,6 +43,8 @@ class Settings:
     kafka_dlq_topic: str = "notification.send.dlq"
     kafka_max_batch: int = 5000
     kafka_dlq_timeout: float = 30.0
+    # Delivery status events (service.status); empty: none are produced.
+    status_topic: str = ""
 
     database_url: str = "postgresql://notify:notify@127.0.0.1:5432/notify"
     database_pool_size: int = 10
@@ -123,6 +125,7 @@ class Settings:
             kafka_dlq_topic=r.text("KAFKA_DLQ_TOPIC", d.kafka_dlq_topic, allow_empty=True),
             kafka_max_batch=r.integer("KAFKA_MAX_BATCH", d.kafka_max_batch, 1, 100_000),
             kafka_dlq_timeout=r.seconds("KAFKA_DLQ_TIMEOUT", d.kafka_dlq_timeout, minimum=0.1),
+            status_topic=r.text("STATUS_TOPIC", d.status_topic, allow_empty=True),
             database_url=r.dsn("DATABASE_URL", d.database_url),
             database_pool_size=r.integer("DATABASE_POOL_SIZE", d.database_pool_size, 2, 1000),
             auth_mode=r.choice("AUTH_MODE", d.auth_mode, ("remote", "jwt")),

@@ -4,8 +4,11 @@ Delivery guarantee (DESIGN.md §3): offsets are committed manually, after the
 dispatcher has returned for the whole batch, that is after every notification
 up to the committed offset was written to a socket or stored in PostgreSQL, and
 after every poison message up to it was copied to the dead-letter topic, or given
-up on after ``KAFKA_DLQ_TIMEOUT`` (logged with partition and offset, counted). A
-crash anywhere before the commit means Kafka delivers the batch again: at least once.
+up on after ``KAFKA_DLQ_TIMEOUT`` (logged with partition and offset, counted), and
+after the status events of the batch were flushed (``service.status``: a poison
+record reports ``dead_lettered``, a record past ``BACKLOG_TTL`` ``expired``, the
+router ``written`` or ``stored``). A crash anywhere before the commit means Kafka
+delivers the batch again, and its status events are reported again: at least once.
 
 What the consumer takes: any record Kafka can hold. Batches compressed with gzip,
 snappy, lz4 or zstd (the codecs come with the ``aiokafka`` extras); only committed
@@ -21,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import codec as kafka_codec
 from aiokafka.errors import (
@@ -38,7 +43,15 @@ from aiokafka.errors import (
 
 from .config import Settings
 from .metrics import Metrics
-from .notification import MAX_VALUE_BYTES, Notification, PoisonMessage, Skip, parse
+from .notification import (
+    MAX_VALUE_BYTES,
+    Notification,
+    PoisonMessage,
+    Skip,
+    normalise_user_id,
+    parse,
+)
+from .status import NO_STATUS, StatusSink
 
 log = logging.getLogger("notify.consumer")
 
@@ -86,10 +99,17 @@ class Consumer:
     in hand finish, commits it and closes the clients. ``stop()`` is idempotent.
     """
 
-    def __init__(self, settings: Settings, dispatcher: Dispatcher, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        status: StatusSink = NO_STATUS,
+    ) -> None:
         self._settings = settings
         self._dispatcher = dispatcher
         self._metrics = metrics
+        self._status = status
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -224,6 +244,9 @@ class Consumer:
             if poison:
                 await self._dead_letter(poison)
             await self._dispatcher.deliver(notifications)
+            # The status events of these records are in Kafka before their offsets
+            # are committed (bounded: a failing status topic never stops delivery).
+            await self._status.flush()
             # Everything up to these offsets is written, stored or dead-lettered:
             # commit, in the background so the next fetch need not wait for the
             # broker's answer. One commit at a time, in order.
@@ -253,6 +276,7 @@ class Consumer:
                         self._metrics.skipped.inc()
                     elif result.created_ms < oldest_ms:
                         self._metrics.expired.labels("ttl_on_consume").inc()
+                        self._status.expired([(result.user_id, result.message_id)])
                     else:
                         notifications.append(result)
                 except PoisonMessage as exc:
@@ -315,6 +339,7 @@ class Consumer:
                 },
             )
             self._metrics.dead_lettered.labels(exc.reason).inc()
+            self._status.dead_lettered(*_poison_ids(record.value))
         topic = self._settings.kafka_dlq_topic
         if not topic or self._producer is None:
             return
@@ -424,6 +449,32 @@ def _dead_letter_copy(
         headers.append(("notify-original-size", str(len(value)).encode()))
         value = value[:MAX_VALUE_BYTES]
     return value, headers
+
+
+def _poison_ids(value: bytes | None) -> tuple[str | None, str | None]:
+    """``(user_id, message_id)`` of a poison record, each as far as it can be read.
+
+    Never raises. A field is read only from a value that is a JSON object within
+    64 KiB; the user id only if ``normalise_user_id`` takes it (its normal form), the
+    message id only if it is a UUID (lower case); anything else is None.
+    """
+    if value is None or len(value) > MAX_VALUE_BYTES:
+        return None, None
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(document, dict):
+        return None, None
+    raw_user_id, raw_message_id = document.get("user_id"), document.get("message_id")
+    user_id = normalise_user_id(raw_user_id) if isinstance(raw_user_id, str) else None
+    message_id: str | None = None
+    if isinstance(raw_message_id, str) and len(raw_message_id) <= 38:
+        try:
+            message_id = str(uuid.UUID(raw_message_id))
+        except ValueError:
+            message_id = None
+    return user_id, message_id
 
 
 def _describe(exc: BaseException) -> str:

@@ -137,6 +137,20 @@ class Metrics:
             "Published notifications no receiver acknowledged in time (stored instead).",
             registry=r,
         )
+        self.status_events = Counter(
+            "notify_status_events",
+            "Delivery status events (STATUS_TOPIC), by outcome: produced; failed (Kafka"
+            " refused or did not confirm in time); dropped (the oldest, over the bound"
+            " of events waiting for Kafka).",
+            ["outcome"],
+            registry=r,
+        )
+        self.status_flush_timeouts = Counter(
+            "notify_status_flush_timeouts",
+            "Offset commits that went ahead before the status events of their records"
+            " were confirmed by Kafka (the flush timed out; the events stay queued).",
+            registry=r,
+        )
         self._frames = _FrameStats(_LATENCY_BUCKETS)
         r.register(self._frames)
         self.store_failures = Counter(

@@ -3,10 +3,12 @@
 This is the one place where the parts are built (:func:`build_parts`) and put
 in order. The parts: the store, the authenticator, the hub and the router, the
 broker (``MemoryBroker`` when ``REDIS_URL`` is empty, ``RedisBroker`` otherwise:
-one code path either way) and the Kafka consumer. ``Node`` takes them ready-made,
-so its ordering rules are unit-tested with fakes.
+one code path either way), the Kafka consumer and the status sink (``KafkaStatus``
+when ``STATUS_TOPIC`` is set, ``NO_STATUS`` otherwise). ``Node`` takes them
+ready-made, so its ordering rules are unit-tested with fakes.
 
-Startup order:  store pool -> broker (receiving for the router) -> consumer -> loops.
+Startup order:  store pool -> status sink -> broker (receiving for the router)
+-> consumer -> loops.
 
 Connect order (:meth:`Node.connect`): subscribe the process to the user's channel,
 register the connection in the hub, then its writer flushes the stored backlog
@@ -24,7 +26,9 @@ Shutdown order (``stop``), under ``SHUTDOWN_TIMEOUT``:
    what was already published to it; after this nothing more is received here;
 4. every open connection is closed with 1001 (going away: reconnect elsewhere),
    and what their queues still held is stored;
-5. background loops stop, the broker, the auth client and the store pool close.
+5. background loops stop (retention, which reports ``expired``, among them); the
+   status sink flushes what the parts reported (bounded) and closes; the broker,
+   the auth client and the store pool close.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ from .hub import Hub, Rejected
 from .limits import raise_open_files
 from .metrics import Metrics
 from .router import Backlog, Router, StoreUnavailable
-from .store import Store
+from .status import NO_STATUS, KafkaStatus, NoStatus, StatusSink, kafka_producer
+from .store import OnDeleted, Store
 
 log = logging.getLogger("notify.node")
 
@@ -91,11 +96,21 @@ class NodeStore(Backlog, StoredRows, Protocol):
         """Raises StoreUnavailable."""
         ...
 
-    def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]: ...
+    def expire(
+        self, ttl_seconds: float, batch: int, on_deleted: OnDeleted | None = None
+    ) -> AsyncGenerator[int, None]:
+        """Yields the rows each statement deleted; tells ``on_deleted`` which ones."""
+        ...
 
     def cap(
-        self, max_per_user: int, user_ids: Collection[str] | None, batch: int
-    ) -> AsyncGenerator[int, None]: ...
+        self,
+        max_per_user: int,
+        user_ids: Collection[str] | None,
+        batch: int,
+        on_deleted: OnDeleted | None = None,
+    ) -> AsyncGenerator[int, None]:
+        """Yields the rows each statement deleted; tells ``on_deleted`` which ones."""
+        ...
 
 
 class NodeBroker(Protocol):
@@ -142,6 +157,16 @@ class NodeConsumer(Protocol):
         ...
 
 
+class NodeStatus(StatusSink, Protocol):
+    """What the node needs of the status sink (``service.status``), besides reporting."""
+
+    async def start(self) -> None: ...
+
+    async def close(self, grace: float) -> None:
+        """Flush what was reported (for ``grace`` seconds at most), then stop. Idempotent."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Parts:
     """Everything a node runs, built by :func:`build_parts` (or by a test, with fakes).
@@ -157,6 +182,7 @@ class Parts:
     broker: NodeBroker
     router: Router
     consumer: NodeConsumer
+    status: NodeStatus = NO_STATUS
 
 
 def build_parts(
@@ -165,8 +191,17 @@ def build_parts(
     """The production parts of one process, wired: the one place that chooses them.
 
     The broker is a ``MemoryBroker`` over the hub when ``REDIS_URL`` is empty, a
-    ``RedisBroker`` otherwise. Nothing is started or connected here.
+    ``RedisBroker`` otherwise; the status sink a ``KafkaStatus`` when
+    ``STATUS_TOPIC`` is set, ``NO_STATUS`` otherwise. Nothing is started or
+    connected here.
     """
+    status: KafkaStatus | NoStatus = (
+        KafkaStatus(
+            settings.status_topic, metrics, kafka_producer(settings.kafka_bootstrap_servers)
+        )
+        if settings.status_topic
+        else NO_STATUS
+    )
     store = Store(settings.database_url, pool_size=settings.database_pool_size)
     hub: Hub[Connection] = Hub(
         max_per_user=settings.max_connections_per_user, max_total=settings.max_connections
@@ -191,7 +226,8 @@ def build_parts(
         hub=hub,
         broker=broker,
         router=router,
-        consumer=Consumer(settings, router, metrics),
+        consumer=Consumer(settings, router, metrics, status),
+        status=status,
     )
 
 
@@ -207,6 +243,7 @@ class Node:
         self.broker = parts.broker
         self.router = parts.router
         self.consumer = parts.consumer
+        self.status = parts.status
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: set[asyncio.Task[None]] = set()
@@ -225,6 +262,7 @@ class Node:
         """
         raise_open_files(self.settings.max_connections)
         await self.store.start()
+        await self.status.start()
         # A worker serves as soon as this returns: wait (bounded) for Redis's pub/sub
         # connection, or its first clients would be turned away with 4503.
         await self.broker.start(self.router, wait=5.0)
@@ -377,6 +415,7 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.status.close(grace=max(0.1, deadline - time.monotonic()))
         await self.broker.close()
         await self.auth.close()
         await self.store.close()
@@ -408,22 +447,28 @@ class Node:
                         return deleted, False
             return deleted, True
 
+        # The deleted rows are asked for only when someone listens: returning them
+        # makes each batch 1.5 to 3 times as slow (docs/architecture.md).
+        on_deleted = None if self.status is NO_STATUS else self.status.expired
         users: set[str] | None = None
         while True:
             if users is not None:
                 users |= self.router.take_stored_users()
             try:
                 expired, expiry_done = await run(
-                    "ttl", self.store.expire(s.backlog_ttl, s.retention_batch)
+                    "ttl", self.store.expire(s.backlog_ttl, s.retention_batch, on_deleted)
                 )
                 capped, cap_done = await run(
                     "per_user_cap",
-                    self.store.cap(s.backlog_max_per_user, users, s.retention_batch),
+                    self.store.cap(s.backlog_max_per_user, users, s.retention_batch, on_deleted),
                 )
             except StoreUnavailable as exc:
                 log.warning("retention_skipped", extra={"error": str(exc)})
                 await asyncio.sleep(s.backlog_cleanup_interval)
                 continue
+            # A row retention deleted cannot be read again: its ``expired`` events are
+            # sent now (bounded wait), the window in which a crash loses them is short.
+            await self.status.flush()
             if cap_done:
                 users = set()  # else the same users again next pass, with those stored since
             behind = not (expiry_done and cap_done)

@@ -8,7 +8,10 @@ are read per user in ``(created_at, seq)`` order, oldest first.
 Retention (:meth:`Store.expire`, :meth:`Store.cap`) deletes in batches of a
 bounded number of rows, one short statement each, so a table with millions of
 rows to drop drains without a statement that runs for minutes, holds millions of
-row locks or hits a statement timeout.
+row locks or hits a statement timeout. Given an ``on_deleted`` callback, each batch
+also answers the ``(user_id, message_id)`` pairs it deleted (``RETURNING``, still one
+statement per batch) for the ``expired`` status events; without one it does not, as
+returning the rows makes a batch 1.5 to 3 times as slow.
 
 Every method raises :class:`~service.router.StoreUnavailable` when PostgreSQL
 cannot be reached or refuses, and is safe to call concurrently (asyncpg pool).
@@ -20,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -66,6 +69,9 @@ WHERE ctid = ANY(ARRAY(
     ORDER BY created_at LIMIT $2
 )) AND created_at < $1
 """
+
+# Appended to a retention batch when the pairs it deleted are wanted (``on_deleted``).
+_RETURNING = "RETURNING user_id, message_id"
 
 # Users with rows, in user_id order, $2 at a time after $1: a walk of the
 # (user_id, ...) index that touches one entry per user, however many rows each has.
@@ -119,6 +125,10 @@ WHERE ctid = ANY(ARRAY(
 
 # Users checked against the cap per statement: each costs up to cap + 1 index entries.
 _USERS_PER_CHECK = 1000
+
+
+# Told the (user_id, message_id) pairs a retention batch deleted.
+OnDeleted = Callable[[list[tuple[str, str]]], None]
 
 
 def _count(status: str) -> int:
@@ -210,31 +220,39 @@ class Store:
         async with self._connection() as connection:
             await connection.execute(_DELETE, user_id, [uuid.UUID(m) for m in message_ids])
 
-    async def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]:
+    async def expire(
+        self, ttl_seconds: float, batch: int, on_deleted: OnDeleted | None = None
+    ) -> AsyncGenerator[int, None]:
         """Delete rows older than the TTL, oldest first, at most ``batch`` per statement.
 
         Yields the number deleted by each statement, and ends after the first one
-        that found fewer than ``batch``. The cutoff is fixed when it starts, so it
-        ends even while rows keep arriving. Each statement takes a pool connection
-        of its own: stopping between two yields (``aclose``) leaves nothing open.
+        that found fewer than ``batch``. ``on_deleted``, if given, is called with the
+        ``(user_id, message_id)`` pairs of each statement before it is yielded. The
+        cutoff is fixed when it starts, so it ends even while rows keep arriving. Each
+        statement takes a pool connection of its own: stopping between two yields
+        (``aclose``) leaves nothing open.
         """
         async with self._connection() as connection:
             cutoff = await connection.fetchval(_EXPIRY_CUTOFF, float(ttl_seconds))
         while True:
-            async with self._connection() as connection:
-                deleted = _count(await connection.execute(_EXPIRE_BATCH, cutoff, batch))
+            deleted = await self._delete(_EXPIRE_BATCH, (cutoff, batch), on_deleted)
             yield deleted
             if deleted < batch:
                 return
 
     async def cap(
-        self, max_per_user: int, user_ids: Collection[str] | None, batch: int
+        self,
+        max_per_user: int,
+        user_ids: Collection[str] | None,
+        batch: int,
+        on_deleted: OnDeleted | None = None,
     ) -> AsyncGenerator[int, None]:
         """Delete the oldest rows of users over the cap, at most ``batch`` per statement.
 
         ``user_ids`` limits the check to those users; None checks everyone, walking
         the users in order. Yields the number deleted by each statement; a statement
         reads at most ``max_per_user + 1`` index entries per user it checks.
+        ``on_deleted`` as for :meth:`expire`.
         """
         async for users in self._users(user_ids):
             async with self._connection() as connection:
@@ -247,11 +265,21 @@ class Store:
                 [row["seq"] for row in over],
             )
             while True:
-                async with self._connection() as connection:
-                    deleted = _count(await connection.execute(_CAP_BATCH, *bounds, batch))
+                deleted = await self._delete(_CAP_BATCH, (*bounds, batch), on_deleted)
                 yield deleted
                 if deleted < batch:
                     break
+
+    async def _delete(
+        self, statement: str, arguments: tuple[Any, ...], on_deleted: OnDeleted | None
+    ) -> int:
+        """Run one retention batch; the number of rows it deleted, told to ``on_deleted``."""
+        async with self._connection() as connection:
+            if on_deleted is None:
+                return _count(await connection.execute(statement, *arguments))
+            rows = await connection.fetch(statement + _RETURNING, *arguments)
+        on_deleted([(row["user_id"], str(row["message_id"])) for row in rows])
+        return len(rows)
 
     async def _users(self, user_ids: Collection[str] | None) -> AsyncIterator[list[str]]:
         """The users to check against the cap, ``_USERS_PER_CHECK`` at a time."""

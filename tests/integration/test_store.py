@@ -91,6 +91,29 @@ async def test_expiry_deletes_in_batches_and_keeps_recent_rows(
     )
 
 
+async def test_retention_tells_which_rows_it_deleted_when_asked(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """With ``on_deleted``, expiry and the cap report the ``(user_id, message_id)`` of every
+    row they deleted, batch by batch, and of no other."""
+    await _insert(db, "old", 250, timedelta(days=2))
+    await _insert(db, "new", 7 * 4, timedelta(hours=1))
+    expected_old = await _pairs(db, "user_id LIKE 'old-%'")
+    told: list[list[tuple[str, str]]] = []
+    counts = [n async for n in store.expire(24 * 3600, 100, told.append)]
+    assert [len(pairs) for pairs in told] == counts
+    assert {pair for pairs in told for pair in pairs} == expected_old
+
+    oldest = await _pairs(
+        db,
+        "ctid IN (SELECT DISTINCT ON (user_id) ctid FROM undelivered_notification"
+        " ORDER BY user_id, created_at, seq)",
+    )
+    told.clear()
+    assert sum([n async for n in store.cap(3, None, 100, told.append)]) == 7
+    assert {pair for pairs in told for pair in pairs} == oldest
+
+
 async def test_expiry_stopped_between_batches_deletes_the_rest_next_time(
     store: Store, db: asyncpg.Connection
 ) -> None:
@@ -180,3 +203,8 @@ async def test_a_gateway_far_behind_on_retention_catches_up_without_waiting_the_
     assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 70
     metrics = httpx.get(f"{gateway.base}/metrics").text
     assert 'notify_notifications_expired_total{cause="ttl"} 5000.0' in metrics
+
+
+async def _pairs(db: asyncpg.Connection, where: str) -> set[tuple[str, str]]:
+    rows = await db.fetch(f"SELECT user_id, message_id FROM undelivered_notification WHERE {where}")
+    return {(r["user_id"], str(r["message_id"])) for r in rows}

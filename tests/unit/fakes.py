@@ -29,6 +29,7 @@ from service.router import (
     Router,
     StoreUnavailable,
 )
+from service.store import OnDeleted
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -270,12 +271,18 @@ class FakeStore(FakeBacklog):
         self.events.append(("store fetch", user_id))
         return await super().fetch(user_id, after, limit)
 
-    async def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]:
+    async def expire(
+        self, ttl_seconds: float, batch: int, on_deleted: OnDeleted | None = None
+    ) -> AsyncGenerator[int, None]:
         return
         yield 0
 
     async def cap(
-        self, max_per_user: int, user_ids: Collection[str] | None, batch: int
+        self,
+        max_per_user: int,
+        user_ids: Collection[str] | None,
+        batch: int,
+        on_deleted: OnDeleted | None = None,
     ) -> AsyncGenerator[int, None]:
         try:
             await asyncio.Event().wait()

@@ -26,6 +26,7 @@ from service.metrics import Metrics
 from service.node import Node, NodeConsumer, Parts
 from service.notification import Notification
 from service.router import BrokerUnavailable, Router
+from service.status import NoStatus
 
 from .fakes import (
     Events,
@@ -239,6 +240,36 @@ async def test_shutdown_runs_in_order() -> None:
     ]
     assert socket.closed_with is not None and socket.closed_with[0] == 1001
     await node.stop()  # idempotent
+
+
+class RecordingStatus(NoStatus):
+    """A status sink that records its start and close."""
+
+    __slots__ = ("events",)
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+
+    async def start(self) -> None:
+        self.events.append(("status start",))
+
+    async def close(self, grace: float = 0.0) -> None:
+        self.events.append(("status close",))
+
+
+async def test_the_status_sink_starts_before_the_consumer_and_closes_after_the_loops() -> None:
+    """The sink is up before anything can report to it and closes only after the last
+    reporter (the consumer, the queues stored at shutdown, retention) stopped."""
+    events = Events()
+    node = Node(
+        Settings(shutdown_timeout=5.0), replace(fake_parts(events), status=RecordingStatus(events))
+    )
+    await node.start()
+    await asyncio.wait_for(node.stop(), 5.0)
+    order = [e[0] for e in events]
+    assert order.index("store start") < order.index("status start") < order.index("consumer start")
+    assert order.index("retention stopped") < order.index("status close")
+    assert order.index("status close") < order.index("store close")
 
 
 # --- commit after delivery: the real consumer over a fake Kafka client ---------------------
