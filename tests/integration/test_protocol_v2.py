@@ -31,9 +31,7 @@ async def stored_ids(db: asyncpg.Connection, user: str) -> set[str]:
     return {str(row["message_id"]) for row in rows}
 
 
-async def produce_in_order(
-    producer: AIOKafkaProducer, topic: str, *values: dict[str, Any]
-) -> None:
+async def produce_in_order(producer: AIOKafkaProducer, topic: str, *values: dict[str, Any]) -> None:
     """One partition key: Kafka keeps the order, and so does the gateway."""
     for value in values:
         await producer.send_and_wait(topic, json.dumps(value).encode(), key=b"one-user")
