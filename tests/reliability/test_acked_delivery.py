@@ -23,7 +23,9 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.support.probe import has_connections
 from tests.support.proxy import TcpProxy
+from tests.support.wait import until
 
 from .conftest import Bench
 from .harness import SCALE, Figures, committed, encode
@@ -87,7 +89,8 @@ async def test_blackholed_v2_clients_lose_nothing_they_did_not_acknowledge(
     row = figures("14. Acknowledged delivery (v2) through blackholed connections")
     row.recovery = "reconnect of the blackholed clients to the last notification received"
     topics = await bench.topics()
-    gateway = await bench.gateway(topics)
+    # Every client connects from 127.0.0.1 at once, through its proxy.
+    gateway = await bench.gateway(topics, MAX_UNAUTHENTICATED_PER_ADDRESS="1000")
     port = int(gateway.base.rsplit(":", 1)[1])
     users = [bench.user("tunnel", i) for i in range(USERS)]
     clients = {user: AckingClient(user) for user in users}
@@ -140,7 +143,7 @@ async def test_blackholed_v2_clients_lose_nothing_they_did_not_acknowledge(
             assert time.monotonic() < deadline, "not every record was committed in 120 s"
             await asyncio.sleep(0.2)
 
-    await asyncio.sleep(2.0)  # every client connected and flushed (an empty backlog)
+    await until(lambda: has_connections(gateway.base, USERS), 60, "every client connected")
     await consumed(await send(PER_USER // 2))
     blackholed = users[: USERS // 2]
     for user in blackholed:
