@@ -349,3 +349,17 @@ async def test_status_events_say_written_for_v1_acked_for_v2_and_stored(
         for writer in writers:
             writer.cancel()
         await asyncio.gather(*writers, return_exceptions=True)
+
+
+async def test_a_client_that_never_acks_is_closed_with_1013_and_loses_nothing(
+    router: Router, clients: Clients, backlog: FakeBacklog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the limit of unacknowledged notifications the connection closes with 1013, and
+    what it had not acknowledged is stored."""
+    monkeypatch.setattr("service.connection.UNACKED_LIMIT", 3)
+    connection, socket = clients.open("alice", v2=True)
+    sent = [notification("alice") for _ in range(5)]
+    await router.deliver(sent)
+    assert connection.closed and socket.failed_with is not None
+    assert socket.failed_with[0] == 1013
+    assert sorted(backlog.stored_ids) == sorted(n.message_id for n in sent)
