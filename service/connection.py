@@ -336,7 +336,10 @@ class Connection:
                 settled.append(message_id)
                 continue
             if delivery is not None:
-                delivery.settle(True)  # too late: stored meanwhile, so delete it below
+                # Too late: stored meanwhile (deleted below), or still being stored (the
+                # router deletes it again once stored: ``Batch.acked_late``).
+                delivery.acked_late = True
+                delivery.settle(True)
             rest.append(message_id)
         if settled:
             self._status.acked(self.user_id, settled)

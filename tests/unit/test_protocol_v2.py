@@ -363,3 +363,20 @@ async def test_a_client_that_never_acks_is_closed_with_1013_and_loses_nothing(
     assert connection.closed and socket.failed_with is not None
     assert socket.failed_with[0] == 1013
     assert sorted(backlog.stored_ids) == sorted(n.message_id for n in sent)
+
+
+async def test_an_ack_arriving_while_its_row_is_being_stored_still_deletes_it(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """The ack's own delete runs before the insert; the router deletes the row once stored."""
+    connection, socket = clients.open("alice", v2=True)
+    await until(lambda: connection.unacked == 0 and not socket.sending)
+    backlog.save_gate = asyncio.Event()
+    n = notification("alice")
+    delivering = asyncio.create_task(router.deliver([n]))
+    await until(lambda: backlog.save_attempts == 1)  # the budget ran out: being stored
+    await connection.acknowledge([n.message_id], backlog)
+    assert backlog.rows == {}, "nothing stored yet: the ack's delete found nothing"
+    backlog.save_gate.set()
+    await delivering
+    assert backlog.rows == {}, "stored, then deleted again: the client has it"
