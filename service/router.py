@@ -3,7 +3,8 @@
 The router is where the delivery guarantee is kept. :meth:`Router.deliver`
 returns only when every notification it was given has been written to at least
 one socket or saved in the backlog store; the consumer commits Kafka offsets
-after that and never before.
+after that and never before. For a user with a protocol v2 connection open,
+"written" reads "acknowledged by a v2 client" (``service.delivery``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .delivery import Batch, Queue
 from .hub import Hub
 from .metrics import Metrics
 from .notification import Notification
+from .status import NO_STATUS, StatusSink
 
 log = logging.getLogger("notify.router")
 
@@ -70,6 +72,11 @@ class Backlog(Protocol):
         """
         ...
 
+    async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
+        """Remove these rows of ``user_id`` (acknowledged by a v2 client). Raises
+        StoreUnavailable."""
+        ...
+
 
 class Outlet(Queue, Protocol):
     """What the router needs of one live connection (``service.connection``).
@@ -80,6 +87,11 @@ class Outlet(Queue, Protocol):
 
     @property
     def user_id(self) -> str: ...
+
+    @property
+    def acks(self) -> bool:
+        """Whether the client speaks protocol v2 (delivered means acknowledged)."""
+        ...
 
     def write_now(self, notification: Notification) -> bool:
         """Write the frame at once if that needs no waiting; False: offer it in a batch."""
@@ -117,11 +129,13 @@ class Router:
         delivery_wait: float = 0.2,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
+        status: StatusSink = NO_STATUS,
     ) -> None:
         self._hub = hub
         self._backlog = backlog
         self._metrics = metrics
         self._broker = broker
+        self.status = status
         self._ack_timeout = ack_timeout
         self._delivery_wait = delivery_wait
         self._awaiting: dict[str, int] = {}
@@ -208,10 +222,13 @@ class Router:
         if not awaiting and self._all_acked is not None and not self._all_acked.done():
             self._all_acked.set_result(None)
 
-    async def _deliver_here(self, notifications: Sequence[Notification]) -> list[Notification]:
+    async def _deliver_here(
+        self, notifications: Sequence[Notification]
+    ) -> tuple[list[Notification], Batch]:
         """Offer each notification to this process's connections of its user.
 
-        Returns, once every offer is settled, the notifications no socket took.
+        Returns, once every offer is settled, the notifications no socket took, and the
+        batch (which knows, after they are stored, which of them were acknowledged late).
         """
         batch = Batch()
         offline: list[Notification] = []
@@ -220,12 +237,16 @@ class Router:
             if not outlets:
                 offline.append(notification)
                 continue
+            if any(outlet.acks for outlet in outlets):
+                # A v2 client is there: delivered once one acknowledges it, or stored.
+                batch.offer(notification, outlets, written=False, needs_ack=True)
+                continue
             # Most frames go out at once; only the rest is queued and tracked.
             waiting = [outlet for outlet in outlets if not outlet.write_now(notification)]
             if not waiting:
                 continue
             batch.offer(notification, waiting, written=len(waiting) < len(outlets))
-        return offline + await batch.wait(self._delivery_wait)
+        return offline + await batch.wait(self._delivery_wait), batch
 
     def receive(self, received: list[tuple[Notification, bytes]]) -> None:
         """Deliver what the broker handed to this process; store what no socket took.
@@ -239,9 +260,10 @@ class Router:
         task.add_done_callback(self._receiving.discard)
 
     async def _receive(self, received: list[tuple[Notification, bytes]]) -> None:
-        unwritten = await self._deliver_here([notification for notification, _ in received])
+        unwritten, batch = await self._deliver_here([n for n, _ in received])
         if unwritten:
             await self.store(unwritten)
+            await self._forget_acked(batch.acked_late())
         origins = {origin for _, origin in received}
         if len(origins) == 1:  # the common case: one publisher
             by_origin = {origins.pop(): [n.message_id for n, _ in received]}
@@ -254,6 +276,21 @@ class Router:
         except BrokerUnavailable as exc:
             # The publisher times out and stores them: twice, never lost.
             log.warning("ack_failed", extra={"error": str(exc)})
+
+    async def _forget_acked(self, notifications: list[Notification]) -> None:
+        """Delete the rows just stored of notifications a v2 client acknowledged while they
+        were being stored (its own delete may have run before the insert)."""
+        if not notifications:
+            return
+        by_user: dict[str, list[str]] = {}
+        for n in notifications:
+            by_user.setdefault(n.user_id, []).append(n.message_id)
+        for user_id, message_ids in by_user.items():
+            try:
+                await self._backlog.delete(user_id, message_ids)
+            except StoreUnavailable as exc:
+                # Sent again on a later connection: a duplicate, never a loss.
+                log.warning("acked_delete_failed", extra={"error": str(exc)})
 
     def store_soon(self, notifications: list[Notification]) -> None:
         """Store, in the background, frames a connection took but never sent (aborted)."""
@@ -292,6 +329,7 @@ class Router:
                 return await self._backlog.save(notifications)
 
         added = await self._retry("store", save)
+        self.status.stored(notifications)
         self._metrics.stored.inc(added)
         # Already stored for the same user: Kafka redelivered it, or it was stored
         # twice on the way (an ack timeout, an abort). Counted, never a second row.

@@ -13,6 +13,10 @@ also answers the ``(user_id, message_id)`` pairs it deleted (``RETURNING``, stil
 statement per batch) for the ``expired`` status events; without one it does not, as
 returning the rows makes a batch 1.5 to 3 times as slow.
 
+Rows retention deletes are counted per user in ``notification_gap``, in the
+same statement, for the next protocol v2 connection of the user
+(:meth:`Store.take_gap`): every stored row is one no v2 client acknowledged.
+
 Every method raises :class:`~service.router.StoreUnavailable` when PostgreSQL
 cannot be reached or refuses, and is safe to call concurrently (asyncpg pool).
 """
@@ -58,6 +62,29 @@ _DELETE = """
 DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2::uuid[])
 """
 
+_DELETE_ACKED = """
+DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2::uuid[])
+RETURNING message_id
+"""
+
+_TAKE_GAP = "DELETE FROM notification_gap WHERE user_id = $1 RETURNING dropped"
+
+# Wraps a retention DELETE (which ends in ``RETURNING user_id``): adds what it deleted
+# to each user's gap in the same statement, then answers with the number of rows
+# deleted, or (``_PAIRS``) the pairs themselves. A data-modifying WITH runs to completion
+# whatever the final SELECT reads.
+_COUNTING_GAPS = """
+WITH gone AS ({delete}),
+per_user AS (SELECT user_id, count(*) AS dropped FROM gone GROUP BY user_id),
+told AS (
+    INSERT INTO notification_gap (user_id, dropped) SELECT user_id, dropped FROM per_user
+    ON CONFLICT (user_id) DO UPDATE SET dropped = notification_gap.dropped + EXCLUDED.dropped
+)
+{answer}
+"""
+_COUNT = "SELECT coalesce(sum(dropped), 0)::bigint FROM per_user"
+_PAIRS = "SELECT user_id, message_id FROM gone"
+
 _EXPIRY_CUTOFF = "SELECT now() - make_interval(secs => $1)"
 
 # One batch of expiry: the oldest $2 rows before the cutoff, found through the
@@ -68,9 +95,10 @@ WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM undelivered_notification WHERE created_at < $1
     ORDER BY created_at LIMIT $2
 )) AND created_at < $1
+RETURNING user_id
 """
 
-# Appended to a retention batch when the pairs it deleted are wanted (``on_deleted``).
+# What a retention batch returns when the pairs it deleted are wanted (``on_deleted``).
 _RETURNING = "RETURNING user_id, message_id"
 
 # Users with rows, in user_id order, $2 at a time after $1: a walk of the
@@ -121,6 +149,7 @@ WHERE ctid = ANY(ARRAY(
     ) AS excess
     LIMIT $4
 ))
+RETURNING user_id
 """
 
 # Users checked against the cap per statement: each costs up to cap + 1 index entries.
@@ -220,6 +249,25 @@ class Store:
         async with self._connection() as connection:
             await connection.execute(_DELETE, user_id, [uuid.UUID(m) for m in message_ids])
 
+    async def delete_acked(self, user_id: str, message_ids: Sequence[str]) -> list[str]:
+        """Remove these rows of ``user_id`` (acknowledged by a v2 client), in one statement.
+
+        Returns the ids whose rows existed. Another user's rows are never touched.
+        """
+        if not message_ids:
+            return []
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                _DELETE_ACKED, user_id, [uuid.UUID(m) for m in message_ids]
+            )
+        return [str(row["message_id"]) for row in rows]
+
+    async def take_gap(self, user_id: str) -> int:
+        """How many of the user's rows retention dropped since the last call; resets it."""
+        async with self._connection() as connection:
+            dropped = await connection.fetchval(_TAKE_GAP, user_id)
+        return int(dropped or 0)
+
     async def expire(
         self, ttl_seconds: float, batch: int, on_deleted: OnDeleted | None = None
     ) -> AsyncGenerator[int, None]:
@@ -276,8 +324,11 @@ class Store:
         """Run one retention batch; the number of rows it deleted, told to ``on_deleted``."""
         async with self._connection() as connection:
             if on_deleted is None:
-                return _count(await connection.execute(statement, *arguments))
-            rows = await connection.fetch(statement + _RETURNING, *arguments)
+                counting = _COUNTING_GAPS.format(delete=statement, answer=_COUNT)
+                return int(await connection.fetchval(counting, *arguments))
+            returning = statement.replace("RETURNING user_id", _RETURNING)
+            pairs = _COUNTING_GAPS.format(delete=returning, answer=_PAIRS)
+            rows = await connection.fetch(pairs, *arguments)
         on_deleted([(row["user_id"], str(row["message_id"])) for row in rows])
         return len(rows)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 import uuid
@@ -19,16 +18,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from websockets.asyncio.client import connect
 
 from dev.auth_server import AuthStandIn
-from service.router import Router
 
-from .clients import message, receive, wait_stored
+from .clients import message, receive, wait_connections, wait_stored
 from .conftest import GatewayFactory
 
 Event = dict[str, Any]
-
-# ``written`` and ``stored`` are reported by the router; until it takes the sink,
-# the tests of those two events cannot pass and are skipped.
-ROUTER_REPORTS = "status" in inspect.signature(Router).parameters
 
 
 @pytest.fixture
@@ -134,7 +128,6 @@ async def test_poison_late_and_retained_notifications_are_reported_on_the_status
     assert "status_events_unsent" not in gateway.logs()
 
 
-@pytest.mark.skipif(not ROUTER_REPORTS, reason="the router does not report to the sink yet")
 async def test_an_offline_users_notification_is_reported_stored(
     gateway_factory: GatewayFactory,
     topics: tuple[str, str],
@@ -154,7 +147,6 @@ async def test_an_offline_users_notification_is_reported_stored(
     assert [(k, e["status"]) for k, e in found] == [(b"offline", "stored")]
 
 
-@pytest.mark.skipif(not ROUTER_REPORTS, reason="the router does not report to the sink yet")
 async def test_a_v1_clients_notification_is_reported_written(
     gateway_factory: GatewayFactory,
     auth_server: AuthStandIn,
@@ -167,6 +159,8 @@ async def test_a_v1_clients_notification_is_reported_written(
     gateway = gateway_factory(STATUS_TOPIC=status_topic)
     value = message("online")
     async with connect(gateway.ws_url(auth_server.issue("online"))) as ws:
+        # Registered first: a notification that comes before is stored, then flushed.
+        await wait_connections(gateway.base, 1)
         await producer.send_and_wait(topics[0], json.dumps(value).encode(), key=b"k")
         assert await receive(ws, 1) == [{"title": "s", "body": "c"}]
     found = await status_events(
