@@ -124,11 +124,14 @@ describe("against the real gateway", () => {
     await gw.stop();
   });
 
-  test("4401 when a short-lived token expires: the provider is asked again and the client goes on", async () => {
+  test("v1: 4401 when a short-lived token expires: the provider is asked again and the client goes on", async () => {
     const gw = await gateway();
     const user = randomUUID();
     // Tokens for a connect live 3 s; the one asked for after the 4401, an hour.
-    const c = client(gw, user, { ttl: (reason) => (reason === "refused" ? 3600 : 3) });
+    const c = client(gw, user, {
+      protocol: "v1",
+      ttl: (reason) => (reason === "refused" ? 3600 : 3),
+    });
     await until(() => c.state === "open", 20_000, "open");
     await until(() => c.lastClose?.code === 4401, 20_000, "the gateway closing at the token's exp");
     await until(() => c.state === "open", 20_000, "open with the new token");
@@ -136,6 +139,23 @@ describe("against the real gateway", () => {
     assert.equal(c.seen.tokenRequests.filter((r) => r === "refused").length, 1);
     produce(topics[0], record(user, "after refresh"));
     await until(() => titles(c).includes("after refresh"), 30_000, "a notification on the new connection");
+    c.close();
+    await gw.stop();
+  });
+
+  test("v2: a short-lived token is refreshed in-band on `expiring`: no close, the connection goes on", async () => {
+    const gw = await gateway();
+    const user = randomUUID();
+    // Tokens for a connect live 4 s; the one asked for on `expiring`, an hour.
+    const c = client(gw, user, { ttl: (reason) => (reason === "expiring" ? 3600 : 4) });
+    await until(() => c.state === "open" && c.protocolVersion === "v2", 20_000, "open in v2");
+    await until(() => c.seen.tokenRequests.includes("expiring"), 20_000, "the provider asked on expiring");
+    // Past the first token's exp: had the refresh failed, the gateway would have closed with 4401.
+    await new Promise((r) => setTimeout(r, 5000));
+    assert.equal(c.lastClose, null, "the connection was never closed");
+    assert.equal(c.state, "open");
+    produce(topics[0], record(user, "after refresh"));
+    await until(() => titles(c).includes("after refresh"), 30_000, "a notification on the same connection");
     c.close();
     await gw.stop();
   });
