@@ -27,6 +27,15 @@ The transport aborted, every task that waited on the socket ends: the
 connection is lost, Sanic's protocol resumes its blocked writers, which fail,
 and cancels the handler. Frames go around the guard: ``SanicSocket.send_now``
 writes to the real transport, so the guard costs nothing per frame sent.
+
+Once the connection is lost, the guard also takes apart what the socket leaves
+behind (:func:`_unlink`). Sanic's objects of a WebSocket refer to each other in
+cycles (protocol and WebSocket, WebSocket and its frame assembler, the HTTP
+stream and its own response method, websockets' parser and its protocol): freed
+only by the cyclic garbage collector, which the node runs rarely (``_tune_gc`` in
+``service/node.py``), each closed socket would stay in memory with its request
+and headers, 10-16 KB, long after it left. Unlinked, they are freed the moment
+the last task that used them ends.
 """
 
 from __future__ import annotations
@@ -46,6 +55,13 @@ log = logging.getLogger("notify.guard")
 # would wait for; a slice of 4 KiB, some 30 ms at worst.
 _SLICE = 4 * 1024
 
+# How often, once a socket's connection is lost, the guard looks whether Sanic has
+# finished with it (its connection task ended) before taking its objects apart.
+_UNLINK_AFTER = 1.0
+
+# The protocol of a guard whose connection is lost: every call is a no-op.
+_GONE = asyncio.Protocol()
+
 
 class SocketGuard(asyncio.Protocol):
     """The transport's protocol for one upgraded socket, forwarding to Sanic's.
@@ -60,17 +76,26 @@ class SocketGuard(asyncio.Protocol):
         "_loop",
         "_reading_held",
         "_rest",
+        "_stream",
         "_timer",
+        "_websocket",
         "on_stall",
-        "sanic_side",
         "transport",
         "writing_paused",
     )
 
     def __init__(
-        self, inner: asyncio.Protocol, transport: asyncio.Transport, write_timeout: float
+        self,
+        inner: asyncio.Protocol,
+        transport: asyncio.Transport,
+        write_timeout: float,
+        websocket: Websocket | None = None,
     ) -> None:
         self._inner = inner
+        # Sanic's WebSocket on ``inner`` and its HTTP stream, taken apart once the
+        # connection is lost.
+        self._websocket = websocket
+        self._stream = getattr(inner, "_http", None)
         self.transport = transport
         self._limit = write_timeout
         self._loop = asyncio.get_running_loop()
@@ -82,7 +107,6 @@ class SocketGuard(asyncio.Protocol):
         # A slice handed to Sanic whose task has not run yet.
         self._digesting = False
         self.writing_paused = False
-        self.sanic_side = _SanicSide(self, transport)
         self.on_stall: Callable[[], object] | None = None
         """Called once, just before the socket is aborted for a write stalled too long."""
 
@@ -90,18 +114,22 @@ class SocketGuard(asyncio.Protocol):
     def install(cls, ws: Websocket, write_timeout: float) -> SocketGuard | None:
         """Put a guard between ``ws``'s transport and Sanic's protocol.
 
-        Returns None, changing nothing, when the socket is already closing or
-        guarded. Call right after the handshake.
+        Returns None when the socket is already guarded, or closing (then only its
+        reference cycles are broken, a little later). Call right after the handshake.
         """
         io = ws.io_proto
         transport = io.transport if io is not None else None
-        if io is None or transport is None or transport.is_closing():
+        if io is None or transport is None or isinstance(transport, _SanicSide):
             return None
-        if isinstance(transport, _SanicSide):
+        if transport.is_closing():
+            # The client left already: nothing to guard, but the cycles to break.
+            asyncio.get_running_loop().call_later(
+                _UNLINK_AFTER, _unlink, io, ws, getattr(io, "_http", None)
+            )
             return None
-        guard = cls(io, transport, write_timeout)
+        guard = cls(io, transport, write_timeout, ws)
         transport.set_protocol(guard)
-        io.transport = guard.sanic_side
+        io.transport = _SanicSide(guard, transport)
         _, high = transport.get_write_buffer_limits()
         if transport.get_write_buffer_size() > high:  # paused already: the guard came late
             guard.pause_writing()
@@ -131,7 +159,19 @@ class SocketGuard(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        self._inner.connection_lost(exc)
+        inner, self._inner = self._inner, _GONE
+        self._rest = memoryview(b"")
+        self.on_stall = None
+        inner.connection_lost(exc)
+        websocket, self._websocket = self._websocket, None
+        stream, self._stream = self._stream, None
+        if websocket is None:
+            return
+        # Sanic's protocol needs its WebSocket no more: without it, its close at the
+        # end of the connection task does not arm a 10 s abort of a closed socket.
+        if getattr(inner, "websocket", None) is websocket:
+            inner.websocket = None  # type: ignore[attr-defined]
+        self._loop.call_later(_UNLINK_AFTER, _unlink, inner, websocket, stream)
 
     def _feed(self) -> None:
         """Hand Sanic the next slice of the last read; the rest waits for the next turn."""
@@ -201,6 +241,37 @@ class SocketGuard(asyncio.Protocol):
                 self.on_stall()
         finally:
             self.transport.abort()
+
+
+def _unlink(protocol: Any, websocket: Any, stream: Any) -> None:
+    """Break what is left of a lost socket's reference cycles, once Sanic is done with it.
+
+    Done means Sanic's connection task has ended (it runs the handler and closes
+    the WebSocket); until then, look again later. Each link cut is one that Sanic
+    and websockets no longer follow once the connection is gone:
+
+    * the WebSocket and its frame assembler (``assembler.protocol``);
+    * websockets' protocol and its parser, a generator whose frame holds it, and
+      the parser's last exception, whose traceback holds that frame;
+    * the HTTP stream and its ``response_func``, a method of itself, left set by an
+      upgrade (the stream holds the request and its headers).
+
+    * Sanic's protocol and its WebSocket, if not done when the connection was lost.
+    """
+    if getattr(protocol, "_task", None) is not None:
+        asyncio.get_running_loop().call_later(_UNLINK_AFTER, _unlink, protocol, websocket, stream)
+        return
+    if getattr(protocol, "websocket", None) is websocket:
+        protocol.websocket = None
+    assembler = getattr(websocket, "assembler", None)
+    if assembler is not None:
+        assembler.protocol = None
+    sans_io = getattr(websocket, "ws_proto", None)
+    if sans_io is not None:
+        sans_io.parser = None
+        sans_io.parser_exc = None
+    if stream is not None:
+        stream.response_func = None
 
 
 class _SanicSide(asyncio.Transport):

@@ -79,11 +79,13 @@ SCENARIOS = """\
    no frame ever reaches a user it does not name; (d) a flood of distinct invalid tokens
    (20,000 at full scale, 2,000 short, 10 at a time, 6 KiB of headers each) through the
    real auth stand-in, the gateway's RSS measured before and after (each cached refusal
-   used to keep its handler's request and socket alive); (e) a storm of bad tokens (5,000
-   at full scale, 1,000 short, 100 at a time from one address) while good clients connect
-   one after another from another loopback address, each timed from connect to its first
-   frame (a stored notification, flushed on connect); (f) request heads sent a byte every
-   0.5 s (slowloris) against `HANDSHAKE_TIMEOUT=2s`, while a prompt client connects.
+   used to keep its handler's request and socket alive; then each refused socket left its
+   objects in reference cycles, freed only by the rare full collections of the tuned GC);
+   (e) a storm of bad tokens (5,000 at full scale, 1,000 short, 100 at a time from one
+   address) while good clients connect one after another from another loopback address,
+   each timed from connect to its first frame (a stored notification, flushed on
+   connect); (f) request heads sent a byte every 0.5 s (slowloris) against
+   `HANDSHAKE_TIMEOUT=2s`, while a prompt client connects.
 9. **Two processes through Redis** (one consumer group, users on either, some with a
    device on each, the rest offline): (a) one process SIGKILLed mid-stream, its clients
    reconnecting to the other (as through a load balancer), which takes over its
