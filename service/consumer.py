@@ -1,6 +1,6 @@
 """The Kafka side: read ``notification.send``, hand push notifications to the dispatcher.
 
-Delivery guarantee (DESIGN.md §3): offsets are committed manually, after the
+Delivery guarantee (docs/design.md): offsets are committed manually, after the
 dispatcher has returned for the whole batch, that is after every notification
 up to the committed offset was written to a socket or stored in PostgreSQL, and
 after every poison message up to it was copied to the dead-letter topic, or given
