@@ -121,6 +121,7 @@ export class NotifyClient {
     this._offeredV2 = false;
     this._probeV1 = false; // the next attempt offers no subprotocol
     this._probeSoon = true; // the first v2 failure of an unknown gateway probes v1 at once
+    this._v2Failures = 0; // failed v2 attempts in a row against a gateway known to speak v2
     this._attempt = 0; // consecutive failures, for the backoff
     this._openedAt = null;
     this._lastClose = null; // {code, reason}
@@ -296,6 +297,9 @@ export class NotifyClient {
     }
     this._version = selected ? "v2" : "v1";
     this._serverVersion = this._version;
+    this._v2Failures = 0;
+    // A gateway known to speak v2 is probed for v1 only at the backoff's pace.
+    if (selected) this._probeSoon = false;
     if (!selected) this._pendingAcks = []; // a v1 gateway takes no acks
     // The gateway has had the chance to take `acked`: it treated them as acknowledged.
     this._ackedParam = [];
@@ -466,16 +470,30 @@ export class NotifyClient {
     }
     this._openedAt = null;
     const decision = closeAction(code);
-    if (decision.action === "now") {
-      // A new deployment may speak another version: ask again. The quick v1 probe only
-      // after a real session: a draining gateway refuses new connections with 1001
-      // too, and those must not add attempts beyond the backoff's.
+    if (decision.action === "now" && this._serverVersion !== "v2") {
+      // A new deployment may speak another version: ask a v1 gateway again. The quick
+      // v1 probe only after a real session: a draining gateway refuses new connections
+      // with 1001 too, and those must not add attempts beyond the backoff's.
       this._serverVersion = null;
       if (openFor >= 1000) this._probeSoon = true;
     }
+    // A gateway known to speak v2 that does not answer is down (a restart, a deploy),
+    // not a v1 gateway: keep offering v2, or the first attempt to open after the outage
+    // could be a v1 probe and the client would stay without acknowledged delivery. Only
+    // every fourth failure in a row probes v1, in case the deployment was rolled back.
+    let knownV2Failed = false;
+    if (!wasOpen && code === 1006 && this._offeredV2 && this._protocol === "auto" &&
+        this._serverVersion === "v2") {
+      this._v2Failures++;
+      if (this._v2Failures % 4 === 0) {
+        this._serverVersion = null;
+        knownV2Failed = true;
+      }
+    }
     const v2Failed =
-      !wasOpen && code === 1006 && this._offeredV2 && this._protocol === "auto" &&
-      this._serverVersion === null;
+      knownV2Failed ||
+      (!wasOpen && code === 1006 && this._offeredV2 && this._protocol === "auto" &&
+        this._serverVersion === null);
     if (v2Failed) {
       // A v1 gateway, or no gateway: the next attempt offers v1 (they alternate until
       // one opens). The first time, it comes at once (with jitter): the common case is

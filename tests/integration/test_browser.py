@@ -74,6 +74,7 @@ async def test_live_page_shows_notifications_and_survives_a_gateway_restart(
     await page.goto(f"{gateway.base}/demo/#token={token}")
     state = page.locator("#state")
     await expect(state).to_have_attribute("data-state", "open")
+    await expect(page.locator("#protocol")).to_have_text("protocol v2")
     assert token not in page.url, "the page takes the token out of the address bar"
 
     await console_produce(
@@ -100,6 +101,8 @@ async def test_live_page_shows_notifications_and_survives_a_gateway_restart(
 
     await asyncio.to_thread(gateway.start)
     await expect(state).to_have_attribute("data-state", "open")
+    # A restart is not a downgrade: acknowledged delivery again.
+    await expect(page.locator("#protocol")).to_have_text("protocol v2")
     await expect(page.locator("#list li")).to_have_count(3)
     await asyncio.sleep(1.5)  # room for a duplicate to show up
     assert sorted(await titles(page)) == sorted(["Новый фильм", "Скидка 50%", "New episode"])

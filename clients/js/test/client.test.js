@@ -403,6 +403,31 @@ describe("v1 fallback", () => {
     assert.deepEqual(h.last().protocols, ["notify.v2"], "after a deploy, v2 is offered again");
   });
 
+  test("a v2 gateway that restarts is asked for v2 again: an outage does not downgrade to v1", async () => {
+    const h = await opened();
+    assert.equal(h.client.protocolVersion, "v2");
+    // The next connection attempt, however long the backoff makes it wait.
+    const nextAttempt = async () => {
+      const before = h.sockets.length;
+      while (h.sockets.length === before) await h.clock.advance(100);
+      return h.last();
+    };
+    h.last().serverClose(1001); // a deploy: the gateway goes away
+    // While it is down, every attempt fails as a refused v2 handshake looks (1006).
+    for (let i = 1; i <= 4; i++) {
+      const attempt = await nextAttempt();
+      assert.deepEqual(attempt.protocols, ["notify.v2"], `attempt ${i} offers v2`);
+      attempt.failHandshake();
+    }
+    const probe = await nextAttempt(); // after four failures in a row: one v1 probe (a rollback?)
+    assert.deepEqual(probe.protocols, [], "the probe offers no subprotocol");
+    probe.failHandshake(); // still down
+    const back = await nextAttempt();
+    assert.deepEqual(back.protocols, ["notify.v2"], "after the probe, v2 again");
+    back.accept();
+    assert.equal(h.client.protocolVersion, "v2", "back up: acknowledged delivery again");
+  });
+
   test('protocol "v2" stops when the gateway speaks v1 only', async () => {
     const h = harness({ protocol: "v2" });
     h.client.connect();
