@@ -231,7 +231,7 @@ class Worker:
     async def ack_loop(self) -> None:
         """Every ack interval, the v2 clients with ids waiting send their ack frame."""
         while True:
-            await asyncio.sleep(self.ack_interval / 2)
+            await asyncio.sleep(self.ack_interval)
             if not self.unacked:
                 continue
             now = time.monotonic()
