@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Request, Sanic, Websocket
 from sanic.exceptions import RequestCancelled, SanicException
@@ -21,11 +22,21 @@ from websockets.protocol import State
 from .auth import AuthUnavailable, Identity, InvalidToken, Unauthenticated
 from .closecode import CloseCode
 from .config import Settings
+from .connection import Connection
 from .demo import add_demo_routes
 from .guard import SocketGuard
 from .hub import Rejected
+from .inbound import (
+    SUBPROTOCOL,
+    Ack,
+    BadFrame,
+    FrameRate,
+    Refresh,
+    parse_acked_parameter,
+    parse_client_frame,
+)
 from .node import Node, is_ready
-from .router import BrokerUnavailable
+from .router import BrokerUnavailable, StoreUnavailable
 
 log = logging.getLogger("notify.app")
 access = logging.getLogger("notify.access")
@@ -123,6 +134,78 @@ class SanicSocket:
         return bool(self._ws.fail_connection(code, reason))
 
 
+class _Gateway(Sanic):  # type: ignore[type-arg]
+    """Sanic, selecting a subprotocol only when the client offers it.
+
+    Given a route's subprotocols, the handshake (``websockets``) refuses a client
+    that offers none with HTTP 400, which would turn every v1 client away; here a
+    route's subprotocols are narrowed, per request, to those the client offered, so
+    ``notify.v2`` is selected whenever it is offered and nothing is asked otherwise.
+    """
+
+    async def _websocket_handler(  # type: ignore[no-untyped-def]
+        self, handler, request, *args, subprotocols=None, **kwargs
+    ):
+        offered = {
+            name.strip()
+            for header in request.headers.getall("sec-websocket-protocol", [])
+            for name in header.split(",")
+        }
+        chosen = tuple(name for name in subprotocols or () if name in offered) or None
+        return await super()._websocket_handler(  # type: ignore[no-untyped-call]
+            handler, request, *args, subprotocols=chosen, **kwargs
+        )
+
+
+def _control(kind: str, **fields: object) -> str:
+    """A v2 control frame: ``{"type": kind, ...fields}``."""
+    return orjson.dumps({"type": kind, **fields}).decode()
+
+
+class _TokenClock:
+    """The timers of a connection's token: ``expiring`` (v2) before ``exp``, 4401 at it.
+
+    ``arm`` (again, after a refresh) replaces both; ``cancel`` is idempotent.
+    """
+
+    __slots__ = ("_close", "_connection", "_v2", "_warn")
+
+    def __init__(self, connection: Connection, *, v2: bool) -> None:
+        self._connection = connection
+        self._v2 = v2
+        self._close: asyncio.TimerHandle | None = None
+        self._warn: asyncio.TimerHandle | None = None
+
+    def arm(self, expires_at: float | None, *, close: bool) -> None:
+        self.cancel()
+        if expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        remaining = expires_at - time.time()
+        if close:
+            self._close = loop.call_later(
+                remaining, self._connection.abort, CloseCode.UNAUTHORIZED, "token expired"
+            )
+        if self._v2:
+            # Warned half the remaining lifetime ahead, at most a minute.
+            notice = min(EXPIRING_NOTICE, remaining / 2)
+            self._warn = loop.call_later(
+                remaining - notice,
+                self._connection.send_control,
+                _control("expiring", in_s=int(notice)),
+            )
+
+    def cancel(self) -> None:
+        for handle in (self._close, self._warn):
+            if handle is not None:
+                handle.cancel()
+        self._close = self._warn = None
+
+
+# The longest warning ``expiring`` gives before a token's exp, in seconds.
+EXPIRING_NOTICE = 60.0
+
+
 async def _authenticate(node: Node, ws: Websocket, token: str) -> Identity | None:
     """The identity behind ``token``; None once the client was refused (4401 / 4503)."""
     try:
@@ -162,7 +245,7 @@ def create_app(
     settings: Settings, *, node: Node | None = None, name: str = "notify_ws"
 ) -> Sanic[Any, Any]:
     """Build the application around a node (a new one from ``settings`` by default)."""
-    app: Sanic[Any, Any] = Sanic(name, configure_logging=False)
+    app: Sanic[Any, Any] = _Gateway(name, configure_logging=False)
     app.config.update(
         {
             "WEBSOCKET_MAX_SIZE": settings.max_client_frame,
@@ -233,7 +316,7 @@ def create_app(
     if settings.demo_page:
         add_demo_routes(app)
 
-    @app.websocket(WS_PATH)  # type: ignore[untyped-decorator]
+    @app.websocket(WS_PATH, subprotocols=[SUBPROTOCOL])  # type: ignore[untyped-decorator]
     async def notify(request: Request, ws: Websocket) -> None:
         # From the handshake on, whether it is registered yet or not: reads pause while
         # writes are paused, and a socket with no room for WRITE_TIMEOUT is cut off.
@@ -377,39 +460,137 @@ async def serve_client(
         unauthenticated.leave(address)
     if identity is None:
         return
+    v2 = ws.subprotocol == SUBPROTOCOL
+    if v2 and not await _take_acked_parameter(node, request, ws, identity):
+        return
 
     # The identity is known: the node subscribes, registers and starts the writer.
     try:
-        connection = await node.connect(SanicSocket(ws), identity)
+        connection = await node.connect(SanicSocket(ws), identity, acks=v2)
     except BrokerUnavailable:
         await _reject(node, ws, CloseCode.UNAVAILABLE, "service unavailable, retry later", "broker")
         return
     except Rejected as exc:
         await _reject(node, ws, CloseCode.TOO_MANY, exc.reason, "too_many")
         return
-    access.info("ws_open", extra={"connections": len(node.hub)})
-    expiry: asyncio.TimerHandle | None = None
-    if settings.auth_close_on_expiry and identity.expires_at is not None:
-        expiry = asyncio.get_running_loop().call_later(
-            identity.expires_at - time.time(),
-            connection.abort,
-            CloseCode.UNAUTHORIZED,
-            "token expired",
-        )
+    access.info("ws_open", extra={"connections": len(node.hub), "v2": v2})
+    clock = _TokenClock(connection, v2=v2)
+    clock.arm(identity.expires_at, close=settings.auth_close_on_expiry)
     try:
-        # The server only sends; client frames are read and dropped (the size
-        # limit closes with 1009 inside Sanic).
-        while not connection.closed:
-            if await ws.recv() is None:
-                break
+        if v2:
+            await _read_v2(node, ws, connection, clock)
+        else:
+            # v1: the server only sends; client frames are read and dropped (the
+            # size limit closes with 1009 inside Sanic).
+            while not connection.closed:
+                if await ws.recv() is None:
+                    break
     except Exception as exc:
         log.debug("ws_read_stopped", extra={"error": type(exc).__name__})
     finally:
         # Synchronous, so it completes even when Sanic cancels this task.
-        if expiry is not None:
-            expiry.cancel()
+        clock.cancel()
         node.disconnect(connection)
         access.info("ws_close", extra={"connections": len(node.hub)})
+
+
+async def _take_acked_parameter(
+    node: Node, request: Request, ws: Websocket, identity: Identity
+) -> bool:
+    """Apply a v2 client's ``acked`` query parameter before anything is sent.
+
+    The ids are deleted from the user's stored rows in one statement, so the flush
+    does not send them again. False once a malformed parameter was refused (1008).
+    A store that is down only means they may be sent again.
+    """
+    raw = request.args.get("acked")
+    if raw is None:
+        return True
+    try:
+        ids: Sequence[str] = parse_acked_parameter(str(raw))
+    except BadFrame:
+        await _reject(
+            node, ws, CloseCode.POLICY_VIOLATION, "malformed acked parameter", "bad_acked"
+        )
+        return False
+    try:
+        deleted = await node.store.delete_acked(identity.user_id, ids)
+    except StoreUnavailable as exc:
+        log.warning("acked_parameter_not_applied", extra={"error": str(exc)})
+        return True
+    if deleted:
+        node.router.status.acked(identity.user_id, deleted)
+    return True
+
+
+async def _read_v2(node: Node, ws: Websocket, connection: Connection, clock: _TokenClock) -> None:
+    """Read a v2 client's frames until it goes away: acks, refreshes, within the limits.
+
+    A binary frame or a rate over ``CLIENT_FRAME_RATE`` closes with 1008; a frame
+    that is not the protocol's gets an ``error`` frame and changes nothing.
+    """
+    settings = node.settings
+    rate = FrameRate(settings.client_frame_rate, 2 * settings.client_frame_rate)
+    identity = connection.identity
+    while not connection.closed:
+        message = await ws.recv()
+        if message is None:
+            return
+        if not rate.allow():
+            node.metrics.connections_rejected.labels("client_frame_rate").inc()
+            connection.abort(CloseCode.POLICY_VIOLATION, "too many client frames")
+            return
+        if not isinstance(message, str):
+            connection.abort(CloseCode.POLICY_VIOLATION, "binary frames are not accepted")
+            return
+        try:
+            frame = parse_client_frame(message)
+        except BadFrame as exc:
+            connection.send_control(_control("error", code="bad_frame", message=str(exc)))
+            continue
+        if isinstance(frame, Ack):
+            try:
+                await connection.acknowledge(frame.ids, node.store)
+            except StoreUnavailable as exc:
+                # The rows stay, and are sent again on a later connection.
+                log.warning("ack_delete_failed", extra={"error": str(exc)})
+            continue
+        assert isinstance(frame, Refresh)
+        refreshed = await _refresh(node, connection, identity, frame.token)
+        if refreshed is None:
+            continue
+        if refreshed.user_id != identity.user_id:
+            connection.abort(CloseCode.FORBIDDEN, "token of another user")
+            return
+        clock.arm(refreshed.expires_at, close=settings.auth_close_on_expiry)
+        expires_in = (
+            None if refreshed.expires_at is None else int(refreshed.expires_at - time.time())
+        )
+        connection.send_control(_control("refreshed", expires_in_s=expires_in))
+
+
+async def _refresh(
+    node: Node, connection: Connection, identity: Identity, token: str
+) -> Identity | None:
+    """The identity behind a refresh token; None (the client told why) if it is refused."""
+    try:
+        refreshed = await node.auth.identify(token)
+    except InvalidToken:
+        refreshed = None
+    except AuthUnavailable as exc:
+        log.warning("auth_unavailable", extra={"error": exc.reason})
+        connection.send_control(
+            _control("error", code="unavailable", message="cannot check the token now")
+        )
+        return None
+    if refreshed is None or (
+        refreshed.expires_at is not None and refreshed.expires_at <= time.time()
+    ):
+        connection.send_control(
+            _control("error", code="invalid_token", message="invalid or expired token")
+        )
+        return None
+    return refreshed
 
 
 _STATUS_TEXT = {

@@ -86,6 +86,7 @@ class Settings:
     send_queue_size: int = 1000
     write_timeout: float = 10.0
     max_client_frame: int = 4096
+    client_frame_rate: int = 20
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
 
@@ -174,6 +175,7 @@ class Settings:
             send_queue_size=r.integer("SEND_QUEUE_SIZE", d.send_queue_size, 1, 1_000_000),
             write_timeout=r.seconds("WRITE_TIMEOUT", d.write_timeout, minimum=0.1),
             max_client_frame=r.integer("MAX_CLIENT_FRAME", d.max_client_frame, 125, 2**24),
+            client_frame_rate=r.integer("CLIENT_FRAME_RATE", d.client_frame_rate, 1, 100_000),
             ping_interval=r.seconds("PING_INTERVAL", d.ping_interval, minimum=0.1),
             ping_timeout=r.seconds("PING_TIMEOUT", d.ping_timeout, minimum=0.1),
             shutdown_timeout=r.seconds("SHUTDOWN_TIMEOUT", d.shutdown_timeout, minimum=0.1),

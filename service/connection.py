@@ -13,6 +13,11 @@ that closes it once it is registered:
   router asks (``request_flush``), so stored and live frames never interleave;
 * closes use a :class:`~service.closecode.CloseCode`; frames the socket took but
   never sent are handed back (``on_unsent``) to be stored again.
+
+A protocol v2 connection (``acks``) writes v2 frames and settles nothing on
+write: it keeps what it wrote, by message id, until the client acknowledges it
+(:meth:`Connection.acknowledge`) or the connection ends. Its flush sends the
+stored rows without deleting them; the acknowledgement deletes them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from .delivery import Delivery
 from .metrics import Metrics
 from .notification import Notification
 from .router import StoreUnavailable
+from .status import NO_STATUS, StatusSink
 
 log = logging.getLogger("notify.connection")
 
@@ -91,12 +97,31 @@ class StoredRows(Protocol):
         """
         ...
 
+    async def delete_acked(self, user_id: str, message_ids: Sequence[str]) -> list[str]:
+        """As ``delete``, in one statement; returns the ids whose rows were deleted.
+        Raises StoreUnavailable."""
+        ...
+
+    async def take_gap(self, user_id: str) -> int:
+        """How many of the user's rows retention dropped since the last call; resets it.
+        Raises StoreUnavailable."""
+        ...
+
 
 class _Flush:
     """Queue marker: re-read the store before the next live frame."""
 
 
 _FLUSH: Final = _Flush()
+
+
+class _Control:
+    """A protocol v2 control frame (gap, expiring, refreshed, error) waiting its turn."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: str) -> None:
+        self.frame = frame
 
 
 class Connection:
@@ -109,6 +134,7 @@ class Connection:
 
     __slots__ = (
         "__weakref__",
+        "_acks",
         "_closed",
         "_flush_pending",
         "_idle",
@@ -121,7 +147,10 @@ class Connection:
         "_seen",
         "_seen_order",
         "_socket",
+        "_status",
+        "_unacked",
         "_unsent",
+        "_v2_open",
         "_wakeup",
         "identity",
     )
@@ -134,8 +163,18 @@ class Connection:
         *,
         queue_size: int,
         on_unsent: Callable[[list[Notification]], None] | None = None,
+        acks: bool = False,
+        v2_open: Callable[[], bool] | None = None,
+        status: StatusSink = NO_STATUS,
     ) -> None:
+        """``acks``: the client speaks protocol v2. ``v2_open``: whether a v2 connection
+        of the user is open (a v1 connection's flush then deletes no row)."""
         self._socket = socket
+        self._acks = acks
+        self._v2_open = v2_open
+        self._status = status
+        # v2: written and not yet acknowledged, by id; None for a row of the store.
+        self._unacked: dict[str, Delivery | None] = {}
         self._on_unsent = on_unsent
         self._inflight: Delivery | None = None
         self._unsent: deque[Notification] | None = None
@@ -143,7 +182,7 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self.identity = identity
         self._metrics = metrics
-        self._queue: deque[Delivery | _Flush] = deque()
+        self._queue: deque[Delivery | _Flush | _Control] = deque()
         self._queue_size = queue_size
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
@@ -162,6 +201,19 @@ class Connection:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def acks(self) -> bool:
+        """Whether the client speaks protocol v2: delivered means acknowledged."""
+        return self._acks
+
+    @property
+    def unacked(self) -> int:
+        """How many notifications this connection wrote that are not acknowledged yet."""
+        return len(self._unacked)
+
+    def _frame(self, notification: Notification) -> str:
+        return notification.frame_v2 if self._acks else notification.frame
+
     def write_now(self, notification: Notification) -> bool:
         """Write the frame at once, without a task switch, if nothing has to wait.
 
@@ -170,7 +222,7 @@ class Connection:
         the caller then ``offer``s it. A notification this connection already
         wrote counts as written.
         """
-        if not self._idle or self._closed:
+        if not self._idle or self._closed or self._acks:
             return False
         if self._wrote(notification.message_id):
             return True
@@ -183,6 +235,22 @@ class Connection:
         """Book a live frame handed to the socket."""
         self._mark_written(notification)
         self._metrics.observe_delivery(notification.created_ms)
+        if not self._acks:
+            self._status.written((notification,))
+
+    def _settle_written(self, delivery: Delivery) -> None:
+        """This connection just wrote ``delivery``: settle it, or (v2) keep it for the ack."""
+        if self._acks:
+            self._unacked[delivery.notification.message_id] = delivery
+        else:
+            delivery.settle(not delivery.needs_ack)
+
+    def _settle_duplicate(self, delivery: Delivery) -> None:
+        """``delivery`` is one this connection wrote before: written, unless still unacked."""
+        if self._acks:
+            delivery.settle(delivery.notification.message_id not in self._unacked)
+        else:
+            delivery.settle(not delivery.needs_ack)
 
     def _reclaim_unsent(self) -> None:
         """Hand back the frames still in the socket's buffer: they will never be sent."""
@@ -208,6 +276,16 @@ class Connection:
         """
         if self._closed:
             return False
+        if self._idle and delivery.needs_ack:
+            # The fast path of ``write_now``, for a delivery that settles on an ack.
+            notification = delivery.notification
+            if self._wrote(notification.message_id) or notification.message_id in self._unacked:
+                self._settle_duplicate(delivery)
+                return True
+            if self._socket.send_now(self._frame(notification)):
+                self._written(notification)
+                self._settle_written(delivery)
+                return True
         if len(self._queue) >= self._queue_size:
             log.warning("connection_overflow", extra={"queued": len(self._queue)})
             self._metrics.slow_closed.inc()
@@ -216,6 +294,44 @@ class Connection:
         self._queue.append(delivery)
         self._wake()
         return True
+
+    def send_control(self, frame: str) -> None:
+        """Send a v2 control frame in turn with the notifications (at once if idle)."""
+        if self._closed:
+            return
+        if self._idle and self._socket.send_now(frame):
+            return
+        self._queue.append(_Control(frame))
+        self._wake()
+
+    async def acknowledge(self, message_ids: Sequence[str], backlog: StoredRows) -> None:
+        """The client has these notifications (a v2 ``ack``).
+
+        A delivery still waited for settles as delivered: it will not be stored. Every
+        other id (stored by then, or sent from the store, or acknowledged again after
+        a reconnect) is deleted from this user's stored rows in one statement; ids
+        of other users, or unknown, change nothing. Called by the connection's reader,
+        one frame at a time. Raises StoreUnavailable (nothing is lost: the rows are
+        sent again on a later connection).
+        """
+        unacked = self._unacked
+        settled: list[str] = []
+        rest: list[str] = []
+        for message_id in message_ids:
+            delivery = unacked.pop(message_id, None)
+            if delivery is not None and delivery.in_time:
+                delivery.settle(True)
+                settled.append(message_id)
+                continue
+            if delivery is not None:
+                delivery.settle(True)  # too late: stored meanwhile, so delete it below
+            rest.append(message_id)
+        if settled:
+            self._status.acked(self.user_id, settled)
+        if rest:
+            deleted = await backlog.delete_acked(self.user_id, rest)
+            if deleted:
+                self._status.acked(self.user_id, deleted)
 
     def request_flush(self) -> None:
         """Ask the writer to re-read the user's stored notifications."""
@@ -266,6 +382,8 @@ class Connection:
         """
         written = 0
         cursor: tuple[datetime, int] | None = None
+        # v2, or v1 beside a v2 connection of the user: only an ack deletes a row.
+        keep = self._acks or (self._v2_open is not None and self._v2_open())
         while True:
             try:
                 rows = await backlog.fetch(self.user_id, cursor, page)
@@ -278,16 +396,21 @@ class Connection:
             try:
                 for stored in rows:
                     notification = stored.notification
-                    if not self._wrote(notification.message_id):
+                    message_id = notification.message_id
+                    if not self._wrote(message_id) and message_id not in self._unacked:
                         # A socket with no room for WRITE_TIMEOUT is cut off
                         # (``service.guard``), which ends this wait with an error.
-                        await self._socket.send(notification.frame)
+                        await self._socket.send(self._frame(notification))
                         self._mark_written(notification)
                         written += 1
                         self._metrics.flushed.inc()
-                    done.append(notification.message_id)
+                        if self._acks:
+                            self._unacked[message_id] = None
+                        else:
+                            self._status.written((notification,))
+                    done.append(message_id)
             finally:
-                if done:
+                if done and not keep:
                     await self._delete_quietly(backlog, done)
             if len(rows) < page:
                 return written
@@ -310,6 +433,8 @@ class Connection:
         Never raises for a failed socket.
         """
         try:
+            if self._acks:
+                await self._send_gap(backlog)
             await self.flush_backlog(backlog, flush_batch)
             while not self._closed:
                 if not self._queue:
@@ -325,14 +450,17 @@ class Connection:
                     self._flush_pending = False
                     await self.flush_backlog(backlog, flush_batch)
                     continue
+                if isinstance(item, _Control):
+                    await self._socket.send(item.frame)
+                    continue
                 notification = item.notification
-                if self._wrote(notification.message_id):
-                    item.settle(True)
+                if self._wrote(notification.message_id) or notification.message_id in self._unacked:
+                    self._settle_duplicate(item)
                     continue
                 self._inflight = item
                 try:
                     # As in the flush: a socket with no room for WRITE_TIMEOUT is cut off.
-                    await self._socket.send(notification.frame)
+                    await self._socket.send(self._frame(notification))
                 except BaseException:
                     if self._inflight is item:
                         self._inflight = None
@@ -342,7 +470,7 @@ class Connection:
                     continue  # aborted meanwhile: settled as not written already
                 self._inflight = None
                 self._written(notification)
-                item.settle(True)
+                self._settle_written(item)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket failed: the client went away
@@ -350,6 +478,16 @@ class Connection:
         finally:
             self._closed = True
             self._abandon()
+
+    async def _send_gap(self, backlog: StoredRows) -> None:
+        """v2: first of all, how many unacknowledged notifications retention dropped."""
+        try:
+            dropped = await backlog.take_gap(self.user_id)
+        except StoreUnavailable as exc:
+            log.warning("gap_store_unavailable", extra={"error": str(exc)})
+            return
+        if dropped:
+            await self._socket.send(f'{{"type":"gap","dropped":{dropped}}}')
 
     def _wake(self) -> None:
         self._idle = False
@@ -364,8 +502,12 @@ class Connection:
             inflight.settle(False)
         while self._queue:
             item = self._queue.popleft()
-            if not isinstance(item, _Flush):
+            if isinstance(item, Delivery):
                 item.settle(False)
+        unacked, self._unacked = self._unacked, {}
+        for delivery in unacked.values():
+            if delivery is not None:
+                delivery.settle(False)
         self._wake()
 
     def detach(self) -> None:

@@ -6,6 +6,13 @@ connections of its user as one :class:`Delivery`, gathered in the
 (``service.connection``): written, or given up (closed, overflowed, too slow).
 The router waits for the batch and stores what no socket took. Plain
 bookkeeping: nothing here does I/O or writes to a socket.
+
+Protocol v2: a delivery to a user with a v2 connection open ``needs_ack``. Then
+a write settles nothing on a v2 connection: it keeps the delivery until the
+client acknowledges it (settled as delivered) or goes away (not delivered), and
+a v1 connection's write does not count as delivered. What is still unsettled
+when the batch's budget runs out is stored, as for a slow socket; an
+acknowledgement arriving later deletes the stored row.
 """
 
 from __future__ import annotations
@@ -34,21 +41,32 @@ class Batch:
     ``unwritten`` to be stored. Used from one event loop; not thread-safe.
     """
 
-    __slots__ = ("_deliveries", "_done", "_pending", "unwritten")
+    __slots__ = ("_deliveries", "_done", "_pending", "closed", "unwritten")
 
     def __init__(self) -> None:
         self._pending = 0
+        # True once ``wait`` returned: what settles later was stored meanwhile.
+        self.closed = False
         self._done: asyncio.Future[None] | None = None
         self._deliveries: list[Delivery] = []
         self.unwritten: list[Notification] = []
 
-    def offer(self, notification: Notification, queues: Sequence[Queue], *, written: bool) -> None:
+    def offer(
+        self,
+        notification: Notification,
+        queues: Sequence[Queue],
+        *,
+        written: bool,
+        needs_ack: bool = False,
+    ) -> None:
         """Queue ``notification`` on each of ``queues`` as one delivery of this batch.
 
         ``written``: another connection already wrote it, so it needs no storing
-        whatever these do. A queue that refuses it settles its share at once.
+        whatever these do. ``needs_ack``: only a v2 client's acknowledgement counts
+        as delivered (see the module docstring). A queue that refuses it settles
+        its share at once.
         """
-        delivery = Delivery(notification, self, len(queues), written=written)
+        delivery = Delivery(notification, self, len(queues), written=written, needs_ack=needs_ack)
         self._pending += 1
         self._deliveries.append(delivery)
         for queue in queues:
@@ -69,14 +87,17 @@ class Batch:
         queued when the budget ran out (a slow socket must not hold up everyone
         else's notifications; if it writes them later, they arrive twice at worst).
         """
-        if self._pending:
-            self._done = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(self._done, budget)
-            except TimeoutError:
-                late = [d.notification for d in self._deliveries if not d.settled]
-                return self.unwritten + late
-        return self.unwritten
+        try:
+            if self._pending:
+                self._done = asyncio.get_running_loop().create_future()
+                try:
+                    await asyncio.wait_for(self._done, budget)
+                except TimeoutError:
+                    late = [d.notification for d in self._deliveries if not d.settled]
+                    return self.unwritten + late
+            return self.unwritten
+        finally:
+            self.closed = True
 
 
 class Delivery:
@@ -86,19 +107,31 @@ class Delivery:
     has, the batch learns whether any of them wrote it.
     """
 
-    __slots__ = ("_batch", "_remaining", "_written", "notification")
+    __slots__ = ("_batch", "_remaining", "_written", "needs_ack", "notification")
 
     def __init__(
-        self, notification: Notification, batch: Batch, fanout: int, *, written: bool = False
+        self,
+        notification: Notification,
+        batch: Batch,
+        fanout: int,
+        *,
+        written: bool = False,
+        needs_ack: bool = False,
     ) -> None:
         self.notification = notification
         self._batch = batch
         self._remaining = fanout
         self._written = written
+        self.needs_ack = needs_ack
 
     @property
     def settled(self) -> bool:
         return self._remaining <= 0
+
+    @property
+    def in_time(self) -> bool:
+        """Whether its batch still waits: settled now, it will not be stored."""
+        return not self._batch.closed
 
     def settle(self, written: bool) -> None:
         """Record the outcome on one connection. Safe to call once per connection."""

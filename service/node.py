@@ -272,14 +272,16 @@ class Node:
         if task is not None:
             task.add_done_callback(done)
 
-    async def connect(self, socket: Socket, identity: Identity) -> Connection:
+    async def connect(
+        self, socket: Socket, identity: Identity, *, acks: bool = False
+    ) -> Connection:
         """Plug an authenticated client in: subscribe, register, then write.
 
         In the order of the module docstring: the process is subscribed to the
         user's channel, the connection registered in the hub (from then on live
         notifications queue for it), and its writer started, which sends the
         stored backlog before any live frame. Pair every connection it returns
-        with :meth:`disconnect`.
+        with :meth:`disconnect`. ``acks``: the client speaks protocol v2.
 
         Raises:
             BrokerUnavailable: the subscription was not confirmed (Redis down);
@@ -288,12 +290,16 @@ class Node:
         If cancelled (the client left while subscribing), nothing is left behind.
         """
         user_id = identity.user_id
+        hub = self.hub
         connection = Connection(
             socket,
             identity,
             self.metrics,
             queue_size=self.settings.send_queue_size,
             on_unsent=self.router.store_soon,
+            acks=acks,
+            v2_open=lambda: any(c.acks for c in hub.connections(user_id)),
+            status=self.router.status,
         )
         # Subscribe before registering and flushing: a message published from now
         # on reaches this process, and one published before is in the store.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -60,6 +60,26 @@ class Notification:
     body: str
     created_ms: int
     frame: str
+    # The protocol v2 frame, made on first use: v1-only traffic never pays for it.
+    _frame_v2: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def frame_v2(self) -> str:
+        """The v2 text frame ``{"type":"notification","id","title","body","created_at"}``,
+        encoded once (on first use) and shared by every v2 connection."""
+        frame = self._frame_v2
+        if frame is None:
+            frame = orjson.dumps(
+                {
+                    "type": "notification",
+                    "id": self.message_id,
+                    "title": self.title,
+                    "body": self.body,
+                    "created_at": iso_time(self.created_ms),
+                }
+            ).decode()
+            object.__setattr__(self, "_frame_v2", frame)
+        return frame
 
     @classmethod
     def build(
@@ -70,13 +90,19 @@ class Notification:
         return cls(message_id, user_id, title, body, created_ms, frame)
 
 
+def iso_time(created_ms: int) -> str:
+    """``created_ms`` as ISO 8601 UTC with milliseconds: ``2026-12-02T10:15:30.123Z``."""
+    seconds, millis = divmod(created_ms, 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
+
+
 _UUID_FORM = re.compile(r"\{?[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}\}?")
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def _as_uuid(text: str) -> str | None:
+def as_uuid(text: str) -> str | None:
     """The canonical lower-case form of ``text`` if it is a UUID in a usual spelling.
 
     Only hex with optional dashes and braces counts: ``uuid.UUID`` alone also takes
@@ -105,7 +131,7 @@ def normalise_user_id(text: str) -> str | None:
     if not text.isprintable() or text[0] == " " or text[-1] == " ":
         # str.isprintable() is false for every whitespace but the ASCII space.
         return None
-    return _as_uuid(text) or text
+    return as_uuid(text) or text
 
 
 def created_time(timestamp_ms: int, now_ms: int) -> int:
@@ -157,7 +183,7 @@ def parse(value: bytes | None, timestamp_ms: int, now_ms: int | None = None) -> 
         return Skip(method)
 
     raw_id = _string(document, "message_id")
-    message_id = _as_uuid(raw_id)
+    message_id = as_uuid(raw_id)
     if message_id is None:
         raise PoisonMessage("invalid_message_id", "not a UUID")
 

@@ -3,7 +3,8 @@
 The router is where the delivery guarantee is kept. :meth:`Router.deliver`
 returns only when every notification it was given has been written to at least
 one socket or saved in the backlog store; the consumer commits Kafka offsets
-after that and never before.
+after that and never before. For a user with a protocol v2 connection open,
+"written" reads "acknowledged by a v2 client" (``service.delivery``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .delivery import Batch, Queue
 from .hub import Hub
 from .metrics import Metrics
 from .notification import Notification
+from .status import NO_STATUS, StatusSink
 
 log = logging.getLogger("notify.router")
 
@@ -81,6 +83,11 @@ class Outlet(Queue, Protocol):
     @property
     def user_id(self) -> str: ...
 
+    @property
+    def acks(self) -> bool:
+        """Whether the client speaks protocol v2 (delivered means acknowledged)."""
+        ...
+
     def write_now(self, notification: Notification) -> bool:
         """Write the frame at once if that needs no waiting; False: offer it in a batch."""
         ...
@@ -117,11 +124,13 @@ class Router:
         delivery_wait: float = 0.2,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
+        status: StatusSink = NO_STATUS,
     ) -> None:
         self._hub = hub
         self._backlog = backlog
         self._metrics = metrics
         self._broker = broker
+        self.status = status
         self._ack_timeout = ack_timeout
         self._delivery_wait = delivery_wait
         self._awaiting: dict[str, int] = {}
@@ -220,6 +229,10 @@ class Router:
             if not outlets:
                 offline.append(notification)
                 continue
+            if any(outlet.acks for outlet in outlets):
+                # A v2 client is there: delivered once one acknowledges it, or stored.
+                batch.offer(notification, outlets, written=False, needs_ack=True)
+                continue
             # Most frames go out at once; only the rest is queued and tracked.
             waiting = [outlet for outlet in outlets if not outlet.write_now(notification)]
             if not waiting:
@@ -292,6 +305,7 @@ class Router:
                 return await self._backlog.save(notifications)
 
         added = await self._retry("store", save)
+        self.status.stored(notifications)
         self._metrics.stored.inc(added)
         # Already stored for the same user: Kafka redelivered it, or it was stored
         # twice on the way (an ack timeout, an abort). Counted, never a second row.

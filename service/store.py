@@ -10,6 +10,10 @@ bounded number of rows, one short statement each, so a table with millions of
 rows to drop drains without a statement that runs for minutes, holds millions of
 row locks or hits a statement timeout.
 
+Rows retention deletes are counted per user in ``notification_gap``, in the
+same statement, for the next protocol v2 connection of the user
+(:meth:`Store.take_gap`): every stored row is one no v2 client acknowledged.
+
 Every method raises :class:`~service.router.StoreUnavailable` when PostgreSQL
 cannot be reached or refuses, and is safe to call concurrently (asyncpg pool).
 """
@@ -55,6 +59,25 @@ _DELETE = """
 DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2::uuid[])
 """
 
+_DELETE_ACKED = """
+DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2::uuid[])
+RETURNING message_id
+"""
+
+_TAKE_GAP = "DELETE FROM notification_gap WHERE user_id = $1 RETURNING dropped"
+
+# Wraps a retention DELETE (which ends in ``RETURNING user_id``): adds what it deleted
+# to each user's gap in the same statement, and returns the number of rows deleted.
+_COUNTING_GAPS = """
+WITH gone AS ({delete}),
+per_user AS (SELECT user_id, count(*) AS dropped FROM gone GROUP BY user_id),
+told AS (
+    INSERT INTO notification_gap (user_id, dropped) SELECT user_id, dropped FROM per_user
+    ON CONFLICT (user_id) DO UPDATE SET dropped = notification_gap.dropped + EXCLUDED.dropped
+)
+SELECT coalesce(sum(dropped), 0)::bigint FROM per_user
+"""
+
 _EXPIRY_CUTOFF = "SELECT now() - make_interval(secs => $1)"
 
 # One batch of expiry: the oldest $2 rows before the cutoff, found through the
@@ -65,6 +88,7 @@ WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM undelivered_notification WHERE created_at < $1
     ORDER BY created_at LIMIT $2
 )) AND created_at < $1
+RETURNING user_id
 """
 
 # Users with rows, in user_id order, $2 at a time after $1: a walk of the
@@ -115,6 +139,7 @@ WHERE ctid = ANY(ARRAY(
     ) AS excess
     LIMIT $4
 ))
+RETURNING user_id
 """
 
 # Users checked against the cap per statement: each costs up to cap + 1 index entries.
@@ -210,6 +235,25 @@ class Store:
         async with self._connection() as connection:
             await connection.execute(_DELETE, user_id, [uuid.UUID(m) for m in message_ids])
 
+    async def delete_acked(self, user_id: str, message_ids: Sequence[str]) -> list[str]:
+        """Remove these rows of ``user_id`` (acknowledged by a v2 client), in one statement.
+
+        Returns the ids whose rows existed. Another user's rows are never touched.
+        """
+        if not message_ids:
+            return []
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                _DELETE_ACKED, user_id, [uuid.UUID(m) for m in message_ids]
+            )
+        return [str(row["message_id"]) for row in rows]
+
+    async def take_gap(self, user_id: str) -> int:
+        """How many of the user's rows retention dropped since the last call; resets it."""
+        async with self._connection() as connection:
+            dropped = await connection.fetchval(_TAKE_GAP, user_id)
+        return int(dropped or 0)
+
     async def expire(self, ttl_seconds: float, batch: int) -> AsyncGenerator[int, None]:
         """Delete rows older than the TTL, oldest first, at most ``batch`` per statement.
 
@@ -222,7 +266,11 @@ class Store:
             cutoff = await connection.fetchval(_EXPIRY_CUTOFF, float(ttl_seconds))
         while True:
             async with self._connection() as connection:
-                deleted = _count(await connection.execute(_EXPIRE_BATCH, cutoff, batch))
+                deleted = int(
+                    await connection.fetchval(
+                        _COUNTING_GAPS.format(delete=_EXPIRE_BATCH), cutoff, batch
+                    )
+                )
             yield deleted
             if deleted < batch:
                 return
@@ -248,7 +296,11 @@ class Store:
             )
             while True:
                 async with self._connection() as connection:
-                    deleted = _count(await connection.execute(_CAP_BATCH, *bounds, batch))
+                    deleted = int(
+                        await connection.fetchval(
+                            _COUNTING_GAPS.format(delete=_CAP_BATCH), *bounds, batch
+                        )
+                    )
                 yield deleted
                 if deleted < batch:
                     break

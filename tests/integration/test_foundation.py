@@ -248,3 +248,26 @@ async def test_downgrade_with_a_shared_id_keeps_the_oldest_row_and_says_so(
         assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 11
     finally:
         await db.close()
+
+
+async def test_gap_table_goes_up_and_down_with_rows_in_it(scratch_database: str) -> None:
+    """0003 adds notification_gap over a filled backlog without touching it; down drops the
+    table (and the counts not yet told) and leaves the backlog as it was."""
+    await asyncio.to_thread(_alembic, scratch_database, "upgrade", "0002")
+    db = await asyncpg.connect(scratch_database)
+    try:
+        rows = [(uuid.uuid4(), f"user-{i % 3}", f"t{i}", 10 - i) for i in range(10)]
+        await db.executemany(_INSERT_ROW, rows)
+        before = await db.fetch("SELECT * FROM undelivered_notification ORDER BY seq")
+        await asyncio.to_thread(_alembic, scratch_database, "upgrade", "0003")
+        await db.execute("INSERT INTO notification_gap (user_id, dropped) VALUES ('user-1', 4)")
+        assert await db.fetchval("SELECT dropped FROM notification_gap") == 4
+        with pytest.raises(asyncpg.CheckViolationError):
+            await db.execute("INSERT INTO notification_gap (user_id, dropped) VALUES ('u', 0)")
+        await asyncio.to_thread(_alembic, scratch_database, "downgrade", "0002")
+        assert "notification_gap" not in await _tables(scratch_database)
+        assert await db.fetch("SELECT * FROM undelivered_notification ORDER BY seq") == before
+        await asyncio.to_thread(_alembic, scratch_database, "upgrade", "head")
+        assert await db.fetchval("SELECT count(*) FROM notification_gap") == 0
+    finally:
+        await db.close()

@@ -180,3 +180,30 @@ async def test_a_gateway_far_behind_on_retention_catches_up_without_waiting_the_
     assert await db.fetchval("SELECT count(*) FROM undelivered_notification") == 70
     metrics = httpx.get(f"{gateway.base}/metrics").text
     assert 'notify_notifications_expired_total{cause="ttl"} 5000.0' in metrics
+
+
+async def test_retention_counts_what_it_drops_per_user_for_the_next_v2_connection(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """Expiry and the cap add each user's dropped rows to its gap; taking it resets it."""
+    users = f"gap{uuid.uuid4().hex[:6]}"
+    await db.execute("DELETE FROM notification_gap WHERE user_id LIKE $1 || '%'", users)
+    await _insert(db, users, 70, timedelta(days=2))  # 10 rows for each of 7 users, expired
+    await _insert(db, users, 35, timedelta(0))  # then 5 fresh rows each
+    assert sum([d async for d in store.expire(24 * 3600, 16)]) == 70
+    assert sum([d async for d in store.cap(2, None, 4)]) == 21
+    assert [await store.take_gap(f"{users}-{i}") for i in range(7)] == [13] * 7
+    assert await store.take_gap(f"{users}-0") == 0, "told once"
+
+
+async def test_an_ack_deletes_only_the_acking_users_rows_in_one_statement(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """``delete_acked`` removes the user's rows among the ids and names them; others stay."""
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    await store.save([Notification.build(i, "alice", "t", "b", 0) for i in ids])
+    await store.save([Notification.build(ids[0], "bob", "t", "b", 0)])
+    deleted = await store.delete_acked("alice", [ids[0], ids[1], str(uuid.uuid4())])
+    assert sorted(deleted) == sorted(ids[:2])
+    assert await store.delete_acked("mallory", ids) == []
+    assert sorted(await _rows(db)) == [("alice", ids[2]), ("bob", ids[0])]

@@ -80,6 +80,8 @@ class FakeBacklog:
         self.save_gate: asyncio.Event | None = None
         self.save_attempts = 0
         self.deleted: list[tuple[str, str]] = []
+        # Rows retention dropped, per user (protocol v2 gaps).
+        self.gaps: dict[str, int] = {}
 
     def _check(self) -> None:
         if self.unavailable:
@@ -128,6 +130,16 @@ class FakeBacklog:
             self.rows.pop((user_id, message_id), None)
             self.deleted.append((user_id, message_id))
 
+    async def delete_acked(self, user_id: str, message_ids: Sequence[str]) -> list[str]:
+        self._check()
+        gone = [m for m in message_ids if self.rows.pop((user_id, m), None) is not None]
+        self.deleted.extend((user_id, m) for m in message_ids)
+        return gone
+
+    async def take_gap(self, user_id: str) -> int:
+        self._check()
+        return self.gaps.pop(user_id, 0)
+
 
 class FakeOutlet:
     """A live connection as the router sees it, settling each delivery on the next loop turn.
@@ -136,6 +148,8 @@ class FakeOutlet:
     ``"refuse"`` (``offer`` returns False, as a closed connection does) or
     ``"now"`` (written at once by ``write_now``; the others always queue).
     """
+
+    acks = False  # a v1 client
 
     def __init__(self, user_id: str, mode: str = "write") -> None:
         self._user_id = user_id

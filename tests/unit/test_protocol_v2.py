@@ -1,0 +1,289 @@
+"""Protocol v2 without a network: client frames and their rate, frames out, ack settlement.
+
+Real ``Connection`` objects over a fake socket and an in-memory backlog, driven by
+the router on the memory broker, as in ``test_router``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from service.auth import Identity
+from service.connection import Connection
+from service.hub import Hub
+from service.inbound import (
+    Ack,
+    BadFrame,
+    FrameRate,
+    Refresh,
+    parse_acked_parameter,
+    parse_client_frame,
+)
+from service.metrics import Metrics
+from service.notification import Notification
+from service.router import Outlet, Router
+
+from .fakes import FakeBacklog, FakeSocket, local_router, notification, until
+
+# --- client frames ---------------------------------------------------------------------------
+
+
+def test_an_ack_frame_gives_canonical_unique_ids() -> None:
+    """Ids in any usual UUID spelling are compared in canonical form, each once."""
+    one = str(uuid.uuid4())
+    frame = parse_client_frame(orjson.dumps({"type": "ack", "ids": [one.upper(), one]}).decode())
+    assert frame == Ack((one,))
+
+
+def test_a_refresh_frame_keeps_its_token_out_of_its_repr() -> None:
+    """A refresh is read, and its token never shows in a log line of the frame."""
+    frame = parse_client_frame('{"type":"refresh","token":"s3cret"}')
+    assert isinstance(frame, Refresh) and frame.token == "s3cret"
+    assert "s3cret" not in repr(frame)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[1, 2]",
+        '{"type":"subscribe"}',
+        '{"ids":["x"]}',
+        '{"type":"ack"}',
+        '{"type":"ack","ids":[]}',
+        '{"type":"ack","ids":["not-a-uuid"]}',
+        '{"type":"ack","ids":[7]}',
+        '{"type":"ack","ids":"' + str(uuid.uuid4()) + '"}',
+        '{"type":"refresh"}',
+        '{"type":"refresh","token":""}',
+        '{"type":"refresh","token":12}',
+    ],
+)
+def test_frames_that_are_not_the_protocols_are_refused(text: str) -> None:
+    """Malformed, unknown or wrongly shaped client frames are refused as bad frames."""
+    with pytest.raises(BadFrame):
+        parse_client_frame(text)
+
+
+def test_an_ack_of_more_than_500_ids_is_refused() -> None:
+    """500 ids per ack frame at most."""
+    ids = [str(uuid.uuid4()) for _ in range(501)]
+    parse_client_frame(orjson.dumps({"type": "ack", "ids": ids[:500]}).decode())
+    with pytest.raises(BadFrame):
+        parse_client_frame(orjson.dumps({"type": "ack", "ids": ids}).decode())
+
+
+def test_the_acked_parameter_takes_up_to_100_uuids() -> None:
+    """The ``acked`` query parameter: comma-separated UUIDs, 1 to 100 of them."""
+    ids = [str(uuid.uuid4()) for _ in range(101)]
+    assert parse_acked_parameter(",".join(ids[:100])) == tuple(ids[:100])
+    for bad in (",".join(ids), "", "abc", f"{ids[0]},,{ids[1]}"):
+        with pytest.raises(BadFrame):
+            parse_acked_parameter(bad)
+
+
+def test_the_frame_rate_allows_a_burst_then_the_rate() -> None:
+    """A burst of twice the rate passes at once; after it, frames pass at the rate."""
+    rate = FrameRate(20, 40, now=0.0)
+    assert all(rate.allow(0.0) for _ in range(40))
+    assert not rate.allow(0.0)
+    assert rate.allow(0.05)  # one token back after 1/20 s
+    assert not rate.allow(0.05)
+    assert sum(rate.allow(10.0) for _ in range(100)) == 40  # refilled up to the burst only
+
+
+# --- frames out ------------------------------------------------------------------------------
+
+
+def test_the_v2_frame_carries_id_and_time_and_is_made_once() -> None:
+    """The notification frame has its id, title, body and created_at in UTC milliseconds."""
+    n = Notification.build(
+        "8f7e7b7a-1111-4222-8333-444455556666", "alice", "Новый", "текст", 1_796_206_530_123
+    )
+    assert orjson.loads(n.frame_v2) == {
+        "type": "notification",
+        "id": "8f7e7b7a-1111-4222-8333-444455556666",
+        "title": "Новый",
+        "body": "текст",
+        "created_at": "2026-12-02T10:15:30.123Z",
+    }
+    assert n.frame_v2 is n.frame_v2
+    assert orjson.loads(n.frame) == {"title": "Новый", "body": "текст"}
+
+
+# --- ack settlement --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def hub() -> Hub[Outlet]:
+    return Hub(max_per_user=10, max_total=100)
+
+
+@pytest.fixture
+def backlog() -> FakeBacklog:
+    return FakeBacklog()
+
+
+@pytest.fixture
+async def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
+    return await local_router(hub, backlog, metrics, delivery_wait=0.3)
+
+
+class Clients:
+    """Real connections, v1 or v2, registered in the hub with their writers running."""
+
+    def __init__(self, hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> None:
+        self._hub = hub
+        self._backlog = backlog
+        self._metrics = metrics
+        self._writers: list[asyncio.Task[None]] = []
+
+    def open(self, user_id: str, *, v2: bool) -> tuple[Connection, FakeSocket]:
+        socket = FakeSocket()
+        hub = self._hub
+        connection = Connection(
+            socket,
+            Identity(user_id),
+            self._metrics,
+            queue_size=100,
+            acks=v2,
+            v2_open=lambda: any(c.acks for c in hub.connections(user_id)),
+        )
+        hub.register(connection)
+        self._writers.append(asyncio.create_task(connection.run(self._backlog, flush_batch=50)))
+        return connection, socket
+
+    async def close_all(self) -> None:
+        for writer in self._writers:
+            writer.cancel()
+        await asyncio.gather(*self._writers, return_exceptions=True)
+
+
+@pytest.fixture
+async def clients(
+    hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics
+) -> AsyncIterator[Clients]:
+    opened = Clients(hub, backlog, metrics)
+    yield opened
+    await opened.close_all()
+
+
+def ids_of(socket: FakeSocket) -> list[str]:
+    return [orjson.loads(f)["id"] for f in socket.frames if orjson.loads(f)["type"] != "gap"]
+
+
+async def test_an_ack_in_time_settles_without_storing(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """A v2 client that acknowledges within the batch's wait: delivered, nothing stored."""
+    connection, socket = clients.open("alice", v2=True)
+    await until(lambda: connection.unacked == 0 and not socket.sending)
+    batch = [notification("alice") for _ in range(3)]
+    delivering = asyncio.create_task(router.deliver(batch))
+    await until(lambda: len(socket.frames) == 3)
+    assert ids_of(socket) == [n.message_id for n in batch]
+    await connection.acknowledge([n.message_id for n in batch], backlog)
+    await delivering
+    assert backlog.rows == {}
+    assert backlog.deleted == []  # settled in time: no statement at all
+    assert connection.unacked == 0
+
+
+async def test_written_but_unacked_is_stored_and_a_late_ack_deletes_it(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """Not acknowledged within the wait: stored; the ack that comes later deletes the row."""
+    connection, socket = clients.open("alice", v2=True)
+    n = notification("alice")
+    await router.deliver([n])
+    assert ids_of(socket) == [n.message_id]
+    assert backlog.stored_ids == [n.message_id]
+    await connection.acknowledge([n.message_id], backlog)
+    assert backlog.rows == {}
+
+
+async def test_a_v1_write_does_not_count_while_a_v2_connection_is_open(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """With v1 and v2 connections, both get the frame, and it is stored until a v2 ack."""
+    _, v1 = clients.open("alice", v2=False)
+    _, v2 = clients.open("alice", v2=True)
+    n = notification("alice")
+    await router.deliver([n])
+    assert v1.frames == [n.frame]
+    assert ids_of(v2) == [n.message_id]
+    assert backlog.stored_ids == [n.message_id]
+
+
+async def test_a_v1_connection_alone_keeps_written_as_delivered(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """Without a v2 connection of the user, nothing changes for v1: written, not stored."""
+    _, v1 = clients.open("alice", v2=False)
+    n = notification("alice")
+    await router.deliver([n])
+    assert v1.frames == [n.frame]
+    assert backlog.rows == {}
+
+
+async def test_the_v2_flush_keeps_rows_until_acked_and_does_not_resend_them(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """Stored rows are sent on connect and stay stored; a later flush does not resend them;
+    the ack deletes them."""
+    stored = [notification("alice") for _ in range(3)]
+    backlog.put(*stored)
+    connection, socket = clients.open("alice", v2=True)
+    await until(lambda: len(socket.frames) == 3)
+    assert backlog.stored_ids == [n.message_id for n in stored]
+    connection.request_flush()
+    await asyncio.sleep(0.05)
+    assert len(socket.frames) == 3
+    await connection.acknowledge([stored[0].message_id, stored[1].message_id], backlog)
+    assert backlog.stored_ids == [stored[2].message_id]
+
+
+async def test_the_gap_comes_before_everything_else(clients: Clients, backlog: FakeBacklog) -> None:
+    """A v2 connection is told first how many notifications retention dropped, once."""
+    backlog.gaps["alice"] = 7
+    backlog.put(notification("alice"))
+    _, socket = clients.open("alice", v2=True)
+    await until(lambda: len(socket.frames) == 2)
+    assert orjson.loads(socket.frames[0]) == {"type": "gap", "dropped": 7}
+    assert orjson.loads(socket.frames[1])["type"] == "notification"
+    assert backlog.gaps == {}
+
+
+async def test_acking_another_users_ids_changes_nothing(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """Bob acknowledging Alice's stored ids deletes none of her rows."""
+    alices = [notification("alice") for _ in range(2)]
+    backlog.put(*alices)
+    bob, _ = clients.open("bob", v2=True)
+    await bob.acknowledge([n.message_id for n in alices], backlog)
+    assert backlog.stored_ids == [n.message_id for n in alices]
+
+
+async def test_a_v2_connection_going_away_stores_what_it_had_not_acked(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """A connection that ends with written, unacked notifications gets them stored at once."""
+    connection, socket = clients.open("alice", v2=True)
+    await until(lambda: connection.unacked == 0 and not socket.sending)
+    n = notification("alice")
+    delivering = asyncio.create_task(router.deliver([n]))
+    await until(lambda: connection.unacked == 1)
+    connection.detach()
+    await delivering
+    assert backlog.stored_ids == [n.message_id]
