@@ -57,6 +57,9 @@ class Stats:
     ack_frames: int = 0
     unacked: int = 0
     control: dict[str, int] = field(default_factory=dict)
+    # How long the oldest id of each ack frame had waited in its client, ms: p50, p99,
+    # max (of the client process where each is highest).
+    ack_delay_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,6 +177,9 @@ class LoadGen:
             ack_frames=sum(a["ack_frames"] for a in answers),
             unacked=sum(a["unacked"] for a in answers),
             control=control,
+            ack_delay_ms={
+                q: max(a["ack_delay_us"][q] for a in answers) / 1000 for q in ("p50", "p99", "max")
+            },
         )
         if all("distinct" in a for a in answers):
             # Each user is connected once, through one client process: the messages

@@ -50,6 +50,15 @@ BODY_KEY = b'"body":"'
 ID_CHARS = 36  # a canonical UUID
 
 
+def delays(values: array[int]) -> dict[str, int]:
+    """p50, p99 and max of ``values`` (0 for none)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": 0, "p99": 0, "max": 0}
+    n = len(ordered)
+    return {"p50": ordered[n // 2], "p99": ordered[min(n - 1, n * 99 // 100)], "max": ordered[-1]}
+
+
 class Worker:
     """Counters shared by this process's clients, and the commands of run.py."""
 
@@ -84,6 +93,8 @@ class Worker:
         self.acked = 0
         self.ack_frames = 0
         self.control: dict[str, int] = {}
+        # Per ack frame: how long its oldest id had waited in the client, in µs.
+        self.ack_delays = array("q")
 
     # -- commands ---------------------------------------------------------------
 
@@ -181,6 +192,7 @@ class Worker:
             "ack_frames": self.ack_frames,
             "unacked": sum(len(c.ids) for c in self.unacked),
             "control": self.control,
+            "ack_delay_us": delays(self.ack_delays),
             **(
                 {
                     "distinct": len(self.seen) - self.seen.count(0),
@@ -406,7 +418,7 @@ class ClientV2(Client):
     """A client that offered ``notify.v2``: if the server selected it, it reads v2 frames
     and acknowledges every notification; if not, it is a v1 client."""
 
-    __slots__ = ("ids", "last_ack", "v2")
+    __slots__ = ("ids", "last_ack", "oldest", "v2")
 
     def __init__(
         self, worker: Worker, request: bytes, loop: asyncio.AbstractEventLoop, watch: int
@@ -414,6 +426,7 @@ class ClientV2(Client):
         super().__init__(worker, request, loop, watch)
         self.v2 = False
         self.ids: list[bytes] = []  # received, not yet acknowledged
+        self.oldest = 0.0  # when the first of them arrived (time.monotonic())
         self.last_ack = 0.0
 
     def upgraded(self, head: bytes) -> None:
@@ -448,6 +461,8 @@ class ClientV2(Client):
         self.last_ack = now
         worker.acked += len(batch)
         worker.ack_frames += 1
+        worker.ack_delays.append(int((now - self.oldest) * 1e6))
+        self.oldest = now  # the ids left over, if any, wait from now at most
 
     def _frames(self, data: bytes) -> None:
         if not self.v2:
@@ -463,6 +478,8 @@ class ClientV2(Client):
         seen = worker.seen
         rel_ms = 0
         ids = self.ids
+        if not ids:
+            self.oldest = time.monotonic()
         while n - pos >= 2:
             b1 = data[pos + 1] & 0x7F
             if b1 < 126:

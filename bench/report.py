@@ -237,6 +237,17 @@ def render_acked(a: Acked) -> str:
                 f"  acks: {p.acks.acked_ids} ids in {p.acks.ack_frames} frames, "
                 f"{p.acks.unacked_ids} not yet sent; other server frames: {p.acks.control or '-'}"
             )
+            d = p.acks.delay_ms
+            if d:
+                lines.append(
+                    f"  ack sent after the oldest id of its frame arrived: p50 {d['p50']:.0f} ms, "
+                    f"p99 {d['p99']:.0f} ms, max {d['max']:.0f} ms"
+                )
+        if p.store is not None and p.live is not None:
+            lines.append(
+                f"  PostgreSQL {p.live.cpu.postgres:.0f}% of a core, gateway "
+                f"{p.live.cpu.server:.0f}% while the frames came"
+            )
         if p.store is not None:
             st = p.store
             lines.append(

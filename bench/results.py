@@ -386,6 +386,9 @@ class AckCounts:
     ack_frames: int
     unacked_ids: int  # received but not yet acknowledged when the pass was read
     control: dict[str, int] = field(default_factory=dict)
+    # From an ack frame's oldest id arriving in the client to the frame's send, ms:
+    # p50, p99, max (each of the client process where it is highest).
+    delay_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

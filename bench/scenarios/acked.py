@@ -155,6 +155,7 @@ async def one_pass(
                 ack_frames=stats.ack_frames,
                 unacked_ids=stats.unacked,
                 control=stats.control,
+                delay_ms=stats.ack_delay_ms,
             )
         after = await meter.settled()
         store = p.store = load(before, after, await h.stored_rows(common.ACKED))
@@ -168,7 +169,8 @@ async def one_pass(
         if p.acks is not None:
             log(
                 f"  acks: {p.acks.acked_ids} ids in {p.acks.ack_frames} frames, "
-                f"{p.acks.unacked_ids} waiting; other frames {p.acks.control}"
+                f"{p.acks.unacked_ids} waiting, sent {p.acks.delay_ms} ms after receipt; "
+                f"other frames {p.acks.control}"
             )
     finally:
         await h.lg.close_all()
