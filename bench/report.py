@@ -172,9 +172,10 @@ def acked_rows(r: Results) -> list[Row]:
         same = f"v2 SKIPPED: {a.skipped}"
     complete = bool(v2_live and v2_live.complete and v1_live and v1_live.complete)
     ratio = a.ratio
+    skipped = f" (v2 skipped: {a.skipped})" if a.skipped else ""
     rows = [
         Row(
-            f"{what}, produced live",
+            f"{what}, produced live{skipped}",
             "msg/s",
             rate(v2_live),
             rate(v1_live),
