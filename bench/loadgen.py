@@ -248,7 +248,11 @@ class Worker:
                 continue
             now = time.monotonic()
             for c in list(self.unacked):
-                c.send_acks(now)
+                try:
+                    c.send_acks(now)
+                except Exception as exc:  # one client's failure must not stop the others' acks
+                    print(f"ack of one client failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    self.unacked.discard(c)
 
 
 class Client(asyncio.Protocol):
