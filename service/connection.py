@@ -41,6 +41,10 @@ from .status import NO_STATUS, StatusSink
 log = logging.getLogger("notify.connection")
 
 _SEEN_LIMIT: Final = 512
+# v2: notifications written and not acknowledged on one connection. A client past it
+# does not acknowledge (or cannot keep up): 1013, as for a full queue; what it had
+# not acknowledged is stored.
+UNACKED_LIMIT: Final = 10_000
 # Frames remembered while the socket's buffer is not empty, to store again what
 # never left it if the connection is aborted.
 _UNSENT_LIMIT: Final = 2048
@@ -241,9 +245,17 @@ class Connection:
     def _settle_written(self, delivery: Delivery) -> None:
         """This connection just wrote ``delivery``: settle it, or (v2) keep it for the ack."""
         if self._acks:
-            self._unacked[delivery.notification.message_id] = delivery
+            self._pend(delivery.notification.message_id, delivery)
         else:
             delivery.settle(not delivery.needs_ack)
+
+    def _pend(self, message_id: str, delivery: Delivery | None) -> None:
+        """v2: wait for the client's ack of ``message_id``, within ``UNACKED_LIMIT``."""
+        self._unacked[message_id] = delivery
+        if len(self._unacked) > UNACKED_LIMIT:
+            log.warning("connection_unacked_overflow", extra={"unacked": len(self._unacked)})
+            self._metrics.slow_closed.inc()
+            self.abort(CloseCode.TRY_AGAIN_LATER, "too many unacknowledged notifications")
 
     def _settle_duplicate(self, delivery: Delivery) -> None:
         """``delivery`` is one this connection wrote before: written, unless still unacked."""
@@ -324,7 +336,10 @@ class Connection:
                 settled.append(message_id)
                 continue
             if delivery is not None:
-                delivery.settle(True)  # too late: stored meanwhile, so delete it below
+                # Too late: stored meanwhile (deleted below), or still being stored (the
+                # router deletes it again once stored: ``Batch.acked_late``).
+                delivery.acked_late = True
+                delivery.settle(True)
             rest.append(message_id)
         if settled:
             self._status.acked(self.user_id, settled)
@@ -405,7 +420,7 @@ class Connection:
                         written += 1
                         self._metrics.flushed.inc()
                         if self._acks:
-                            self._unacked[message_id] = None
+                            self._pend(message_id, None)
                         else:
                             self._status.written((notification,))
                     done.append(message_id)

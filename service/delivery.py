@@ -99,6 +99,11 @@ class Batch:
         finally:
             self.closed = True
 
+    def acked_late(self) -> list[Notification]:
+        """Deliveries a v2 client acknowledged after ``wait`` returned: stored, or being
+        stored, though the client has them (the router deletes their rows again)."""
+        return [d.notification for d in self._deliveries if d.acked_late]
+
 
 class Delivery:
     """One notification on its way to the live connections of its user.
@@ -107,7 +112,7 @@ class Delivery:
     has, the batch learns whether any of them wrote it.
     """
 
-    __slots__ = ("_batch", "_remaining", "_written", "needs_ack", "notification")
+    __slots__ = ("_batch", "_remaining", "_written", "acked_late", "needs_ack", "notification")
 
     def __init__(
         self,
@@ -123,6 +128,8 @@ class Delivery:
         self._remaining = fanout
         self._written = written
         self.needs_ack = needs_ack
+        # Set by a v2 connection whose client acknowledged it after the batch's budget.
+        self.acked_late = False
 
     @property
     def settled(self) -> bool:

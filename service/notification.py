@@ -90,10 +90,20 @@ class Notification:
         return cls(message_id, user_id, title, body, created_ms, frame)
 
 
+# The last second formatted by iso_time: notifications of one batch share it, and
+# strftime costs more than the rest of the v2 frame.
+_last_second: tuple[int, str] = (-1, "")
+
+
 def iso_time(created_ms: int) -> str:
     """``created_ms`` as ISO 8601 UTC with milliseconds: ``2026-12-02T10:15:30.123Z``."""
+    global _last_second
     seconds, millis = divmod(created_ms, 1000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
+    cached, text = _last_second
+    if cached != seconds:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{millis:03d}Z"
 
 
 _UUID_FORM = re.compile(r"\{?[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}\}?")

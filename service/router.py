@@ -72,6 +72,11 @@ class Backlog(Protocol):
         """
         ...
 
+    async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
+        """Remove these rows of ``user_id`` (acknowledged by a v2 client). Raises
+        StoreUnavailable."""
+        ...
+
 
 class Outlet(Queue, Protocol):
     """What the router needs of one live connection (``service.connection``).
@@ -217,10 +222,13 @@ class Router:
         if not awaiting and self._all_acked is not None and not self._all_acked.done():
             self._all_acked.set_result(None)
 
-    async def _deliver_here(self, notifications: Sequence[Notification]) -> list[Notification]:
+    async def _deliver_here(
+        self, notifications: Sequence[Notification]
+    ) -> tuple[list[Notification], Batch]:
         """Offer each notification to this process's connections of its user.
 
-        Returns, once every offer is settled, the notifications no socket took.
+        Returns, once every offer is settled, the notifications no socket took, and the
+        batch (which knows, after they are stored, which of them were acknowledged late).
         """
         batch = Batch()
         offline: list[Notification] = []
@@ -238,7 +246,7 @@ class Router:
             if not waiting:
                 continue
             batch.offer(notification, waiting, written=len(waiting) < len(outlets))
-        return offline + await batch.wait(self._delivery_wait)
+        return offline + await batch.wait(self._delivery_wait), batch
 
     def receive(self, received: list[tuple[Notification, bytes]]) -> None:
         """Deliver what the broker handed to this process; store what no socket took.
@@ -252,9 +260,10 @@ class Router:
         task.add_done_callback(self._receiving.discard)
 
     async def _receive(self, received: list[tuple[Notification, bytes]]) -> None:
-        unwritten = await self._deliver_here([notification for notification, _ in received])
+        unwritten, batch = await self._deliver_here([n for n, _ in received])
         if unwritten:
             await self.store(unwritten)
+            await self._forget_acked(batch.acked_late())
         origins = {origin for _, origin in received}
         if len(origins) == 1:  # the common case: one publisher
             by_origin = {origins.pop(): [n.message_id for n, _ in received]}
@@ -267,6 +276,21 @@ class Router:
         except BrokerUnavailable as exc:
             # The publisher times out and stores them: twice, never lost.
             log.warning("ack_failed", extra={"error": str(exc)})
+
+    async def _forget_acked(self, notifications: list[Notification]) -> None:
+        """Delete the rows just stored of notifications a v2 client acknowledged while they
+        were being stored (its own delete may have run before the insert)."""
+        if not notifications:
+            return
+        by_user: dict[str, list[str]] = {}
+        for n in notifications:
+            by_user.setdefault(n.user_id, []).append(n.message_id)
+        for user_id, message_ids in by_user.items():
+            try:
+                await self._backlog.delete(user_id, message_ids)
+            except StoreUnavailable as exc:
+                # Sent again on a later connection: a duplicate, never a loss.
+                log.warning("acked_delete_failed", extra={"error": str(exc)})
 
     def store_soon(self, notifications: list[Notification]) -> None:
         """Store, in the background, frames a connection took but never sent (aborted)."""

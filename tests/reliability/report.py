@@ -127,6 +127,16 @@ SCENARIOS = """\
    others lose nothing, and the flooder's messages sent after the cut reach it when it
    returns as an ordinary client. The old gateway never cut them off and grew by
    hundreds of MB.
+14. **Acknowledged delivery (protocol v2) through blackholed connections**: every user
+   has one `notify.v2` client acknowledging what it receives (batched every 50 ms),
+   each through a TCP proxy of its own; halfway through the stream the proxies of half
+   the users freeze (bytes vanish both ways, nothing is closed: a phone in a tunnel),
+   the second half is sent, then those users connect again directly. Every
+   notification must reach a client of its user: what was written into the frozen
+   connections was never acknowledged, so it was stored and is sent again. A copy
+   received again after its ack was lost in the blackhole counts as a duplicate (at
+   least once); one connection must never receive an id twice. With v1 the frames
+   written into the frozen connections count as delivered and are lost.
 """
 
 

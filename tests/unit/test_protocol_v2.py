@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import orjson
 import pytest
@@ -287,3 +287,96 @@ async def test_a_v2_connection_going_away_stores_what_it_had_not_acked(
     connection.detach()
     await delivering
     assert backlog.stored_ids == [n.message_id]
+
+
+class RecordingStatus:
+    """A status sink that keeps what it was told, as ``(status, user_id, message_id)``."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+
+    def written(self, notifications: Sequence[Notification]) -> None:
+        self.events += [("written", n.user_id, n.message_id) for n in notifications]
+
+    def acked(self, user_id: str, message_ids: Iterable[str]) -> None:
+        self.events += [("acked", user_id, m) for m in message_ids]
+
+    def stored(self, notifications: Sequence[Notification]) -> None:
+        self.events += [("stored", n.user_id, n.message_id) for n in notifications]
+
+    def expired(self, rows: Iterable[tuple[str, str]]) -> None:
+        self.events += [("expired", u, m) for u, m in rows]
+
+    def dead_lettered(self, user_id: str | None, message_id: str | None) -> None:
+        self.events.append(("dead_lettered", user_id or "", message_id or ""))
+
+    async def flush(self) -> None:
+        return None
+
+
+async def test_status_events_say_written_for_v1_acked_for_v2_and_stored(
+    hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A v1 write reports ``written``; a v2 ack ``acked`` (also for a row deleted late);
+    an offline user's notification ``stored``."""
+    status = RecordingStatus()
+    router = await local_router(hub, backlog, metrics, delivery_wait=0.3, status=status)
+    sockets: dict[str, FakeSocket] = {}
+    connections: dict[str, Connection] = {}
+    writers = []
+    for user, v2 in (("vera", False), ("alex", True)):
+        sockets[user] = FakeSocket()
+        connections[user] = Connection(
+            sockets[user], Identity(user), metrics, queue_size=10, acks=v2, status=status
+        )
+        hub.register(connections[user])
+        writers.append(asyncio.create_task(connections[user].run(backlog, flush_batch=10)))
+    try:
+        await until(lambda: all(c._idle for c in connections.values()))
+        to_vera, to_alex, to_nobody = notification("vera"), notification("alex"), notification("x")
+        delivering = asyncio.create_task(router.deliver([to_vera, to_alex, to_nobody]))
+        await until(lambda: connections["alex"].unacked == 1)
+        await connections["alex"].acknowledge([to_alex.message_id], backlog)
+        await delivering
+        assert sorted(status.events) == sorted(
+            [
+                ("written", "vera", to_vera.message_id),
+                ("acked", "alex", to_alex.message_id),
+                ("stored", "x", to_nobody.message_id),
+            ]
+        )
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+
+
+async def test_a_client_that_never_acks_is_closed_with_1013_and_loses_nothing(
+    router: Router, clients: Clients, backlog: FakeBacklog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the limit of unacknowledged notifications the connection closes with 1013, and
+    what it had not acknowledged is stored."""
+    monkeypatch.setattr("service.connection.UNACKED_LIMIT", 3)
+    connection, socket = clients.open("alice", v2=True)
+    sent = [notification("alice") for _ in range(5)]
+    await router.deliver(sent)
+    assert connection.closed and socket.failed_with is not None
+    assert socket.failed_with[0] == 1013
+    assert sorted(backlog.stored_ids) == sorted(n.message_id for n in sent)
+
+
+async def test_an_ack_arriving_while_its_row_is_being_stored_still_deletes_it(
+    router: Router, clients: Clients, backlog: FakeBacklog
+) -> None:
+    """The ack's own delete runs before the insert; the router deletes the row once stored."""
+    connection, socket = clients.open("alice", v2=True)
+    await until(lambda: connection.unacked == 0 and not socket.sending)
+    backlog.save_gate = asyncio.Event()
+    n = notification("alice")
+    delivering = asyncio.create_task(router.deliver([n]))
+    await until(lambda: backlog.save_attempts == 1)  # the budget ran out: being stored
+    await connection.acknowledge([n.message_id], backlog)
+    assert backlog.rows == {}, "nothing stored yet: the ack's delete found nothing"
+    backlog.save_gate.set()
+    await delivering
+    assert backlog.rows == {}, "stored, then deleted again: the client has it"
