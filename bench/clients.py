@@ -11,7 +11,7 @@ import base64
 import json
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class Opened:
     errors: dict[str, int]
     began: float
     last_open: float
+    v2: int = 0  # opened with the subprotocol notify.v2 selected by the server
 
 
 @dataclass
@@ -50,6 +51,15 @@ class Stats:
     dupes: int | None = None
     stray: int | None = None
     complete: bool = False
+    # v2 clients: ids acknowledged, ack frames sent, ids still waiting to be, and the
+    # server's frames other than notifications by type ("gap", "error:bad_frame", ...).
+    acked: int = 0
+    ack_frames: int = 0
+    unacked: int = 0
+    control: dict[str, int] = field(default_factory=dict)
+    # How long the oldest id of each ack frame had waited in its client, ms: p50, p99,
+    # max (of the client process where each is highest).
+    ack_delay_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,7 +106,11 @@ class ClientProcess(Child):
     async def connect(self, rpc_timeout: float, **args: Any) -> Opened:
         a = await self.rpc("connect", rpc_timeout, host=HOST, **args)
         return Opened(
-            ok=int(a["ok"]), errors=dict(a["errors"]), began=a["began"], last_open=a["last_open"]
+            ok=int(a["ok"]),
+            errors=dict(a["errors"]),
+            began=a["began"],
+            last_open=a["last_open"],
+            v2=int(a.get("v2", 0)),
         )
 
     async def watched(self) -> list[Watched]:
@@ -139,14 +153,18 @@ class LoadGen:
             errors=errors,
             began=min(a.began for a in answers),
             last_open=max((a.last_open for a in opened), default=0.0),
+            v2=sum(a.v2 for a in answers),
         )
 
     async def stats(self) -> Stats:
         answers = await self._all("stats", 30)
         closes: dict[str, int] = {}
+        control: dict[str, int] = {}
         for a in answers:
             for k, v in a["closes"].items():
                 closes[k] = closes.get(k, 0) + v
+            for k, v in a["control"].items():
+                control[k] = control.get(k, 0) + v
         firsts = [a["first"] for a in answers if a["first"]]
         out = Stats(
             frames=sum(a["frames"] for a in answers),
@@ -155,6 +173,13 @@ class LoadGen:
             open=sum(a["open"] for a in answers),
             closes=closes,
             bad_frames=sum(a["bad_frames"] for a in answers),
+            acked=sum(a["acked"] for a in answers),
+            ack_frames=sum(a["ack_frames"] for a in answers),
+            unacked=sum(a["unacked"] for a in answers),
+            control=control,
+            ack_delay_ms={
+                q: max(a["ack_delay_us"][q] for a in answers) / 1000 for q in ("p50", "p99", "max")
+            },
         )
         if all("distinct" in a for a in answers):
             # Each user is connected once, through one client process: the messages

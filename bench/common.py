@@ -26,7 +26,8 @@ LIVE = 0  # connected users of the live, paced and storm scenarios
 OFFLINE = 1  # users who are never connected (offline store)
 FLUSH = 2  # the one user with a stored backlog (flush on connect)
 STORM = 3  # fresh users of the JWT-local connect storm
-SCALE = 4  # scale-out: SCALE + i for its i-th gateway set-up (4, 5, 6)
+SCALE = 4  # scale-out: SCALE + i for its i-th gateway set-up (4, 5, 6, ...)
+ACKED = 16  # v1 against v2 with every client acknowledging
 
 BENCH_SECRET = "bench-only-secret-not-for-production"
 

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 from bench.options import Options
 from bench.processes import ROOT, log
-from bench.report import NOISY, Row, Window, noisy, peak, render_cpu, render_table
+from bench.report import (
+    NOISY,
+    Row,
+    Window,
+    noisy,
+    peak,
+    render_acked,
+    render_cpu,
+    render_table,
+)
 from bench.results import Meta, Results
 from bench.scale_report import (
     render_capacity,
@@ -51,6 +60,7 @@ def block_latest(results: Results, rows: list[Row], ws: list[Window]) -> str:
         run_line(results.meta),
         "",
         render_table(rows),
+        *(["", "```", render_acked(results.acked), "```"] if results.acked else []),
         "",
         f"Load generator (client processes + producer): at most "
         f"{top.cpu.load if top else 0:.0f}% of one core ({top.name if top else '-'}; the "

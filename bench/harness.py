@@ -298,8 +298,12 @@ class Harness:
         salt: str = "",
         count_registered: bool = False,
         start: int = 0,
+        **client: object,
     ) -> Connect:
         """Open ``count`` connections; handshakes/s up to the last one registered.
+
+        ``client`` goes to the client processes' connect command as it is (for example
+        ``protocol="v2"``, ``ack_ms``, ``ack_ids``: see ``bench/loadgen.py``).
 
         For the gateway "registered" means past the token check (the handshake's 101
         comes before it): ``notify_connections_opened_total`` is polled until it has
@@ -335,6 +339,7 @@ class Harness:
             exp=self.exp,
             concurrency=self.o.concurrency,
             budget=300,
+            **client,
         )
         if poller is not None:
             try:
@@ -354,6 +359,7 @@ class Harness:
             seconds=seconds,
             rate=opened.ok / seconds if seconds > 0 else 0.0,
             cpu=cpu,
+            v2_selected=opened.v2 if client.get("protocol") == "v2" else None,
         )
 
     async def measure_frames(

@@ -8,6 +8,14 @@ so that 10k connections and ~50k frames/s cost little CPU here: the upgrade requ
 written once, server frames (unmasked) are cut out of the byte stream, text frames are
 counted and their latency read from the timestamp at a fixed offset of the body (see
 ``common.py``); pings are answered, close frames recorded and echoed.
+
+With ``protocol: "v2"`` a connect offers the subprotocol ``notify.v2`` (docs/protocol.md);
+where the server selects it, the client is a :class:`ClientV2`: it reads the id and the
+timestamp of each ``{"type":"notification",...}`` frame and acknowledges every id, batched
+as a client would (``{"type":"ack","ids":[...]}`` at most every ``ack_ms`` per
+connection, at once when ``ack_ids`` are waiting and that interval has passed; at most
+500 ids a frame). Where the server selects nothing, the connection is v1 and counted so.
+The v1 client's path is untouched by all this.
 """
 
 from __future__ import annotations
@@ -34,6 +42,21 @@ TS_END = common.BODY_OFFSET + common.TS_DIGITS
 SEQ_START = TS_END + 1  # the body is "<16-digit timestamp> <9-digit seq> xxx..."
 SEQ_END = SEQ_START + 9
 MAX_HEAD = 16 * 1024
+SUBPROTOCOL_V2 = "notify.v2"
+ACK_MAX_IDS = 500  # docs/protocol.md: 1 to 500 ids per ack frame
+ACK_HEAD = b'{"type":"ack","ids":['
+ID_KEY = b'"id":"'
+BODY_KEY = b'"body":"'
+ID_CHARS = 36  # a canonical UUID
+
+
+def delays(values: array[int]) -> dict[str, int]:
+    """p50, p99 and max of ``values`` (0 for none)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": 0, "p99": 0, "max": 0}
+    n = len(ordered)
+    return {"p50": ordered[n // 2], "p99": ordered[min(n - 1, n * 99 // 100)], "max": ordered[-1]}
 
 
 class Worker:
@@ -43,6 +66,11 @@ class Worker:
         self.source_ip = source_ip
         self.clients: list[Client] = []
         self.tokens: dict[tuple[str, str], str] = {}
+        # v2 clients with ids waiting to be acknowledged, and the ack settings of run.py.
+        self.unacked: set[ClientV2] = set()
+        self.ack_interval = 0.05
+        self.ack_ids = 100
+        self.ack_task: asyncio.Task[None] | None = None
         self.reset()
 
     def reset(self, seq_base: int = 0, seq_count: int = 0) -> None:
@@ -61,6 +89,12 @@ class Worker:
         self.arrivals = array("l")
         self.closes: dict[str, int] = {}
         self.bad_frames = 0
+        # v2: ids acknowledged, ack frames sent, server frames other than notifications.
+        self.acked = 0
+        self.ack_frames = 0
+        self.control: dict[str, int] = {}
+        # Per ack frame: how long its oldest id had waited in the client, in µs.
+        self.ack_delays = array("q")
 
     # -- commands ---------------------------------------------------------------
 
@@ -74,6 +108,13 @@ class Worker:
         timeout = float(args.get("timeout", 60))
         deadline = time.monotonic() + float(args.get("budget", 300))
         watch = int(args.get("watch", 0))
+        v2 = args.get("protocol", "v1") == "v2"
+        if v2:
+            self.ack_interval = float(args.get("ack_ms", 50)) / 1000
+            self.ack_ids = max(1, min(ACK_MAX_IDS, int(args.get("ack_ids", 100))))
+            if self.ack_task is None:
+                self.ack_task = asyncio.create_task(self.ack_loop(), name="ack-loop")
+        offer = f"Sec-WebSocket-Protocol: {SUBPROTOCOL_V2}\r\n" if v2 else ""
         pending = iter(range(start, start + count))
         opened: list[float] = []
         errors: dict[str, int] = {}
@@ -94,9 +135,11 @@ class Worker:
             request = (
                 f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{offer}\r\n"
             ).encode()
-            client = Client(self, request, loop, watch)
+            client = (
+                ClientV2(self, request, loop, watch) if v2 else Client(self, request, loop, watch)
+            )
             try:
                 await asyncio.wait_for(
                     loop.create_connection(
@@ -129,6 +172,8 @@ class Worker:
             "first_open": opened[0] if opened else 0.0,
             "last_open": opened[-1] if opened else 0.0,
             "open_now": self.open_count(),
+            # Of those opened: on how many the server selected notify.v2.
+            "v2": sum(1 for c in new if isinstance(c, ClientV2) and c.v2),
         }
 
     def open_count(self) -> int:
@@ -143,6 +188,11 @@ class Worker:
             "closes": self.closes,
             "bad_frames": self.bad_frames,
             "samples": len(self.latencies),
+            "acked": self.acked,
+            "ack_frames": self.ack_frames,
+            "unacked": sum(len(c.ids) for c in self.unacked),
+            "control": self.control,
+            "ack_delay_us": delays(self.ack_delays),
             **(
                 {
                     "distinct": len(self.seen) - self.seen.count(0),
@@ -187,7 +237,22 @@ class Worker:
             c.abort(rst=True)
         closed = len(self.clients)
         self.clients = [c for c in self.clients if c.state != 2]
+        self.unacked.clear()
         return {"closed": closed, "left": len(self.clients)}
+
+    async def ack_loop(self) -> None:
+        """Every ack interval, the v2 clients with ids waiting send their ack frame."""
+        while True:
+            await asyncio.sleep(self.ack_interval)
+            if not self.unacked:
+                continue
+            now = time.monotonic()
+            for c in list(self.unacked):
+                try:
+                    c.send_acks(now)
+                except Exception as exc:  # one client's failure must not stop the others' acks
+                    print(f"ack of one client failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    self.unacked.discard(c)
 
 
 class Client(asyncio.Protocol):
@@ -268,11 +333,15 @@ class Client(asyncio.Protocol):
                 self.abort()
                 return
             self.state = 1
+            self.upgraded(head)
             self.opened_at = time.time()
             self.opened.set_result(self.opened_at)
             if not data:
                 return
         self._frames(data)
+
+    def upgraded(self, head: bytes) -> None:
+        """The server's 101 response head, once (a v1 client has no use for it)."""
 
     def _frames(self, data: bytes) -> None:
         worker = self.worker
@@ -347,6 +416,175 @@ class Client(asyncio.Protocol):
             self.frames += got
             if self.watch and self.frames >= self.watch and not self.done_at:
                 self.done_at = now
+
+
+class ClientV2(Client):
+    """A client that offered ``notify.v2``: if the server selected it, it reads v2 frames
+    and acknowledges every notification; if not, it is a v1 client."""
+
+    __slots__ = ("ids", "last_ack", "oldest", "v2")
+
+    def __init__(
+        self, worker: Worker, request: bytes, loop: asyncio.AbstractEventLoop, watch: int
+    ) -> None:
+        super().__init__(worker, request, loop, watch)
+        self.v2 = False
+        self.ids: list[bytes] = []  # received, not yet acknowledged
+        self.oldest = 0.0  # when the first of them arrived (time.monotonic())
+        self.last_ack = 0.0
+
+    def upgraded(self, head: bytes) -> None:
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-protocol":
+                self.v2 = value.strip().decode(errors="replace") == SUBPROTOCOL_V2
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.worker.unacked.discard(self)
+
+    def send_acks(self, now: float) -> None:
+        """One ack frame of up to 500 waiting ids, unless one went out less than an ack
+        interval ago (the server limits client frames per second)."""
+        worker = self.worker
+        if self.state != 1 or self.transport is None:
+            worker.unacked.discard(self)
+            return
+        if now - self.last_ack < worker.ack_interval:
+            return
+        batch, self.ids = self.ids[:ACK_MAX_IDS], self.ids[ACK_MAX_IDS:]
+        if not self.ids:
+            worker.unacked.discard(self)
+        if not batch:
+            return
+        payload = ACK_HEAD + b'"' + b'","'.join(batch) + b'"]}'
+        n = len(payload)
+        # Client frames are masked; a zero mask key leaves the payload as it is.
+        head = bytes((0x81, 0x80 | n)) if n < 126 else b"\x81\xfe" + n.to_bytes(2, "big")
+        self.transport.write(head + b"\x00\x00\x00\x00" + payload)
+        self.last_ack = now
+        worker.acked += len(batch)
+        worker.ack_frames += 1
+        worker.ack_delays.append(int((now - self.oldest) * 1e6))
+        self.oldest = now  # the ids left over, if any, wait from now at most
+
+    def _frames(self, data: bytes) -> None:
+        if not self.v2:
+            super()._frames(data)
+            return
+        worker = self.worker
+        n = len(data)
+        pos = 0
+        now_us = 0
+        got = 0
+        lat = worker.latencies
+        arrivals = worker.arrivals
+        seen = worker.seen
+        rel_ms = 0
+        ids = self.ids
+        if not ids:
+            self.oldest = time.monotonic()
+        while n - pos >= 2:
+            b1 = data[pos + 1] & 0x7F
+            if b1 < 126:
+                start = pos + 2
+            elif b1 == 126:
+                if n - pos < 4:
+                    break
+                b1 = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                start = pos + 4
+            else:
+                if n - pos < 10:
+                    break
+                b1 = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            end = start + b1
+            if end > n:
+                break
+            opcode = data[pos] & 0x0F
+            if opcode == 1:
+                # The compact form (docs/protocol.md) is read in place; anything else is
+                # parsed as JSON.
+                i = data.find(ID_KEY, start, end)
+                b = data.find(BODY_KEY, start, end) if i >= 0 else -1
+                if b < 0:
+                    body = self._other(data[start:end])
+                    if body is None:
+                        pos = end
+                        continue
+                    ident, ts, sq = body
+                else:
+                    ident = data[i + 6 : i + 6 + ID_CHARS]
+                    ts = data[b + 8 : b + 8 + common.TS_DIGITS]
+                    sq = data[b + 9 + common.TS_DIGITS : b + 18 + common.TS_DIGITS]
+                ids.append(ident)
+                got += 1
+                if not now_us:
+                    now_us = time.time_ns() // 1000
+                    rel_ms = now_us // 1000 - worker.t0_ms
+                try:
+                    lat.append(now_us - int(ts))
+                    arrivals.append(rel_ms)
+                    if seen is not None:
+                        k = int(sq) - worker.seq_base
+                        if 0 <= k < len(seen):
+                            if seen[k]:
+                                worker.dupes += 1
+                            seen[k] = 1
+                        else:
+                            worker.stray += 1
+                except ValueError:
+                    worker.bad_frames += 1
+            elif opcode == 9:  # ping: answer with a (zero-)masked pong
+                payload = data[start:end]
+                if self.transport is not None:
+                    self.transport.write(
+                        bytes((0x8A, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
+                    )
+            elif opcode == 8:
+                payload = data[start:end]
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                worker.closes[str(code)] = worker.closes.get(str(code), 0) + 1
+                self.close_frame(code if code < 5000 and code not in (1005, 1006) else 1000)
+                self.state = 2
+                worker.unacked.discard(self)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            pos = end
+        if pos < n:
+            self.buf = data[pos:]
+        if got:
+            now = now_us / 1e6
+            worker.frames += got
+            if not worker.first:
+                worker.first = now
+            worker.last = now
+            self.frames += got
+            if self.watch and self.frames >= self.watch and not self.done_at:
+                self.done_at = now
+            if len(ids) >= worker.ack_ids:
+                self.send_acks(time.monotonic())
+            if self.ids:
+                worker.unacked.add(self)
+
+    def _other(self, text: bytes) -> tuple[bytes, bytes, bytes] | None:
+        """A v2 text frame not in the compact notification form: a notification's id,
+        timestamp and sequence digits, or None for any other frame (counted by type)."""
+        try:
+            frame = json.loads(text)
+            kind = str(frame.get("type"))
+        except (ValueError, AttributeError):
+            self.worker.bad_frames += 1
+            return None
+        if kind == "notification":
+            body = str(frame.get("body", ""))
+            ts, _, rest = body.partition(" ")
+            return str(frame.get("id", "")).encode(), ts.encode(), rest[:9].encode()
+        if kind == "error":
+            kind = f"error:{frame.get('code')}"
+        self.worker.control[kind] = self.worker.control.get(kind, 0) + 1
+        return None
 
 
 async def serve(worker: Worker) -> None:

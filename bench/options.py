@@ -6,12 +6,13 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-SCENARIOS = ("live", "paced", "store", "flush", "storm", "memory", "scale")
+SCENARIOS = ("live", "paced", "store", "flush", "storm", "memory", "v2", "scale")
 # ``scale`` (the set-ups of SCALE_SETUPS, and Redis's own capacity) adds ~2.5 minutes to
 # the default run (~5.5 in all). Without a reachable Redis, a default run skips it;
 # ``--only scale`` fails instead.
 DEFAULT_SCENARIOS = SCENARIOS
 FLUSH_RUNS = 3  # users with a stored backlog, flushed one after another; the median counts
+V2_TARGET = 0.8  # v2 with every client acknowledging keeps at least 0.8x v1's throughput
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class Options:
     scale_quota: float = 0.5
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_capacity_messages: int = 300_000
+    v2_connections: int = 0  # 0: the big count
+    v2_ack_ms: float = 50.0
+    v2_ack_ids: int = 100
     argv: tuple[str, ...] = field(default=())
 
     def wants(self, *scenarios: str) -> bool:
@@ -95,8 +99,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         default="",
-        help=f"comma-separated subset of {SCENARIOS} (default: all; scale, the scale-out "
-        "through Redis, ~1.5 min, is skipped when Redis is not reachable unless named)",
+        help=f"comma-separated subset of {SCENARIOS} (default: all; v2: the fan-out with v1 "
+        "clients, then with v2 clients acknowledging every notification, and the store's "
+        "load, skipped with 'server speaks v1 only' when the gateway does not select "
+        "notify.v2; scale, the scale-out through Redis, ~1.5 min, is skipped when Redis is "
+        "not reachable unless named)",
     )
     p.add_argument("-k", "--messages", type=int, help="K for fan-out and store (100000)")
     p.add_argument("-c", "--connections", help="the two connection counts, small,big (1000,10000)")
@@ -153,6 +160,26 @@ def parser() -> argparse.ArgumentParser:
         help="scale: PUBLISHes per Redis capacity test (300000; --quick 100000; 0 skips it)",
     )
     p.add_argument(
+        "--v2-connections",
+        type=int,
+        default=0,
+        help="v2: clients of the v1 pass and of the v2 pass (default: the big count)",
+    )
+    p.add_argument(
+        "--v2-ack-ms",
+        type=float,
+        default=50.0,
+        help="v2: each client sends an ack frame at most every this many ms (50; the "
+        "gateway allows 20 client frames/s)",
+    )
+    p.add_argument(
+        "--v2-ack-ids",
+        type=int,
+        default=100,
+        help="v2: ...and sooner, once this many ids are waiting and the interval has "
+        "passed (100; at most 500 ids a frame)",
+    )
+    p.add_argument(
         "--update-doc",
         action="store_true",
         help="also write the table into docs/performance.md (between its bench markers)",
@@ -181,6 +208,8 @@ def parse_options(argv: list[str]) -> Options:
     if a.connections:
         small, big = (int(x) for x in a.connections.split(","))
     only = {s.strip() for s in a.only.split(",") if s.strip()} or set(DEFAULT_SCENARIOS)
+    if a.v2_ack_ms < 50 or not 1 <= a.v2_ack_ids <= 500:
+        p.error("--v2-ack-ms: at least 50 (20 frames/s); --v2-ack-ids: 1 to 500")
     unknown = only - set(SCENARIOS)
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}; choose from {SCENARIOS}")
@@ -219,5 +248,8 @@ def parse_options(argv: list[str]) -> Options:
             if a.redis_capacity_messages is not None
             else (100_000 if quick else 300_000)
         ),
+        v2_connections=a.v2_connections,
+        v2_ack_ms=a.v2_ack_ms,
+        v2_ack_ids=a.v2_ack_ids,
         argv=tuple(argv),
     )

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.cpu import CpuShares
-from bench.options import FLUSH_RUNS, Options
-from bench.results import Fanout, Frames, Results
+from bench.options import FLUSH_RUNS, V2_TARGET, Options
+from bench.results import Acked, Fanout, Frames, Results
 
 NOISY = 50  # % of one core used by everything else in a window: its figures are suspect
 
@@ -157,6 +157,111 @@ def paced_rows(o: Options, r: Results, g: Fanout) -> list[Row]:
     return rows
 
 
+def acked_rows(r: Results) -> list[Row]:
+    """v2 clients acknowledging every notification against v1 clients, same run and gateway:
+    throughput (held to the target), latency, and the store's load."""
+    a = r.acked
+    if a is None:
+        return []
+    v1, v2 = a.passes.get("v1"), a.passes.get("v2")
+    v1_live = v1.live if v1 else None
+    v2_live = v2.live if v2 and not v2.skipped else None
+    what = f"v2 fan-out {a.connections} conns, every client acking"
+    same = "baseline: v1 clients, same gateway and run"
+    if a.skipped:
+        same = f"v2 SKIPPED: {a.skipped}"
+    complete = bool(v2_live and v2_live.complete and v1_live and v1_live.complete)
+    ratio = a.ratio
+    skipped = f" (v2 skipped: {a.skipped})" if a.skipped else ""
+    rows = [
+        Row(
+            f"{what}, produced live{skipped}",
+            "msg/s",
+            rate(v2_live),
+            rate(v1_live),
+            f">= {V2_TARGET}x v1",
+            None if ratio is None else bool(ratio >= V2_TARGET and complete),
+            same if complete or v2_live is None else same + "; INCOMPLETE",
+        )
+    ]
+    for q in ("p50", "p99"):
+        rows.append(Row(f"{what}, latency {q}", "ms", latency(v2_live, q), latency(v1_live, q)))
+    s1 = v1.store if v1 else None
+    s2 = v2.store if v2 and not v2.skipped else None
+    for figure, unit, key in (
+        ("store rows inserted", "rows", "rows_inserted"),
+        ("store rows deleted", "rows", "rows_deleted"),
+        ("store transactions", "xacts", "transactions"),
+    ):
+        value = None if s2 is None else float(getattr(s2, key))
+        note = ""
+        if key == "transactions" and s2 is not None and a.messages:
+            note = f"{s2.transactions / a.messages:.3f} per notification; {s2.rows_left} left"
+        rows.append(
+            Row(
+                f"{what}: {figure}",
+                unit,
+                value,
+                None if s1 is None else float(getattr(s1, key)),
+                note=note,
+            )
+        )
+    return rows
+
+
+def render_acked(a: Acked) -> str:
+    """The v1/v2 passes in words: what connected, the acks, the store's load."""
+    lines = [
+        f"== v1 against v2 (every client acking: an ack frame at most every {a.ack_ms:.0f} ms,"
+        f" sooner at {a.ack_ids} ids), {a.connections} clients, {a.messages} messages a pass =="
+    ]
+    for p in a.passes.values():
+        head = f"{p.protocol}: "
+        if p.connect is not None:
+            head += f"{p.connect.ok} connected, {p.open_after_connect} open after"
+            if p.connect.v2_selected is not None:
+                head += f" ({p.connect.v2_selected} with notify.v2 selected)"
+        if p.skipped:
+            lines.append(f"{head}; SKIPPED: {p.skipped}")
+            continue
+        if p.live is not None:
+            lost = "" if p.live.missing is None else f", {p.live.missing} missing"
+            dupes = "" if p.live.dupes is None else f", {p.live.dupes} duplicates"
+            head += (
+                f"; {p.live.frames}/{p.live.expected} frames at {p.live.rate:,.0f}/s{lost}{dupes}"
+            )
+            if p.live.closes:
+                head += f", closes {p.live.closes}"
+        lines.append(head)
+        if p.acks is not None:
+            lines.append(
+                f"  acks: {p.acks.acked_ids} ids in {p.acks.ack_frames} frames, "
+                f"{p.acks.unacked_ids} not yet sent; other server frames: {p.acks.control or '-'}"
+            )
+            d = p.acks.delay_ms
+            if d:
+                lines.append(
+                    f"  ack sent after the oldest id of its frame arrived: p50 {d['p50']:.0f} ms, "
+                    f"p99 {d['p99']:.0f} ms, max {d['max']:.0f} ms"
+                )
+        if p.store is not None and p.live is not None:
+            lines.append(
+                f"  PostgreSQL {p.live.cpu.postgres:.0f}% of a core, gateway "
+                f"{p.live.cpu.server:.0f}% while the frames came"
+            )
+        if p.store is not None:
+            st = p.store
+            lines.append(
+                f"  store: {st.rows_inserted} rows inserted, {st.rows_deleted} deleted, "
+                f"{st.rows_updated} updated, {st.transactions} transactions, "
+                f"{st.index_scans} index scans, {st.rows_left} rows left"
+            )
+            if st.gateway:
+                counters = ", ".join(f"{k} {v:g}" for k, v in sorted(st.gateway.items()))
+                lines.append(f"  gateway: {counters}")
+    return "\n".join(lines)
+
+
 def table(o: Options, r: Results) -> list[Row]:
     """The rows of the latest-run table of docs/performance.md, in its order."""
     b = r.baseline
@@ -239,7 +344,7 @@ def table(o: Options, r: Results) -> list[Row]:
                 note=top,
             )
         )
-    return rows
+    return rows + acked_rows(r)
 
 
 def windows(o: Options, r: Results) -> list[Window]:
@@ -263,6 +368,9 @@ def windows(o: Options, r: Results) -> list[Window]:
         add(f"gateway_{count}.connect_cached", g.connect_cached.cpu if g.connect_cached else None)
     add("storm_jwt", r.storm_jwt.cpu if r.storm_jwt else None)
     add("store", r.store.cpu if r.store else None)
+    if r.acked is not None:
+        for name, p in r.acked.passes.items():
+            add(f"v2.{name}_live", p.live.cpu if p.live else None)
     return out
 
 

@@ -127,6 +127,7 @@ class Connect:
     rate: float = 0.0
     cpu: CpuShares | None = None
     auth_service_calls: int | None = None
+    v2_selected: int | None = None  # clients that offered notify.v2: how many got it
 
 
 @dataclass
@@ -363,6 +364,69 @@ class Scale:
 
 
 @dataclass
+class StoreLoad:
+    """The store's work over a window: deltas of the scratch database's statistics
+    (every client of it, the bench's own few reads included) and of the gateway's store
+    counters."""
+
+    transactions: int  # pg_stat_database xact_commit + xact_rollback
+    rows_inserted: int  # of undelivered_notification (pg_stat_user_tables)
+    rows_deleted: int
+    rows_updated: int
+    index_scans: int
+    rows_left: int  # of the pass's users, still stored at the end of the window
+    gateway: dict[str, float] = field(default_factory=dict)  # store/ack counters that moved
+
+
+@dataclass
+class AckCounts:
+    """What the v2 clients sent back during a pass, and what else the server sent them."""
+
+    acked_ids: int
+    ack_frames: int
+    unacked_ids: int  # received but not yet acknowledged when the pass was read
+    control: dict[str, int] = field(default_factory=dict)
+    # From an ack frame's oldest id arriving in the client to the frame's send, ms:
+    # p50, p99, max (each of the client process where it is highest).
+    delay_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ProtocolPass:
+    """The fan-out with one protocol's clients: connect, produced live, store load."""
+
+    protocol: str  # "v1" or "v2"
+    connect: Connect | None = None
+    open_after_connect: int | None = None
+    live: Frames | None = None
+    acks: AckCounts | None = None
+    store: StoreLoad | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class Acked:
+    """v1 and v2 (every client acknowledging) clients, one pass each, same gateway and
+    users, the same number of messages produced live."""
+
+    connections: int
+    messages: int
+    ack_ms: float
+    ack_ids: int
+    passes: dict[str, ProtocolPass] = field(default_factory=dict)  # by protocol
+    skipped: str | None = None  # why the v2 pass did not run
+    log_tail: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        """v2 throughput over v1's, when both passes ran."""
+        v1, v2 = self.passes.get("v1"), self.passes.get("v2")
+        if v1 is None or v2 is None or v1.live is None or v2.live is None:
+            return None
+        return v2.live.rate / v1.live.rate if v1.live.rate else None
+
+
+@dataclass
 class Results:
     """Everything one run measured."""
 
@@ -375,3 +439,4 @@ class Results:
     storm_jwt: Connect | None = None
     store: Store | None = None
     scale: Scale | None = None
+    acked: Acked | None = None

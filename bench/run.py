@@ -10,15 +10,16 @@ at the end. Every wait is bounded; ``--budget`` bounds the whole run.
 
 Scenarios (``bench/scenarios/``): live fan-out at two connection counts, paced
 latency, offline store, flush on connect, connect storm, memory per idle connection,
-and scale-out through Redis. Prints the tables and writes everything measured as JSON
-to ``.cache/bench/<run>.json`` (not tracked); ``--update-doc`` rewrites the generated
-blocks of docs/performance.md.
+v1 against v2 clients acknowledging every notification, and scale-out through Redis.
+Prints the tables and writes everything measured as JSON to ``.cache/bench/<run>.json``
+(not tracked); ``--update-doc`` rewrites the generated blocks of docs/performance.md.
 
     python -m bench.run                  # everything, defaults (~5.5 minutes)
     python -m bench.run --quick          # small sizes, ~2-3 minutes
     python -m bench.run --only store,flush
     python -m bench.run --only live --profile   # py-spy the gateway during fan-out
     python -m bench.run --only scale            # scale-out through Redis (~2.5 minutes)
+    python -m bench.run --only v2               # v1 against v2 with acks, and the store's load
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from bench.options import Options, parse_options
 from bench.processes import ROOT, log
 from bench.profile_summary import render
 from bench.results import Results
-from bench.scenarios import baseline, fanout, kafka_floor, scale, store, storm
+from bench.scenarios import acked, baseline, fanout, kafka_floor, scale, store, storm
 
 RESULTS = ROOT / ".cache" / "bench"
 PROFILES = (
@@ -68,6 +69,8 @@ async def scenarios(h: Harness) -> None:
         await storm.run(h)
     if o.wants("store", "flush"):
         await store.run(h)
+    if o.wants("v2"):
+        await acked.run(h)
     if o.wants("scale"):
         await scale.run(h)
 
@@ -111,6 +114,10 @@ def print_report(
             f"noisy: the rest of the machine (other work) used > {report.NOISY}% of a core "
             f"in {', '.join(noisy)}: rerun those before trusting them"
         )
+    v2 = results.acked
+    if v2 is not None:
+        print()
+        print(report.render_acked(v2))
     big = results.fanout.get(o.big)
     for key, title in PROFILES:
         if big is not None and key in big.profiles:
