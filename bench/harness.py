@@ -252,6 +252,10 @@ class Harness:
                 # scale set-ups override both.
                 "REDIS_URL": "",
                 "NOTIFY_WORKERS": "1",
+                # Every bench client connects from 127.0.0.1, tens of handshakes in flight
+                # per client process: the per-address pre-auth bound (20) is for strangers.
+                "MAX_UNAUTHENTICATED": "100000",
+                "MAX_UNAUTHENTICATED_PER_ADDRESS": "100000",
                 **({"BENCH_GC_THRESHOLD": self.o.gateway_gc} if self.o.gateway_gc else {}),
                 **env,
             },
