@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from service import guard as guard_module
 from service.app import WS_PATH, _reject
-from service.connection import UNAUTHORIZED
+from service.closecode import CloseCode
 from service.guard import SocketGuard
 from service.metrics import Metrics
 
@@ -44,7 +44,7 @@ class Server:
             SocketGuard.install(ws, 10.0)
             self.refs += [weakref.ref(ws), weakref.ref(request)]
             if request.args.get("token") == "bad":
-                await _reject(node, ws, UNAUTHORIZED, "invalid token", "invalid_token")
+                await _reject(node, ws, CloseCode.UNAUTHORIZED, "invalid token", "invalid_token")
                 return
             await ws.send("hello")
             while await ws.recv() is not None:
@@ -93,7 +93,7 @@ async def test_a_refused_socket_is_freed_without_the_cyclic_gc(server: Server) -
         async with connect(f"ws://127.0.0.1:{server.port}{WS_PATH}?token=bad") as client:
             with pytest.raises(ConnectionClosed):
                 await client.recv()
-        assert client.close_code == UNAUTHORIZED
+        assert client.close_code == CloseCode.UNAUTHORIZED
     assert len(server.refs) == 6
     await until(lambda: server.alive() == 0, 10.0)
 
