@@ -32,10 +32,17 @@ def message(user_id: str, subject: str = "s", content: str = "c", **extra: Any) 
 
 
 async def produce(producer: AIOKafkaProducer, topic: str, *values: dict[str, Any] | bytes) -> None:
+    """Produce each value, keyed by its ``user_id`` as the README tells producers to, so
+    one user's notifications share a partition and keep their order (raw bytes: no key)."""
     futures = []
     for value in values:
-        raw = value if isinstance(value, bytes) else json.dumps(value, ensure_ascii=False).encode()
-        futures.append(await producer.send(topic, raw))
+        if isinstance(value, bytes):
+            raw, key = value, None
+        else:
+            raw = json.dumps(value, ensure_ascii=False).encode()
+            user_id = value.get("user_id")
+            key = user_id.encode() if isinstance(user_id, str) else None
+        futures.append(await producer.send(topic, raw, key=key))
     await asyncio.gather(*futures)
 
 
