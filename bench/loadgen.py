@@ -343,6 +343,21 @@ class Client(asyncio.Protocol):
     def upgraded(self, head: bytes) -> None:
         """The server's 101 response head, once (a v1 client has no use for it)."""
 
+    def _pong(self, payload: bytes) -> None:
+        """Answer a ping with a (zero-)masked pong."""
+        if self.transport is not None:
+            self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload)
+
+    def _closed_by_server(self, payload: bytes) -> None:
+        """The server's close frame: count its code, answer it, close the socket."""
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        closes = self.worker.closes
+        closes[str(code)] = closes.get(str(code), 0) + 1
+        self.close_frame(code if code < 5000 and code not in (1005, 1006) else 1000)
+        self.state = 2
+        if self.transport is not None:
+            self.transport.close()
+
     def _frames(self, data: bytes) -> None:
         worker = self.worker
         n = len(data)
@@ -389,20 +404,10 @@ class Client(asyncio.Protocol):
                             worker.stray += 1
                 except ValueError:
                     worker.bad_frames += 1
-            elif opcode == 9:  # ping: answer with a (zero-)masked pong
-                payload = data[start:end]
-                if self.transport is not None:
-                    self.transport.write(
-                        bytes((0x8A, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
-                    )
+            elif opcode == 9:
+                self._pong(data[start:end])
             elif opcode == 8:
-                payload = data[start:end]
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                worker.closes[str(code)] = worker.closes.get(str(code), 0) + 1
-                self.close_frame(code if code < 5000 and code not in (1005, 1006) else 1000)
-                self.state = 2
-                if self.transport is not None:
-                    self.transport.close()
+                self._closed_by_server(data[start:end])
                 return
             pos = end
         if pos < n:
@@ -438,6 +443,10 @@ class ClientV2(Client):
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"sec-websocket-protocol":
                 self.v2 = value.strip().decode(errors="replace") == SUBPROTOCOL_V2
+
+    def _closed_by_server(self, payload: bytes) -> None:
+        self.worker.unacked.discard(self)
+        super()._closed_by_server(payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -535,21 +544,10 @@ class ClientV2(Client):
                             worker.stray += 1
                 except ValueError:
                     worker.bad_frames += 1
-            elif opcode == 9:  # ping: answer with a (zero-)masked pong
-                payload = data[start:end]
-                if self.transport is not None:
-                    self.transport.write(
-                        bytes((0x8A, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload
-                    )
+            elif opcode == 9:
+                self._pong(data[start:end])
             elif opcode == 8:
-                payload = data[start:end]
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                worker.closes[str(code)] = worker.closes.get(str(code), 0) + 1
-                self.close_frame(code if code < 5000 and code not in (1005, 1006) else 1000)
-                self.state = 2
-                worker.unacked.discard(self)
-                if self.transport is not None:
-                    self.transport.close()
+                self._closed_by_server(data[start:end])
                 return
             pos = end
         if pos < n:
