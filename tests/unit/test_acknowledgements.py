@@ -59,21 +59,6 @@ class ScriptedBroker(MemoryBroker):
 
 
 @pytest.fixture
-def hub() -> Hub[Outlet]:
-    return Hub(max_per_user=10, max_total=100)
-
-
-@pytest.fixture
-def backlog() -> FakeBacklog:
-    return FakeBacklog()
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
 def broker(hub: Hub[Outlet]) -> ScriptedBroker:
     return ScriptedBroker(hub)
 

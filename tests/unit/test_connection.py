@@ -21,16 +21,6 @@ from .fakes import FakeBacklog, FakeSocket, notification
 PAGE = 2  # rows per page of the flush: several pages in every test
 
 
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def backlog() -> FakeBacklog:
-    return FakeBacklog()
-
-
 def count(metrics: Metrics, name: str) -> float:
     return metrics.registry.get_sample_value(name) or 0.0
 

@@ -120,21 +120,6 @@ def test_the_v2_frame_carries_id_and_time_and_is_made_once() -> None:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def hub() -> Hub[Outlet]:
-    return Hub(max_per_user=10, max_total=100)
-
-
-@pytest.fixture
-def backlog() -> FakeBacklog:
-    return FakeBacklog()
-
-
-@pytest.fixture
 async def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
     return await local_router(hub, backlog, metrics, delivery_wait=0.3)
 

@@ -26,21 +26,6 @@ from .fakes import FakeBacklog, FakeOutlet, FakeSocket, local_router, notificati
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def hub() -> Hub[Outlet]:
-    return Hub(max_per_user=10, max_total=100)
-
-
-@pytest.fixture
-def backlog() -> FakeBacklog:
-    return FakeBacklog()
-
-
-@pytest.fixture
 async def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
     """A single-process router: the memory broker, as with ``REDIS_URL`` empty."""
     return await local_router(hub, backlog, metrics, retry_initial=0.005, retry_max=0.02)
