@@ -38,6 +38,9 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
 
+from ..closecode import CloseCode, Retry
+from ..inbound import SUBPROTOCOL
+
 EXIT_OK: Final = 0
 EXIT_INCOMPLETE: Final = 1
 EXIT_USAGE: Final = 2
@@ -45,7 +48,7 @@ EXIT_TOKEN: Final = 3
 EXIT_FORBIDDEN: Final = 4
 EXIT_NOT_ENDPOINT: Final = 5
 
-V2: Final = "notify.v2"
+V2: Final = SUBPROTOCOL
 DEFAULT_URL: Final = "ws://127.0.0.1:8001/api/v1/notify/ws"
 # 50 UUIDs make a frame of about 2 KB, well under the gateway's MAX_CLIENT_FRAME (4096).
 ACK_BATCH: Final = 50
@@ -74,15 +77,24 @@ def step_after(code: int | None) -> Step:
     Every other code (1000, 1006 for a dropped connection, 1008, 1011, 1013, 4503, or
     none at all) reconnects with backoff: a listener wants notifications again.
     """
-    if code == 1001:
-        return Step.RETRY_SOON
-    if code == 4401:
-        return Step.NEW_TOKEN
-    if code == 4429:
-        return Step.WAIT_LONG
-    if code in (4403, 1009):
-        return Step.STOP
-    return Step.RETRY
+    close = _CLOSE_CODES.get(code) if code is not None else None
+    if close is None:
+        return Step.RETRY
+    if close is CloseCode.GOING_AWAY:
+        return Step.RETRY_SOON  # a deploy: another process serves at once
+    if close is CloseCode.MESSAGE_TOO_BIG:
+        return Step.STOP  # this client's own frame: reconnecting would send it again
+    return _STEP_OF_RETRY[close.retry]
+
+
+_CLOSE_CODES: Final = {int(close): close for close in CloseCode}
+# What the gateway's advice for each close code (``CloseCode.retry``) means here.
+_STEP_OF_RETRY: Final = {
+    Retry.RECONNECT: Step.RETRY,
+    Retry.REFRESH: Step.NEW_TOKEN,
+    Retry.LATER: Step.WAIT_LONG,
+    Retry.STOP: Step.STOP,
+}
 
 
 class Backoff:
