@@ -343,6 +343,18 @@ class Client(asyncio.Protocol):
     def upgraded(self, head: bytes) -> None:
         """The server's 101 response head, once (a v1 client has no use for it)."""
 
+    def _counted(self, got: int, now_us: int) -> None:
+        """Book ``got`` notification frames of one read, the last arriving at ``now_us``."""
+        now = now_us / 1e6
+        worker = self.worker
+        worker.frames += got
+        if not worker.first:
+            worker.first = now
+        worker.last = now
+        self.frames += got
+        if self.watch and self.frames >= self.watch and not self.done_at:
+            self.done_at = now
+
     def _pong(self, payload: bytes) -> None:
         """Answer a ping with a (zero-)masked pong."""
         if self.transport is not None:
@@ -413,14 +425,7 @@ class Client(asyncio.Protocol):
         if pos < n:
             self.buf = data[pos:]
         if got:
-            now = now_us / 1e6
-            worker.frames += got
-            if not worker.first:
-                worker.first = now
-            worker.last = now
-            self.frames += got
-            if self.watch and self.frames >= self.watch and not self.done_at:
-                self.done_at = now
+            self._counted(got, now_us)
 
 
 class ClientV2(Client):
@@ -553,14 +558,7 @@ class ClientV2(Client):
         if pos < n:
             self.buf = data[pos:]
         if got:
-            now = now_us / 1e6
-            worker.frames += got
-            if not worker.first:
-                worker.first = now
-            worker.last = now
-            self.frames += got
-            if self.watch and self.frames >= self.watch and not self.done_at:
-                self.done_at = now
+            self._counted(got, now_us)
             if len(ids) >= worker.ack_ids:
                 self.send_acks(time.monotonic())
             if self.ids:
