@@ -103,7 +103,12 @@ class CentrifugoClient(Client):
                     self._reply(data[start:end])
                     if not self.connected:
                         return
-                ping = data[start:end] == PING or data.find(b"\n{}", start, end) >= 0
+                # A ping is a line of its own: the whole frame, or one line of a batch.
+                ping = (
+                    data[start:end] == PING
+                    or data.startswith(b"{}\n", start)
+                    or data.find(b"\n{}", start, end) >= 0
+                )
                 if ping and self.transport is not None:
                     self.transport.write(text_frame(PING))
                 at = data.find(BODY_KEY, start, end)

@@ -15,7 +15,7 @@ with ``--peers``, Centrifugo fed from the same Kafka (``bench/scenarios/peers.py
 Prints the tables and writes everything measured as JSON to ``.cache/bench/<run>.json``
 (not tracked); ``--update-doc`` rewrites the generated blocks of docs/performance.md.
 
-    python -m bench.run                  # everything, defaults (~5.5 minutes)
+    python -m bench.run                  # everything, defaults (~13 minutes on 2 shared cores)
     python -m bench.run --quick          # small sizes, ~2-3 minutes
     python -m bench.run --only store,flush
     python -m bench.run --only live --profile   # py-spy the gateway during fan-out

@@ -91,7 +91,7 @@ def fmt(value: float | bool | None, unit: str = "") -> str:
         return str(value)
     if value != value:
         return "-"
-    if unit in ("msg/s", "hs/s") or abs(value) >= 1000:
+    if unit in ("msg/s", "hs/s", "rows", "xacts") or abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 100:
         return f"{value:.0f}"
