@@ -47,12 +47,23 @@ def go_binary() -> str | None:
     return None
 
 
+_found: dict[str, Path | str] = {}
+
+
 async def binary(version: str = VERSION) -> Path | str:
     """The Centrifugo binary of ``version`` (built now if not cached), or why there is none.
 
-    Never raises for a missing Go or module proxy: the reason is returned instead. The
-    build is bounded by BUILD_TIMEOUT; its output goes to ``.cache/centrifugo/build.log``.
+    Never raises for a missing Go or module proxy: the reason is returned instead, and
+    given again to later calls of this process without trying again. The build is bounded
+    by BUILD_TIMEOUT; its output goes to ``.cache/centrifugo/build.log``. Not safe to call
+    concurrently.
     """
+    if version not in _found:
+        _found[version] = await _build(version)
+    return _found[version]
+
+
+async def _build(version: str) -> Path | str:
     out = CACHE / f"v{version}"
     path = out / "centrifugo"
     if path.exists() and os.access(path, os.X_OK):

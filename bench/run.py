@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import common, doc, report, scale_report
+from bench import centrifugo, common, doc, report, scale_report
 from bench.harness import Harness
 from bench.options import Options, parse_options
 from bench.processes import ROOT, log
@@ -165,6 +165,10 @@ def print_report(
 async def amain(options: Options) -> int:
     """The run: 0 if it completed, 1 if a scenario failed, 3 if the budget ran out."""
     common.raise_nofile()
+    if options.peers:
+        # Built (once, minutes) before the budget starts counting; a reason instead of a
+        # binary is reported by the peers scenario.
+        await centrifugo.binary()
     h = Harness(options)
     code = 0
     task = asyncio.create_task(scenarios(h))
