@@ -93,7 +93,8 @@ $(BIN)/.bench-installed: $(BIN)/.installed bench/requirements.txt
 	$(BIN)/pip install --quiet -r bench/requirements.txt
 	touch $@
 
-# make bench                 everything, defaults (~5.5 min); make bench ARGS=--quick (~2 min)
+# make bench                 everything, defaults (~13 min with v2 and scale); make bench ARGS=--quick
+# make bench ARGS="--peers --update-doc"   and Centrifugo beside it (~2-4 min more; Go builds it once)
 # make bench ARGS="--only store,flush"   make bench ARGS="--only live --profile"
 bench: $(BIN)/.bench-installed up
 	KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$(LOCAL_KAFKA)} \

@@ -74,6 +74,20 @@ def token(user: str, salt: str, exp: int, secret: str = BENCH_SECRET) -> str:
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+def personal_channel(user: str) -> str:
+    """A user's personal channel in the Centrifugo peer (its namespace ``personal``)."""
+    return f"personal:{user}"
+
+
+def centrifugo_token(user: str, exp: int, secret: str = BENCH_SECRET) -> str:
+    """An HS256 connection token for the Centrifugo peer: its ``channels`` claim subscribes
+    the connection to the user's personal channel on the server's side."""
+    import jwt
+
+    claims = {"sub": user, "exp": exp, "channels": [personal_channel(user)]}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
 def raise_nofile(want: int = 65536) -> int:
     """Raise this process's open-file limit as far as allowed; returns the soft limit."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -14,6 +14,7 @@ from bench.report import (
     peak,
     render_acked,
     render_cpu,
+    render_peers_note,
     render_table,
 )
 from bench.results import Meta, Results
@@ -60,6 +61,7 @@ def block_latest(results: Results, rows: list[Row], ws: list[Window]) -> str:
         run_line(results.meta),
         "",
         render_table(rows),
+        *(["", render_peers_note(results)] if results.peers else []),
         *(["", "```", render_acked(results.acked), "```"] if results.acked else []),
         "",
         f"Load generator (client processes + producer): at most "

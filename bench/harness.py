@@ -197,9 +197,18 @@ class Harness:
         return name
 
     async def produce(
-        self, topic: str, *, population: int, users: int, count: int = 0, **extra: float
+        self,
+        topic: str,
+        *,
+        population: int,
+        users: int,
+        count: int = 0,
+        channel_header: str = "",
+        **extra: float,
     ) -> Produced:
-        """Run a producer process (``bench/producer.py``) to its end; what it reports."""
+        """Run a producer process (``bench/producer.py``) to its end; what it reports.
+
+        With ``channel_header``, records for the Centrifugo peer (see the producer)."""
         argv = [
             PY,
             "-m",
@@ -217,6 +226,8 @@ class Harness:
         ]
         for k, v in extra.items():
             argv += [f"--{k.replace('_', '-')}", str(v)]
+        if channel_header:
+            argv += ["--channel-header", channel_header]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=ROOT,

@@ -13,6 +13,9 @@ SCENARIOS = ("live", "paced", "store", "flush", "storm", "memory", "v2", "scale"
 DEFAULT_SCENARIOS = SCENARIOS
 FLUSH_RUNS = 3  # users with a stored backlog, flushed one after another; the median counts
 V2_TARGET = 0.8  # v2 with every client acknowledging keeps at least 0.8x v1's throughput
+# Centrifugo's tuned consumer: its partition queue (default 1000 records) pauses fetching
+# from a partition whenever it fills, and the consumer stalls on each pause.
+PEER_QUEUE = 10_000
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class Options:
     v2_connections: int = 0  # 0: the big count
     v2_ack_ms: float = 50.0
     v2_ack_ids: int = 100
+    peers: bool = False
+    peer_queue: int = PEER_QUEUE
     argv: tuple[str, ...] = field(default=())
 
     def wants(self, *scenarios: str) -> bool:
@@ -180,6 +185,19 @@ def parser() -> argparse.ArgumentParser:
         "passed (100; at most 500 ids a frame)",
     )
     p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also Centrifugo (built once with go install, cached under .cache/), GOMAXPROCS=1 "
+        "and unset, default and tuned consumer, same Kafka and clients (~4 min more; skipped "
+        "with a reason without Go or the module proxy)",
+    )
+    p.add_argument(
+        "--peer-queue",
+        type=int,
+        default=PEER_QUEUE,
+        help=f"peers: the tuned consumer's partition_queue_max_size ({PEER_QUEUE}; default 1000)",
+    )
+    p.add_argument(
         "--update-doc",
         action="store_true",
         help="also write the table into docs/performance.md (between its bench markers)",
@@ -251,5 +269,7 @@ def parse_options(argv: list[str]) -> Options:
         v2_connections=a.v2_connections,
         v2_ack_ms=a.v2_ack_ms,
         v2_ack_ids=a.v2_ack_ids,
+        peers=a.peers,
+        peer_queue=a.peer_queue,
         argv=tuple(argv),
     )

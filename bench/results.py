@@ -427,6 +427,38 @@ class Acked:
 
 
 @dataclass
+class PeerPass:
+    """One Centrifugo process with C clients: connect, memory, drain, live, paced."""
+
+    consumer: str  # "default" or "tuned"
+    partition_queue_max_size: int | None  # None: Centrifugo's default
+    connect: Connect | None = None
+    rss_per_conn_kb: float | None = None
+    drain: Frames | None = None
+    live: Frames | None = None
+    paced: Frames | None = None
+    log_tail: str = ""
+
+
+@dataclass
+class PeerSetup:
+    """Centrifugo under one GOMAXPROCS (None: unset), with each consumer setting."""
+
+    gomaxprocs: int | None
+    passes: dict[str, PeerPass] = field(default_factory=dict)  # by consumer setting
+
+
+@dataclass
+class Peers:
+    """The peer gateway, Centrifugo, fed from the same Kafka in the same run."""
+
+    version: str
+    connections: int
+    skipped: str | None = None
+    setups: dict[str, PeerSetup] = field(default_factory=dict)  # by column ("1 core", ...)
+
+
+@dataclass
 class Results:
     """Everything one run measured."""
 
@@ -440,3 +472,4 @@ class Results:
     store: Store | None = None
     scale: Scale | None = None
     acked: Acked | None = None
+    peers: Peers | None = None

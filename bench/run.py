@@ -10,16 +10,18 @@ at the end. Every wait is bounded; ``--budget`` bounds the whole run.
 
 Scenarios (``bench/scenarios/``): live fan-out at two connection counts, paced
 latency, offline store, flush on connect, connect storm, memory per idle connection,
-v1 against v2 clients acknowledging every notification, and scale-out through Redis.
+v1 against v2 clients acknowledging every notification, and scale-out through Redis;
+with ``--peers``, Centrifugo fed from the same Kafka (``bench/scenarios/peers.py``).
 Prints the tables and writes everything measured as JSON to ``.cache/bench/<run>.json``
 (not tracked); ``--update-doc`` rewrites the generated blocks of docs/performance.md.
 
-    python -m bench.run                  # everything, defaults (~5.5 minutes)
+    python -m bench.run                  # everything, defaults (~13 minutes on 2 shared cores)
     python -m bench.run --quick          # small sizes, ~2-3 minutes
     python -m bench.run --only store,flush
     python -m bench.run --only live --profile   # py-spy the gateway during fan-out
     python -m bench.run --only scale            # scale-out through Redis (~2.5 minutes)
     python -m bench.run --only v2               # v1 against v2 with acks, and the store's load
+    python -m bench.run --peers                 # and Centrifugo beside notify-ws (~4 min more)
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import common, doc, report, scale_report
+from bench import centrifugo, common, doc, report, scale_report
 from bench.harness import Harness
 from bench.options import Options, parse_options
 from bench.processes import ROOT, log
 from bench.profile_summary import render
 from bench.results import Results
-from bench.scenarios import acked, baseline, fanout, kafka_floor, scale, store, storm
+from bench.scenarios import acked, baseline, fanout, kafka_floor, peers, scale, store, storm
 
 RESULTS = ROOT / ".cache" / "bench"
 PROFILES = (
@@ -65,6 +67,8 @@ async def scenarios(h: Harness) -> None:
         await fanout.run(h, o.small, big=False)
     if o.wants("live", "paced", "storm", "memory"):
         await fanout.run(h, o.big, big=True)
+    if o.peers and o.wants("live", "paced", "storm", "memory"):
+        await peers.run(h)
     if o.wants("storm"):
         await storm.run(h)
     if o.wants("store", "flush"):
@@ -97,6 +101,10 @@ def print_report(
     if rows:
         print()
         print(report.render_table(rows))
+    peers_note = report.render_peers_note(results)
+    if peers_note:
+        print()
+        print(peers_note)
     if ws:
         print()
         print(f"CPU, % of one core (the machine has {os.cpu_count()}), per measured window:")
@@ -157,6 +165,10 @@ def print_report(
 async def amain(options: Options) -> int:
     """The run: 0 if it completed, 1 if a scenario failed, 3 if the budget ran out."""
     common.raise_nofile()
+    if options.peers:
+        # Built (once, minutes) before the budget starts counting; a reason instead of a
+        # binary is reported by the peers scenario.
+        await centrifugo.binary()
     h = Harness(options)
     code = 0
     task = asyncio.create_task(scenarios(h))
