@@ -24,10 +24,18 @@ cannot be reached or refuses, and is safe to call concurrently (asyncpg pool).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +60,21 @@ _FETCH_FIRST = """
 SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification
 WHERE user_id = $1 ORDER BY created_at, seq LIMIT $2
 """
+
+# The first page of each of many users: what the connects of one moment read, in one
+# statement (``_FirstPages``). Each user's rows through the (user_id, created_at, seq)
+# index, at most $2; the caller orders each user's rows by cursor.
+_FETCH_FIRST_MANY = """
+SELECT t.message_id, t.user_id, t.title, t.body, t.created_at, t.seq
+FROM unnest($1::varchar[]) AS u(user_id)
+CROSS JOIN LATERAL (
+    SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification AS n
+    WHERE n.user_id = u.user_id ORDER BY created_at, seq LIMIT $2
+) AS t
+"""
+
+# Users whose first pages one statement reads, at most.
+_USERS_PER_FETCH = 500
 
 _FETCH_AFTER = """
 SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification
@@ -168,6 +191,83 @@ def _count(status: str) -> int:
         return 0
 
 
+def _stored(row: Any) -> Stored:
+    return Stored(
+        Notification.build(
+            str(row["message_id"]),
+            row["user_id"],
+            row["title"],
+            row["body"],
+            int(row["created_at"].timestamp() * 1000),
+        ),
+        (row["created_at"], row["seq"]),
+    )
+
+
+class _FirstPages:
+    """The first page of many users' backlogs, read together: one statement for the
+    connects of a moment instead of one each.
+
+    A read asked for while no statement runs starts one at once (on the next turn of
+    the loop, with whatever else was asked in that turn); reads asked for while one
+    runs wait for it and then go together in the next, up to ``_USERS_PER_FETCH``
+    users per statement. Each statement runs after every read in it was asked for,
+    so it sees every row stored before its read was asked for: the same guarantee as
+    a read of its own. A failed statement fails each of its reads with its error.
+    """
+
+    def __init__(self, read: Callable[[list[str], int], Awaitable[list[Any]]]) -> None:
+        self._read = read
+        # By page size, then user: the readers waiting for the next statement.
+        self._asked: dict[int, dict[str, list[asyncio.Future[list[Stored]]]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def fetch(self, user_id: str, limit: int) -> list[Stored]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[Stored]] = loop.create_future()
+        self._asked.setdefault(limit, {}).setdefault(user_id, []).append(answer)
+        if self._reader is None:
+            self._reader = loop.create_task(self._read_all(), name="store-first-pages")
+        return await answer
+
+    async def _read_all(self) -> None:
+        try:
+            while self._asked:
+                limit = next(iter(self._asked))
+                asked = self._asked[limit]
+                users = list(itertools.islice(asked, _USERS_PER_FETCH))
+                waiting = {user: asked.pop(user) for user in users}
+                if not asked:
+                    del self._asked[limit]
+                try:
+                    rows = await self._read(users, limit)
+                except Exception as exc:
+                    for answers in waiting.values():
+                        for answer in answers:
+                            if not answer.done():
+                                answer.set_exception(exc)
+                    continue
+                pages: dict[str, list[Stored]] = {user: [] for user in users}
+                for row in rows:
+                    pages[row["user_id"]].append(_stored(row))
+                for user, answers in waiting.items():
+                    page = sorted(pages[user], key=_cursor)
+                    for answer in answers:
+                        if not answer.done():
+                            answer.set_result(list(page))
+        finally:
+            self._reader = None
+            for asked in self._asked.values():  # only when cancelled (loop shutting down)
+                for answers in asked.values():
+                    for answer in answers:
+                        answer.cancel()
+            self._asked.clear()
+
+
+def _cursor(stored: Stored) -> tuple[datetime, int]:
+    return stored.cursor
+
+
 class Store:
     """The backlog in PostgreSQL. ``start()`` opens the pool, ``close()`` is idempotent."""
 
@@ -176,6 +276,7 @@ class Store:
         self._pool_size = pool_size
         self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
+        self._first_pages = _FirstPages(self._fetch_first_many)
 
     async def start(self) -> None:
         """Create the pool; it connects lazily, so a PostgreSQL that is down now is retried."""
@@ -223,24 +324,22 @@ class Store:
     async def fetch(
         self, user_id: str, after: tuple[datetime, int] | None, limit: int
     ) -> list[Stored]:
+        """The user's rows after ``after``, oldest first, at most ``limit``.
+
+        The first page (``after`` None, what every connect reads) is read together with
+        the first pages other connects ask for meanwhile, in one statement.
+        """
+        if after is None:
+            return await self._first_pages.fetch(user_id, limit)
         async with self._connection() as connection:
-            if after is None:
-                rows = await connection.fetch(_FETCH_FIRST, user_id, limit)
-            else:
-                rows = await connection.fetch(_FETCH_AFTER, user_id, limit, after[0], after[1])
-        return [
-            Stored(
-                Notification.build(
-                    str(row["message_id"]),
-                    row["user_id"],
-                    row["title"],
-                    row["body"],
-                    int(row["created_at"].timestamp() * 1000),
-                ),
-                (row["created_at"], row["seq"]),
-            )
-            for row in rows
-        ]
+            rows = await connection.fetch(_FETCH_AFTER, user_id, limit, after[0], after[1])
+        return [_stored(row) for row in rows]
+
+    async def _fetch_first_many(self, user_ids: list[str], limit: int) -> list[Any]:
+        async with self._connection() as connection:
+            if len(user_ids) == 1:
+                return list(await connection.fetch(_FETCH_FIRST, user_ids[0], limit))
+            return list(await connection.fetch(_FETCH_FIRST_MANY, user_ids, limit))
 
     async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
         """Remove these rows of ``user_id``; another user's row with the same id stays."""
