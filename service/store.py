@@ -38,7 +38,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -62,7 +62,7 @@ WHERE user_id = $1 ORDER BY created_at, seq LIMIT $2
 """
 
 # The first page of each of many users: what the connects of one moment read, in one
-# statement (``_FirstPages``). Each user's rows through the (user_id, created_at, seq)
+# statement (``_Together``). Each user's rows through the (user_id, created_at, seq)
 # index, at most $2; the caller orders each user's rows by cursor.
 _FETCH_FIRST_MANY = """
 SELECT t.message_id, t.user_id, t.title, t.body, t.created_at, t.seq
@@ -73,8 +73,10 @@ CROSS JOIN LATERAL (
 ) AS t
 """
 
-# Users whose first pages one statement reads, at most.
+# Users one statement reads for, at most.
 _USERS_PER_FETCH = 500
+
+_Answer = TypeVar("_Answer")
 
 _FETCH_AFTER = """
 SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification
@@ -90,7 +92,9 @@ DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2:
 RETURNING message_id
 """
 
-_TAKE_GAP = "DELETE FROM notification_gap WHERE user_id = $1 RETURNING dropped"
+_TAKE_GAPS = """
+DELETE FROM notification_gap WHERE user_id = ANY($1::varchar[]) RETURNING user_id, dropped
+"""
 
 # Wraps a retention DELETE (which ends in ``RETURNING user_id``): adds what it deleted
 # to each user's gap in the same statement, then answers with the number of rows
@@ -204,33 +208,43 @@ def _stored(row: Any) -> Stored:
     )
 
 
-class _FirstPages:
-    """The first page of many users' backlogs, read together: one statement for the
-    connects of a moment instead of one each.
+class _Together(Generic[_Answer]):
+    """Per-user reads of many connects, done together: one statement for the connects
+    of a moment instead of one each (the first page of the backlog; a v2 gap).
 
     A read asked for while no statement runs starts one at once (on the next turn of
     the loop, with whatever else was asked in that turn); reads asked for while one
     runs wait for it and then go together in the next, up to ``_USERS_PER_FETCH``
-    users per statement. Each statement runs after every read in it was asked for,
-    so it sees every row stored before its read was asked for: the same guarantee as
-    a read of its own. A failed statement fails each of its reads with its error.
+    users per statement, grouped by ``limit``. Each statement runs after every read in
+    it was asked for, so it sees every row written before its read was asked for: the
+    same guarantee as a statement of its own. ``run(users, limit)`` answers per user
+    (a user it leaves out is given ``share(None, n)``); ``share(answer, n)`` is what each
+    of a user's n reads in the statement gets. A failed statement fails each of its
+    reads with its error. Only for one event loop.
     """
 
-    def __init__(self, read: Callable[[list[str], int], Awaitable[list[Any]]]) -> None:
-        self._read = read
-        # By page size, then user: the readers waiting for the next statement.
-        self._asked: dict[int, dict[str, list[asyncio.Future[list[Stored]]]]] = {}
-        self._reader: asyncio.Task[None] | None = None
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list[str], int], Awaitable[dict[str, _Answer]]],
+        share: Callable[[_Answer | None, int], list[_Answer]],
+    ) -> None:
+        self._name = name
+        self._run = run
+        self._share = share
+        # By limit, then user: the reads waiting for the next statement.
+        self._asked: dict[int, dict[str, list[asyncio.Future[_Answer]]]] = {}
+        self._runner: asyncio.Task[None] | None = None
 
-    async def fetch(self, user_id: str, limit: int) -> list[Stored]:
+    async def read(self, user_id: str, limit: int = 0) -> _Answer:
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[list[Stored]] = loop.create_future()
+        answer: asyncio.Future[_Answer] = loop.create_future()
         self._asked.setdefault(limit, {}).setdefault(user_id, []).append(answer)
-        if self._reader is None:
-            self._reader = loop.create_task(self._read_all(), name="store-first-pages")
+        if self._runner is None:
+            self._runner = loop.create_task(self._run_all(), name=self._name)
         return await answer
 
-    async def _read_all(self) -> None:
+    async def _run_all(self) -> None:
         try:
             while self._asked:
                 limit = next(iter(self._asked))
@@ -240,28 +254,35 @@ class _FirstPages:
                 if not asked:
                     del self._asked[limit]
                 try:
-                    rows = await self._read(users, limit)
+                    answers = await self._run(users, limit)
                 except Exception as exc:
-                    for answers in waiting.values():
-                        for answer in answers:
-                            if not answer.done():
-                                answer.set_exception(exc)
+                    for futures in waiting.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
                     continue
-                pages: dict[str, list[Stored]] = {user: [] for user in users}
-                for row in rows:
-                    pages[row["user_id"]].append(_stored(row))
-                for user, answers in waiting.items():
-                    page = sorted(pages[user], key=_cursor)
-                    for answer in answers:
-                        if not answer.done():
-                            answer.set_result(list(page))
+                for user, futures in waiting.items():
+                    shares = self._share(answers.get(user), len(futures))
+                    for future, share in zip(futures, shares, strict=True):
+                        if not future.done():
+                            future.set_result(share)
         finally:
-            self._reader = None
+            self._runner = None
             for asked in self._asked.values():  # only when cancelled (loop shutting down)
-                for answers in asked.values():
-                    for answer in answers:
-                        answer.cancel()
+                for futures in asked.values():
+                    for future in futures:
+                        future.cancel()
             self._asked.clear()
+
+
+def _each_its_page(page: list[Stored] | None, readers: int) -> list[list[Stored]]:
+    """Every read of the user gets the whole page (two connects of one user both flush)."""
+    return [list(page or ()) for _ in range(readers)]
+
+
+def _first_takes_the_gap(dropped: int | None, readers: int) -> list[int]:
+    """The gap is told once: the first read takes it, as if it ran first; the others, 0."""
+    return [dropped or 0] + [0] * (readers - 1)
 
 
 def _cursor(stored: Stored) -> tuple[datetime, int]:
@@ -276,7 +297,8 @@ class Store:
         self._pool_size = pool_size
         self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
-        self._first_pages = _FirstPages(self._fetch_first_many)
+        self._first_pages = _Together("store-first-pages", self._first_pages_of, _each_its_page)
+        self._gaps = _Together("store-gaps", self._gaps_of, _first_takes_the_gap)
 
     async def start(self) -> None:
         """Create the pool; it connects lazily, so a PostgreSQL that is down now is retried."""
@@ -330,16 +352,23 @@ class Store:
         the first pages other connects ask for meanwhile, in one statement.
         """
         if after is None:
-            return await self._first_pages.fetch(user_id, limit)
+            return await self._first_pages.read(user_id, limit)
         async with self._connection() as connection:
             rows = await connection.fetch(_FETCH_AFTER, user_id, limit, after[0], after[1])
         return [_stored(row) for row in rows]
 
-    async def _fetch_first_many(self, user_ids: list[str], limit: int) -> list[Any]:
+    async def _first_pages_of(self, user_ids: list[str], limit: int) -> dict[str, list[Stored]]:
         async with self._connection() as connection:
             if len(user_ids) == 1:
-                return list(await connection.fetch(_FETCH_FIRST, user_ids[0], limit))
-            return list(await connection.fetch(_FETCH_FIRST_MANY, user_ids, limit))
+                rows = await connection.fetch(_FETCH_FIRST, user_ids[0], limit)
+            else:
+                rows = await connection.fetch(_FETCH_FIRST_MANY, user_ids, limit)
+        pages: dict[str, list[Stored]] = {}
+        for row in rows:
+            pages.setdefault(row["user_id"], []).append(_stored(row))
+        for page in pages.values():
+            page.sort(key=_cursor)
+        return pages
 
     async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
         """Remove these rows of ``user_id``; another user's row with the same id stays."""
@@ -362,10 +391,16 @@ class Store:
         return [str(row["message_id"]) for row in rows]
 
     async def take_gap(self, user_id: str) -> int:
-        """How many of the user's rows retention dropped since the last call; resets it."""
+        """How many of the user's rows retention dropped since the last call; resets it.
+
+        Taken in one statement with the gaps other v2 connects ask for meanwhile.
+        """
+        return await self._gaps.read(user_id)
+
+    async def _gaps_of(self, user_ids: list[str], _: int) -> dict[str, int]:
         async with self._connection() as connection:
-            dropped = await connection.fetchval(_TAKE_GAP, user_id)
-        return int(dropped or 0)
+            rows = await connection.fetch(_TAKE_GAPS, user_ids)
+        return {row["user_id"]: int(row["dropped"]) for row in rows}
 
     async def expire(
         self, ttl_seconds: float, batch: int, on_deleted: OnDeleted | None = None
