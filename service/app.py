@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Request, Sanic, Websocket
 from sanic.exceptions import RequestCancelled, SanicException
 from sanic.response import HTTPResponse, json, raw
+from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from .auth import AuthUnavailable, Identity, InvalidToken, Unauthenticated
@@ -23,6 +24,7 @@ from .closecode import CloseCode
 from .config import Settings
 from .demo import add_demo_routes
 from .guard import SocketGuard
+from .heads import HeadDeadlineProtocol
 from .hub import Rejected
 from .inbound import SUBPROTOCOL, BadFrame
 from .node import Node, is_ready
@@ -134,18 +136,46 @@ class _Gateway(Sanic):  # type: ignore[type-arg]
     ``notify.v2`` is selected whenever it is offered and nothing is asked otherwise.
     """
 
+    def prepare(self, *args: Any, protocol: type[Any] | None = None, **kwargs: Any) -> None:
+        # Every way of serving (app.run, workers) goes through here: the request head's
+        # deadline comes with the protocol (service/heads.py).
+        super().prepare(*args, protocol=protocol or HeadDeadlineProtocol, **kwargs)
+
+    async def create_server(
+        self, *args: Any, protocol: type[Any] | None = None, **kwargs: Any
+    ) -> Any:
+        return await super().create_server(
+            *args, protocol=protocol or HeadDeadlineProtocol, **kwargs
+        )
+
     async def _websocket_handler(  # type: ignore[no-untyped-def]
         self, handler, request, *args, subprotocols=None, **kwargs
     ):
-        offered = {
-            name.strip()
-            for header in request.headers.getall("sec-websocket-protocol", [])
-            for name in header.split(",")
-        }
-        chosen = tuple(name for name in subprotocols or () if name in offered) or None
-        return await super()._websocket_handler(  # type: ignore[no-untyped-call]
-            handler, request, *args, subprotocols=chosen, **kwargs
-        )
+        # Sanic's own, less its websocket.handler.* signals: nothing here listens to
+        # them, and each dispatch of a signal nobody registered costs a failed route
+        # lookup (two per connection). The handler still runs as a task Sanic cancels
+        # when the server stops.
+        chosen = None
+        asked = request.headers.getall("sec-websocket-protocol", None)
+        if asked and subprotocols:  # most clients (v1) offer none: nothing to compare
+            offered = {name.strip() for header in asked for name in header.split(",")}
+            chosen = tuple(name for name in subprotocols if name in offered) or None
+        ws = await request.transport.get_protocol().websocket_handshake(request, chosen)
+        task = asyncio.ensure_future(handler(request, ws, *args, **kwargs))
+        self.websocket_tasks.add(task)
+        cancelled = False
+        try:
+            await task
+        except (asyncio.CancelledError, ConnectionClosed):
+            cancelled = True
+        except Exception as exc:
+            self.error_handler.log(request, exc)
+        finally:
+            self.websocket_tasks.remove(task)
+            if cancelled:
+                ws.end_connection(1000)
+            else:
+                await ws.close()
 
 
 async def _authenticate(node: Node, ws: Websocket, token: str) -> Identity | None:
@@ -197,8 +227,9 @@ def create_app(
             "ACCESS_LOG": False,
             "MOTD": False,
             "KEEP_ALIVE_TIMEOUT": 5,
-            # Sanic's REQUEST_TIMEOUT restarts with every byte received; the deadline
-            # below is what bounds a request head that trickles in.
+            # Sanic's REQUEST_TIMEOUT restarts with every byte received; the protocol
+            # (service/heads.py) also bounds a whole request head by it, however it
+            # trickles in.
             "REQUEST_TIMEOUT": settings.handshake_timeout,
             "REQUEST_MAX_SIZE": 64 * 1024,
             # Behind N proxies that append to X-Forwarded-For, request.client_ip is the
@@ -211,7 +242,6 @@ def create_app(
     unauthenticated = Unauthenticated(
         settings.max_unauthenticated, settings.max_unauthenticated_per_address, gateway.metrics
     )
-    _limit_request_heads(app, settings.handshake_timeout)
 
     @app.before_server_start
     async def start_node(app: Sanic[Any, Any]) -> None:
@@ -288,57 +318,6 @@ def stop_failed(app: Sanic[Any, Any]) -> None:
     if failed is not None:
         failed.value = 1
     app.stop()
-
-
-def _limit_request_heads(app: Sanic[Any, Any], timeout: float) -> None:
-    """Cut a connection whose request head is not complete ``timeout`` s after it began.
-
-    A request's head must arrive within ``timeout`` of the connection's start (or of
-    the previous response on a kept-alive connection), however slowly it trickles in:
-    Sanic's own REQUEST_TIMEOUT only bounds the pause between two reads. The cut
-    cancels the connection's task, which Sanic answers with 408 and a close.
-    """
-
-    def arm(conn_info: Any) -> None:
-        task = asyncio.current_task()
-        if task is None:
-            return
-
-        def cut() -> None:
-            # Marked lost, Sanic takes the cancellation for RequestCancelled: a quiet
-            # answer, no traceback in the log.
-            conn_info.lost = True
-            task.cancel()
-
-        conn_info.ctx.head_deadline = asyncio.get_running_loop().call_later(timeout, cut)
-
-    def disarm(conn_info: Any) -> None:
-        deadline = getattr(conn_info.ctx, "head_deadline", None)
-        if deadline is not None:
-            deadline.cancel()
-            conn_info.ctx.head_deadline = None
-
-    @app.signal("http.lifecycle.begin")
-    async def connection_opened(conn_info: Any) -> None:
-        arm(conn_info)
-
-    @app.signal("http.lifecycle.handle")
-    async def head_received(request: Request) -> None:
-        # (Sanic attaches conn_info to the request only after its "request" signal.)
-        if request.conn_info is not None:
-            disarm(request.conn_info)
-
-    @app.signal("http.lifecycle.response")
-    async def response_started(request: Request, response: HTTPResponse) -> None:
-        # Kept alive, the connection may carry another request: give its head the
-        # same deadline.
-        if request.conn_info is not None:
-            disarm(request.conn_info)
-            arm(request.conn_info)
-
-    @app.signal("http.lifecycle.complete")
-    async def connection_closed(conn_info: Any) -> None:
-        disarm(conn_info)
 
 
 async def _reject(node: Node, ws: Websocket, code: CloseCode, reason: str, label: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -351,6 +352,11 @@ class CachedAuthenticator:
         self._valid: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
         self._refused: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Task[Identity | Refusal]] = {}
+        # The histogram's children, looked up once rather than on every check.
+        self._seconds = {
+            outcome: metrics.auth_seconds.labels(outcome)
+            for outcome in ("valid", "invalid", "unavailable")
+        }
 
     def __len__(self) -> int:
         """Cached answers, valid and refused."""
@@ -367,21 +373,22 @@ class CachedAuthenticator:
             outcome = "invalid"
             raise
         finally:
-            self._metrics.auth_seconds.labels(outcome).observe(time.perf_counter() - started)
+            self._seconds[outcome].observe(time.perf_counter() - started)
 
     async def _identify(self, token: str) -> Identity:
         now = time.time()
-        expiry = unverified_expiry(token)
-        if expiry is not None and expiry <= now:
-            # Expired whoever signed it: no need to ask anyone.
-            raise InvalidToken("token expired")
         key = hashlib.sha256(token.encode(errors="surrogatepass")).digest()
         valid = self._valid.get(key)
         if valid is not None:
+            # Kept until exp at most (``_remember``): a token found here has not expired.
             if now < valid[0]:
                 self._metrics.auth_cache_hits.inc()
                 return valid[1]
             del self._valid[key]
+        expiry = unverified_expiry(token)
+        if expiry is not None and expiry <= now:
+            # Expired whoever signed it: no need to ask anyone.
+            raise InvalidToken("token expired")
         refused = self._refused.get(key)
         if refused is not None:
             if now < refused[0]:
@@ -473,11 +480,14 @@ def _insert(
         entries.popitem(last=False)
 
 
+@functools.lru_cache(maxsize=4096)
 def address_key(address: str) -> str:
     """What the per-address limit counts ``address`` as: an IPv4 address, an IPv6 /64.
 
     One IPv6 host usually holds a whole /64 and can change addresses within it at
-    will; anything that is not an IP address (a Unix socket) counts as itself.
+    will; anything that is not an IP address (a Unix socket) counts as itself. The
+    answers for the last 4096 addresses are kept: a connect asks twice (in and out),
+    and parsing an address costs more than the rest of the limiter.
     """
     try:
         ip = ipaddress.ip_address(address.strip("[]"))
@@ -504,6 +514,8 @@ class Unauthenticated:
         self._metrics = metrics
         self._count = 0
         self._by_address: dict[str, int] = {}
+        # Read when scraped, not set on every connect.
+        metrics.unauthenticated.set_function(self.__len__)
 
     def __len__(self) -> int:
         return self._count
@@ -518,7 +530,6 @@ class Unauthenticated:
             return "address"
         self._by_address[key] = count + 1
         self._count += 1
-        self._metrics.unauthenticated.set(self._count)
         return None
 
     def leave(self, address: str) -> None:
@@ -530,7 +541,6 @@ class Unauthenticated:
         else:
             self._by_address.pop(key, None)
         self._count = max(0, self._count - 1)
-        self._metrics.unauthenticated.set(self._count)
 
 
 def build_authenticator(settings: Settings, metrics: Metrics) -> Authenticator:

@@ -24,13 +24,21 @@ cannot be reached or refuses, and is safe to call concurrently (asyncpg pool).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -53,6 +61,23 @@ SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notifi
 WHERE user_id = $1 ORDER BY created_at, seq LIMIT $2
 """
 
+# The first page of each of many users: what the connects of one moment read, in one
+# statement (``_Together``). Each user's rows through the (user_id, created_at, seq)
+# index, at most $2; the caller orders each user's rows by cursor.
+_FETCH_FIRST_MANY = """
+SELECT t.message_id, t.user_id, t.title, t.body, t.created_at, t.seq
+FROM unnest($1::varchar[]) AS u(user_id)
+CROSS JOIN LATERAL (
+    SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification AS n
+    WHERE n.user_id = u.user_id ORDER BY created_at, seq LIMIT $2
+) AS t
+"""
+
+# Users one statement reads for, at most.
+_USERS_PER_FETCH = 500
+
+_Answer = TypeVar("_Answer")
+
 _FETCH_AFTER = """
 SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification
 WHERE user_id = $1 AND (created_at, seq) > ($3, $4) ORDER BY created_at, seq LIMIT $2
@@ -67,7 +92,9 @@ DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2:
 RETURNING message_id
 """
 
-_TAKE_GAP = "DELETE FROM notification_gap WHERE user_id = $1 RETURNING dropped"
+_TAKE_GAPS = """
+DELETE FROM notification_gap WHERE user_id = ANY($1::varchar[]) RETURNING user_id, dropped
+"""
 
 # Wraps a retention DELETE (which ends in ``RETURNING user_id``): adds what it deleted
 # to each user's gap in the same statement, then answers with the number of rows
@@ -168,6 +195,100 @@ def _count(status: str) -> int:
         return 0
 
 
+def _stored(row: Any) -> Stored:
+    return Stored(
+        Notification.build(
+            str(row["message_id"]),
+            row["user_id"],
+            row["title"],
+            row["body"],
+            int(row["created_at"].timestamp() * 1000),
+        ),
+        (row["created_at"], row["seq"]),
+    )
+
+
+class _Together(Generic[_Answer]):
+    """Per-user reads of many connects, done together: one statement for the connects
+    of a moment instead of one each (the first page of the backlog; a v2 gap).
+
+    A read asked for while no statement runs starts one at once (on the next turn of
+    the loop, with whatever else was asked in that turn); reads asked for while one
+    runs wait for it and then go together in the next, up to ``_USERS_PER_FETCH``
+    users per statement, grouped by ``limit``. Each statement runs after every read in
+    it was asked for, so it sees every row written before its read was asked for: the
+    same guarantee as a statement of its own. ``run(users, limit)`` answers per user
+    (a user it leaves out is given ``share(None, n)``); ``share(answer, n)`` is what each
+    of a user's n reads in the statement gets. A failed statement fails each of its
+    reads with its error. Only for one event loop.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list[str], int], Awaitable[dict[str, _Answer]]],
+        share: Callable[[_Answer | None, int], list[_Answer]],
+    ) -> None:
+        self._name = name
+        self._run = run
+        self._share = share
+        # By limit, then user: the reads waiting for the next statement.
+        self._asked: dict[int, dict[str, list[asyncio.Future[_Answer]]]] = {}
+        self._runner: asyncio.Task[None] | None = None
+
+    async def read(self, user_id: str, limit: int = 0) -> _Answer:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[_Answer] = loop.create_future()
+        self._asked.setdefault(limit, {}).setdefault(user_id, []).append(answer)
+        if self._runner is None:
+            self._runner = loop.create_task(self._run_all(), name=self._name)
+        return await answer
+
+    async def _run_all(self) -> None:
+        try:
+            while self._asked:
+                limit = next(iter(self._asked))
+                asked = self._asked[limit]
+                users = list(itertools.islice(asked, _USERS_PER_FETCH))
+                waiting = {user: asked.pop(user) for user in users}
+                if not asked:
+                    del self._asked[limit]
+                try:
+                    answers = await self._run(users, limit)
+                except Exception as exc:
+                    for futures in waiting.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                for user, futures in waiting.items():
+                    shares = self._share(answers.get(user), len(futures))
+                    for future, share in zip(futures, shares, strict=True):
+                        if not future.done():
+                            future.set_result(share)
+        finally:
+            self._runner = None
+            for asked in self._asked.values():  # only when cancelled (loop shutting down)
+                for futures in asked.values():
+                    for future in futures:
+                        future.cancel()
+            self._asked.clear()
+
+
+def _each_its_page(page: list[Stored] | None, readers: int) -> list[list[Stored]]:
+    """Every read of the user gets the whole page (two connects of one user both flush)."""
+    return [list(page or ()) for _ in range(readers)]
+
+
+def _first_takes_the_gap(dropped: int | None, readers: int) -> list[int]:
+    """The gap is told once: the first read takes it, as if it ran first; the others, 0."""
+    return [dropped or 0] + [0] * (readers - 1)
+
+
+def _cursor(stored: Stored) -> tuple[datetime, int]:
+    return stored.cursor
+
+
 class Store:
     """The backlog in PostgreSQL. ``start()`` opens the pool, ``close()`` is idempotent."""
 
@@ -176,6 +297,8 @@ class Store:
         self._pool_size = pool_size
         self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
+        self._first_pages = _Together("store-first-pages", self._first_pages_of, _each_its_page)
+        self._gaps = _Together("store-gaps", self._gaps_of, _first_takes_the_gap)
 
     async def start(self) -> None:
         """Create the pool; it connects lazily, so a PostgreSQL that is down now is retried."""
@@ -223,24 +346,29 @@ class Store:
     async def fetch(
         self, user_id: str, after: tuple[datetime, int] | None, limit: int
     ) -> list[Stored]:
+        """The user's rows after ``after``, oldest first, at most ``limit``.
+
+        The first page (``after`` None, what every connect reads) is read together with
+        the first pages other connects ask for meanwhile, in one statement.
+        """
+        if after is None:
+            return await self._first_pages.read(user_id, limit)
         async with self._connection() as connection:
-            if after is None:
-                rows = await connection.fetch(_FETCH_FIRST, user_id, limit)
+            rows = await connection.fetch(_FETCH_AFTER, user_id, limit, after[0], after[1])
+        return [_stored(row) for row in rows]
+
+    async def _first_pages_of(self, user_ids: list[str], limit: int) -> dict[str, list[Stored]]:
+        async with self._connection() as connection:
+            if len(user_ids) == 1:
+                rows = await connection.fetch(_FETCH_FIRST, user_ids[0], limit)
             else:
-                rows = await connection.fetch(_FETCH_AFTER, user_id, limit, after[0], after[1])
-        return [
-            Stored(
-                Notification.build(
-                    str(row["message_id"]),
-                    row["user_id"],
-                    row["title"],
-                    row["body"],
-                    int(row["created_at"].timestamp() * 1000),
-                ),
-                (row["created_at"], row["seq"]),
-            )
-            for row in rows
-        ]
+                rows = await connection.fetch(_FETCH_FIRST_MANY, user_ids, limit)
+        pages: dict[str, list[Stored]] = {}
+        for row in rows:
+            pages.setdefault(row["user_id"], []).append(_stored(row))
+        for page in pages.values():
+            page.sort(key=_cursor)
+        return pages
 
     async def delete(self, user_id: str, message_ids: Sequence[str]) -> None:
         """Remove these rows of ``user_id``; another user's row with the same id stays."""
@@ -263,10 +391,16 @@ class Store:
         return [str(row["message_id"]) for row in rows]
 
     async def take_gap(self, user_id: str) -> int:
-        """How many of the user's rows retention dropped since the last call; resets it."""
+        """How many of the user's rows retention dropped since the last call; resets it.
+
+        Taken in one statement with the gaps other v2 connects ask for meanwhile.
+        """
+        return await self._gaps.read(user_id)
+
+    async def _gaps_of(self, user_ids: list[str], _: int) -> dict[str, int]:
         async with self._connection() as connection:
-            dropped = await connection.fetchval(_TAKE_GAP, user_id)
-        return int(dropped or 0)
+            rows = await connection.fetch(_TAKE_GAPS, user_ids)
+        return {row["user_id"]: int(row["dropped"]) for row in rows}
 
     async def expire(
         self, ttl_seconds: float, batch: int, on_deleted: OnDeleted | None = None

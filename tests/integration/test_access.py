@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import httpx
 import jwt
 from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import connect
@@ -86,3 +88,50 @@ async def test_cached_token_checks_spare_the_auth_service(
         async with connect(gateway.ws_url(token)) as ws:
             assert await silent(ws, 0.3), "accepted, not closed"
     assert auth_server.requests == 1
+
+
+async def _trickle(port: int, head: bytes, *, first: bytes = b"") -> tuple[float, bytes]:
+    """Send ``first`` at once, then ``head`` a byte every 0.2 s; when and what the gateway
+    answered (b"" for a close without an answer) after ``head`` began."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if first:
+            writer.write(first)
+            await reader.readuntil(b'"ok"}')  # the whole first response
+        started = time.monotonic()
+        answer = asyncio.create_task(reader.read(1024))
+        for byte in head:
+            writer.write(bytes([byte]))
+            await asyncio.wait({answer}, timeout=0.2)
+            if answer.done() or time.monotonic() - started > 20:
+                break
+        data = await asyncio.wait_for(answer, 20)
+        return time.monotonic() - started, data
+    finally:
+        writer.close()
+
+
+async def test_a_request_head_must_arrive_whole_within_the_handshake_timeout(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A head that trickles in is cut with 408 at HANDSHAKE_TIMEOUT, also the second head of
+    a kept-alive connection; a connection that sends nothing is closed; prompt clients pass."""
+    gateway = gateway_factory(HANDSHAKE_TIMEOUT="1s")
+    port = gateway.port
+    head = (
+        b"GET /api/v1/notify/ws?token=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nX-Slow: " + b"s" * 200 + b"\r\n\r\n"
+    )
+    live = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    (first, cut), (second, kept_alive_cut), (third, silent_close) = await asyncio.gather(
+        _trickle(port, head),
+        _trickle(port, head, first=live),
+        _trickle(port, b""),
+    )
+    assert cut.startswith(b"HTTP/1.1 408") and kept_alive_cut.startswith(b"HTTP/1.1 408")
+    assert silent_close == b""
+    # Each head would take 50 s at this pace; the cut comes at the timeout, give or
+    # take a slow machine.
+    assert max(first, second, third) < 8
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{gateway.base}/health/live")).status_code == 200

@@ -235,3 +235,26 @@ async def test_an_ack_deletes_only_the_acking_users_rows_in_one_statement(
 async def _pairs(db: asyncpg.Connection, where: str) -> set[tuple[str, str]]:
     rows = await db.fetch(f"SELECT user_id, message_id FROM undelivered_notification WHERE {where}")
     return {(r["user_id"], str(r["message_id"])) for r in rows}
+
+
+async def test_connects_read_together_each_get_their_own_first_page_in_order(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """First pages read in one statement: each user its oldest rows, in order, at most the
+    page, then the rest after its cursor; users with nothing get nothing."""
+    users = f"page{uuid.uuid4().hex[:6]}"
+    await _insert(db, users, 7 * 5, timedelta(0))  # 5 rows for each of 7 users
+    asked = [f"{users}-{i}" for i in range(7)] + [f"{users}-none", f"{users}-0"]
+    pages = await asyncio.gather(*(store.fetch(user, None, 3) for user in asked))
+    for user, page in zip(asked, pages, strict=True):
+        expected = await db.fetch(
+            "SELECT title FROM undelivered_notification WHERE user_id = $1 "
+            "ORDER BY created_at, seq",
+            user,
+        )
+        titles = [row["title"] for row in expected]
+        assert [s.notification.title for s in page] == titles[:3]
+        assert {s.notification.user_id for s in page} <= {user}
+        if page:
+            rest = await store.fetch(user, page[-1].cursor, 10)
+            assert [s.notification.title for s in rest] == titles[3:]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
 import pytest
 
-from service.logs import JsonFormatter, redact
+from service.logs import JsonFormatter, LineWriter, redact
 
 JWT = jwt.encode({"sub": "alice", "exp": 2_000_000_000}, "k" * 32, algorithm="HS256")
 OPAQUE = "Zq8xv3Kp0wQzSecret"
@@ -140,3 +141,74 @@ def test_tokens_are_scrubbed_from_nested_extra_fields(capture: Capture) -> None:
     line = capture.stream.getvalue()
     assert OPAQUE not in line
     assert JWT not in line
+
+
+class FlushCounting(io.StringIO):
+    """A stream that counts its flushes and keeps what was flushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+        self.flushed = ""
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.flushed = self.getvalue()
+
+
+@pytest.fixture
+def writer() -> Iterator[tuple[FlushCounting, logging.Logger]]:
+    stream = FlushCounting()
+    handler = LineWriter(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("notify.test-line-writer")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    yield stream, logger
+    logger.handlers[:] = []
+
+
+async def test_info_lines_of_one_loop_turn_are_flushed_together_at_its_end(
+    writer: tuple[FlushCounting, logging.Logger],
+) -> None:
+    """A burst of INFO lines is one flush, at the end of the loop's turn, every line in it."""
+    stream, logger = writer
+    for i in range(100):
+        logger.info("ws_open", extra={"connections": i})
+    assert stream.flushes == 0
+    await asyncio.sleep(0)
+    assert stream.flushes == 1
+    assert [json.loads(line)["connections"] for line in stream.flushed.splitlines()] == list(
+        range(100)
+    )
+
+
+async def test_a_warning_is_flushed_at_once(writer: tuple[FlushCounting, logging.Logger]) -> None:
+    """A WARNING (or worse) never waits for the loop: it is out before the call returns."""
+    stream, logger = writer
+    logger.info("ws_open")
+    logger.warning("store_unavailable")
+    assert [json.loads(line)["event"] for line in stream.flushed.splitlines()] == [
+        "ws_open",
+        "store_unavailable",
+    ]
+
+
+def test_outside_an_event_loop_every_line_is_flushed_at_once(
+    writer: tuple[FlushCounting, logging.Logger],
+) -> None:
+    """At startup, at exit or in another thread there is no turn to wait for."""
+    stream, logger = writer
+    logger.info("node_started")
+    assert json.loads(stream.flushed)["event"] == "node_started"
+
+
+def test_the_time_is_utc_iso_8601_to_the_millisecond_as_datetime_says() -> None:
+    """The time of a line is what ``datetime.isoformat`` gives, also across a second's edge."""
+    formatter = JsonFormatter()
+    for created in (1_800_000_000.0, 1_800_000_000.0004, 1_800_000_000.9996, 1_800_000_000.9999996):
+        record = logging.LogRecord("x", logging.INFO, "", 0, "e", (), None)
+        record.created = created
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert json.loads(formatter.format(record))["time"] == expected
