@@ -27,6 +27,7 @@ from service.router import (
     BrokerUnavailable,
     Outlet,
     Router,
+    Settlement,
     StoreUnavailable,
 )
 from service.store import OnDeleted
@@ -49,6 +50,21 @@ async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.001)
+
+
+class Settled(Settlement):
+    """A dispatched batch's settlement that the test completes (at once unless ``pending``)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, *, pending: bool = False) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        super().__init__(self.future)
+        if not pending:
+            self.future.set_result(None)
+
+    def settle(self) -> None:
+        self.future.set_result(None)
 
 
 async def local_router(

@@ -121,7 +121,7 @@ def test_the_v2_frame_carries_id_and_time_and_is_made_once() -> None:
 
 @pytest.fixture
 async def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
-    return await local_router(hub, backlog, metrics, delivery_wait=0.3)
+    return await local_router(hub, backlog, metrics, delivery_wait=0.3, ack_wait=0.3)
 
 
 class Clients:
@@ -305,7 +305,9 @@ async def test_status_events_say_written_for_v1_acked_for_v2_and_stored(
     """A v1 write reports ``written``; a v2 ack ``acked`` (also for a row deleted late);
     an offline user's notification ``stored``."""
     status = RecordingStatus()
-    router = await local_router(hub, backlog, metrics, delivery_wait=0.3, status=status)
+    router = await local_router(
+        hub, backlog, metrics, delivery_wait=0.3, ack_wait=0.3, status=status
+    )
     sockets: dict[str, FakeSocket] = {}
     connections: dict[str, Connection] = {}
     writers = []
