@@ -210,6 +210,10 @@ class Router:
         self._stored_users: set[str] = set()
         self._receiving: set[asyncio.Task[None]] = set()
         self._settling: set[asyncio.Task[None]] = set()
+        # Saves run one at a time, in the order they were asked for: rows of one
+        # user from batches settling at once keep the topic's order (rows with the
+        # same created_at are read in insertion order).
+        self._saving = asyncio.Lock()
 
     def take_stored_users(self) -> set[str]:
         """Users with rows stored since the last call (for the per-user cap)."""
@@ -439,8 +443,9 @@ class Router:
         """
 
         async def save() -> int:
-            with self._metrics.store_batch_seconds.time():
-                return await self._backlog.save(notifications)
+            async with self._saving:
+                with self._metrics.store_batch_seconds.time():
+                    return await self._backlog.save(notifications)
 
         added = await self._retry("store", save)
         self.status.stored(notifications)

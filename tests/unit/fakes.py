@@ -162,7 +162,8 @@ class FakeOutlet:
     """A live connection as the router sees it, settling each delivery on the next loop turn.
 
     ``mode`` is ``"write"`` (written), ``"drop"`` (accepted, then given up),
-    ``"refuse"`` (``offer`` returns False, as a closed connection does) or
+    ``"refuse"`` (``offer`` returns False, as a closed connection does),
+    ``"hold"`` (kept until ``release()`` writes them) or
     ``"now"`` (written at once by ``write_now``; the others always queue).
     """
 
@@ -173,10 +174,18 @@ class FakeOutlet:
         self.mode = mode
         self.frames: list[str] = []
         self.flush_requests = 0
+        self.held: list[Delivery] = []
 
     @property
     def user_id(self) -> str:
         return self._user_id
+
+    def release(self) -> None:
+        """Write and settle the deliveries held so far."""
+        held, self.held = self.held, []
+        for delivery in held:
+            self.frames.append(delivery.notification.frame)
+            delivery.settle(True)
 
     def write_now(self, notification: Notification) -> bool:
         if self.mode != "now":
@@ -187,6 +196,9 @@ class FakeOutlet:
     def offer(self, delivery: Delivery) -> bool:
         if self.mode == "refuse":
             return False
+        if self.mode == "hold":
+            self.held.append(delivery)
+            return True
         loop = asyncio.get_running_loop()
         if self.mode == "write":
             self.frames.append(delivery.notification.frame)
