@@ -114,6 +114,10 @@ class Settlement(Protocol):
         """Once done: None, or raises what the settling raised."""
         ...
 
+    def cancel(self) -> None:
+        """Stop settling (shutdown past its grace): nothing of it will be committed."""
+        ...
+
     def __await__(self) -> Generator[Any, None, None]: ...
 
 
@@ -209,6 +213,12 @@ class Pipeline:
         kept.extend(batches)
         self._batches = kept
         return offsets
+
+    def cancel(self) -> None:
+        """Cancel every batch still settling (none of them will be committed)."""
+        for fetched in self._batches:
+            if not fetched.settled:
+                fetched.settlement.cancel()
 
     def settled_for(self, partitions: Collection[TopicPartition]) -> bool:
         """Whether every batch holding one of ``partitions`` settled."""
@@ -329,6 +339,9 @@ class Consumer:
                 log.warning("consumer_stop_timeout", extra={"grace": grace})
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+                if self._pipeline is not None:
+                    # Read again by the next owner; their stores and waits end here.
+                    self._pipeline.cancel()
         await self._close_clients()
 
     @property
