@@ -97,6 +97,7 @@ class FakeBacklog:
         self.save_gate: asyncio.Event | None = None
         self.save_attempts = 0
         self.deleted: list[tuple[str, str]] = []
+        self.pair_statements = 0
         # Rows retention dropped, per user (protocol v2 gaps).
         self.gaps: dict[str, int] = {}
 
@@ -152,6 +153,12 @@ class FakeBacklog:
         gone = [m for m in message_ids if self.rows.pop((user_id, m), None) is not None]
         self.deleted.extend((user_id, m) for m in message_ids)
         return gone
+
+    async def delete_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Rows of any users in one statement (counted in ``pair_statements``)."""
+        self._check()
+        self.pair_statements += 1
+        return [pair for pair in pairs if self.rows.pop(pair, None) is not None]
 
     async def take_gap(self, user_id: str) -> int:
         self._check()

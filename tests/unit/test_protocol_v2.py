@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 import orjson
 import pytest
 
+from service.acked import AckedRows
 from service.auth import Identity
 from service.connection import Connection
 from service.hub import Hub
@@ -367,3 +368,48 @@ async def test_an_ack_arriving_while_its_row_is_being_stored_still_deletes_it(
     backlog.save_gate.set()
     await delivering
     assert backlog.rows == {}, "stored, then deleted again: the client has it"
+
+
+async def test_late_acks_of_several_users_cost_one_statement(
+    hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """Rows stored because their acks came late, for two users on two connections, are
+    deleted together in one statement, and the in-time ack costs none."""
+    acked_rows = AckedRows(backlog, window=0.05)
+    await acked_rows.start()
+    router = await local_router(
+        hub, backlog, metrics, delivery_wait=0.05, ack_wait=0.05, acked_rows=acked_rows
+    )
+    sockets: dict[str, FakeSocket] = {}
+    connections: dict[str, Connection] = {}
+    writers = []
+    for user in ("alice", "bob"):
+        sockets[user] = FakeSocket()
+        connections[user] = Connection(
+            sockets[user], Identity(user), metrics, queue_size=10, acks=True, acked_rows=acked_rows
+        )
+        hub.register(connections[user])
+        writers.append(asyncio.create_task(connections[user].run(backlog, flush_batch=50)))
+    try:
+        await until(lambda: all(c.unacked == 0 for c in connections.values()))
+        late = [notification("alice"), notification("bob")]
+        await router.deliver(late)  # nobody acked within the wait: both stored
+        assert sorted(backlog.stored_ids) == sorted(n.message_id for n in late)
+        for n in late:
+            await connections[n.user_id].acknowledge([n.message_id], backlog)
+        await acked_rows.flush()
+        assert backlog.rows == {}
+        assert backlog.pair_statements == 1 and backlog.deleted == []
+
+        in_time = notification("alice")
+        delivering = asyncio.create_task(router.deliver([in_time]))
+        await until(lambda: connections["alice"].unacked == 1)
+        await connections["alice"].acknowledge([in_time.message_id], backlog)
+        await delivering
+        await acked_rows.flush()
+        assert backlog.pair_statements == 1, "an ack in time touched the store"
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        await acked_rows.close()
