@@ -269,8 +269,9 @@ class Consumer:
     """Consumes the topic in a consumer group and commits what was delivered.
 
     ``start()`` launches the named background task ``kafka-consumer``, which
-    connects (retrying while Kafka is down) and loops; ``stop()`` lets the batch
-    in hand finish, commits it and closes the clients. ``stop()`` is idempotent.
+    connects (retrying while Kafka is down) and runs the fetch loop, with the task
+    ``kafka-commit`` beside it while connected; ``stop()`` lets the batches in
+    flight settle, commits them and closes the clients. ``stop()`` is idempotent.
     """
 
     def __init__(
