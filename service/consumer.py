@@ -400,10 +400,13 @@ class Consumer:
 
     async def _close_clients(self) -> None:
         self.connected = False
+        # Whatever is still in flight is read again by the next owner of its partitions
+        # (a rebalance listener called while the client stops has nothing to commit).
+        self._pipeline = None
         commit, self._commit_task = self._commit_task, None
         if commit is not None:
-            # Only after an error: a commit that did not finish is simply redone
-            # by the next owner reading those records again.
+            # A commit that did not finish is simply redone by the next owner
+            # reading those records again.
             commit.cancel()
             await asyncio.gather(commit, return_exceptions=True)
         consumer, self._consumer = self._consumer, None
