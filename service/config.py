@@ -43,6 +43,9 @@ class Settings:
     kafka_dlq_topic: str = "notification.send.dlq"
     kafka_max_batch: int = 5000
     kafka_dlq_timeout: float = 30.0
+    # Records fetched whose batches are not settled yet (written, acknowledged, stored or
+    # dead-lettered): past it the consumer waits for the oldest before fetching more.
+    kafka_max_in_flight: int = 20_000
     # Delivery status events (service.status); empty: none are produced.
     status_topic: str = ""
 
@@ -87,6 +90,8 @@ class Settings:
     allowed_origins: frozenset[str] = field(default_factory=frozenset)
     send_queue_size: int = 1000
     write_timeout: float = 10.0
+    # v2: how long a written notification waits for its client's ack before it is stored.
+    ack_wait: float = 2.0
     max_client_frame: int = 4096
     client_frame_rate: int = 20
     ping_interval: float = 20.0
@@ -126,6 +131,9 @@ class Settings:
             kafka_dlq_topic=r.text("KAFKA_DLQ_TOPIC", d.kafka_dlq_topic, allow_empty=True),
             kafka_max_batch=r.integer("KAFKA_MAX_BATCH", d.kafka_max_batch, 1, 100_000),
             kafka_dlq_timeout=r.seconds("KAFKA_DLQ_TIMEOUT", d.kafka_dlq_timeout, minimum=0.1),
+            kafka_max_in_flight=r.integer(
+                "KAFKA_MAX_IN_FLIGHT", d.kafka_max_in_flight, 1, 10_000_000
+            ),
             status_topic=r.text("STATUS_TOPIC", d.status_topic, allow_empty=True),
             database_url=r.dsn("DATABASE_URL", d.database_url),
             database_pool_size=r.integer("DATABASE_POOL_SIZE", d.database_pool_size, 2, 1000),
@@ -177,6 +185,7 @@ class Settings:
             allowed_origins=r.origins("ALLOWED_ORIGINS"),
             send_queue_size=r.integer("SEND_QUEUE_SIZE", d.send_queue_size, 1, 1_000_000),
             write_timeout=r.seconds("WRITE_TIMEOUT", d.write_timeout, minimum=0.1),
+            ack_wait=r.seconds("ACK_WAIT", d.ack_wait, minimum=0.01),
             max_client_frame=r.integer("MAX_CLIENT_FRAME", d.max_client_frame, 125, 2**24),
             client_frame_rate=r.integer("CLIENT_FRAME_RATE", d.client_frame_rate, 1, 100_000),
             ping_interval=r.seconds("PING_INTERVAL", d.ping_interval, minimum=0.1),

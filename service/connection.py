@@ -17,7 +17,9 @@ that closes it once it is registered:
 A protocol v2 connection (``acks``) writes v2 frames and settles nothing on
 write: it keeps what it wrote, by message id, until the client acknowledges it
 (:meth:`Connection.acknowledge`) or the connection ends. Its flush sends the
-stored rows without deleting them; the acknowledgement deletes them.
+stored rows without deleting them; the acknowledgement deletes them, with the
+acknowledged rows of every other connection, in one statement per short window
+(``service.acked``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .closecode import CloseCode
 from .delivery import Delivery
 from .metrics import Metrics
 from .notification import Notification
-from .router import StoreUnavailable
+from .router import AckedSink, StoreUnavailable
 from .status import NO_STATUS, StatusSink
 
 log = logging.getLogger("notify.connection")
@@ -138,6 +140,7 @@ class Connection:
 
     __slots__ = (
         "__weakref__",
+        "_acked_rows",
         "_acks",
         "_closed",
         "_flush_pending",
@@ -170,10 +173,14 @@ class Connection:
         acks: bool = False,
         v2_open: Callable[[], bool] | None = None,
         status: StatusSink = NO_STATUS,
+        acked_rows: AckedSink | None = None,
     ) -> None:
         """``acks``: the client speaks protocol v2. ``v2_open``: whether a v2 connection
-        of the user is open (a v1 connection's flush then deletes no row)."""
+        of the user is open (a v1 connection's flush then deletes no row).
+        ``acked_rows``: where acknowledged stored rows are deleted in batches (without
+        it, each ack frame deletes its rows in a statement of its own)."""
         self._socket = socket
+        self._acked_rows = acked_rows
         self._acks = acks
         self._v2_open = v2_open
         self._status = status
@@ -319,12 +326,15 @@ class Connection:
     async def acknowledge(self, message_ids: Sequence[str], backlog: StoredRows) -> None:
         """The client has these notifications (a v2 ``ack``).
 
-        A delivery still waited for settles as delivered: it will not be stored. Every
-        other id (stored by then, or sent from the store, or acknowledged again after
-        a reconnect) is deleted from this user's stored rows in one statement; ids
-        of other users, or unknown, change nothing. Called by the connection's reader,
-        one frame at a time. Raises StoreUnavailable (nothing is lost: the rows are
-        sent again on a later connection).
+        A delivery still waited for settles as delivered: it will not be stored, and
+        the store is not touched. Every other id (stored by then, or sent from the
+        store, or acknowledged again after a reconnect) is deleted from this user's
+        stored rows: queued to ``acked_rows``, which deletes the rows of every
+        connection in one statement per short window and reports ``acked`` for those
+        it deleted (without it, in one statement here). Ids of other users, or
+        unknown, change nothing. Called by the connection's reader, one frame at a
+        time. Raises StoreUnavailable only without ``acked_rows`` (nothing is lost:
+        the rows are sent again on a later connection).
         """
         unacked = self._unacked
         settled: list[str] = []
@@ -343,7 +353,9 @@ class Connection:
             rest.append(message_id)
         if settled:
             self._status.acked(self.user_id, settled)
-        if rest:
+        if rest and self._acked_rows is not None:
+            self._acked_rows.add(self.user_id, rest)
+        elif rest:
             deleted = await backlog.delete_acked(self.user_id, rest)
             if deleted:
                 self._status.acked(self.user_id, deleted)

@@ -1,14 +1,25 @@
 """The Kafka side: read ``notification.send``, hand push notifications to the dispatcher.
 
-Delivery guarantee (docs/design.md): offsets are committed manually, after the
-dispatcher has returned for the whole batch, that is after every notification
-up to the committed offset was written to a socket or stored in PostgreSQL, and
-after every poison message up to it was copied to the dead-letter topic, or given
-up on after ``KAFKA_DLQ_TIMEOUT`` (logged with partition and offset, counted), and
-after the status events of the batch were flushed (``service.status``: a poison
-record reports ``dead_lettered``, a record past ``BACKLOG_TTL`` ``expired``, the
-router ``written`` or ``stored``). A crash anywhere before the commit means Kafka
-delivers the batch again, and its status events are reported again: at least once.
+Delivery guarantee (docs/design.md): offsets are committed manually, per
+partition, up to the first record whose batch has not settled: every
+notification up to the committed offset was written to a socket (acknowledged by
+a v2 client) or stored in PostgreSQL, every poison message up to it was copied to
+the dead-letter topic, or given up on after ``KAFKA_DLQ_TIMEOUT`` (logged with
+partition and offset, counted), and the status events of those records were
+flushed (``service.status``: a poison record reports ``dead_lettered``, a record
+past ``BACKLOG_TTL`` ``expired``, the router ``written``, ``acked`` or ``stored``). A
+crash anywhere before the commit means Kafka delivers those records again, and
+their status events are reported again: at least once.
+
+The fetch loop waits neither for a commit nor for a batch to settle: it
+dispatches a batch (publishing it, which writes most live frames at once) and
+fetches the next, while earlier batches settle (acknowledgements, slow sockets,
+the store). :class:`Pipeline` keeps the batches in fetch order; the task
+``kafka-commit`` commits what settled, one commit at a time, later offsets
+coalesced into the next. At most ``KAFKA_MAX_IN_FLIGHT`` records are unsettled:
+past it the fetch loop waits for the oldest batches (back-pressure). On a
+rebalance the batches of revoked partitions get :data:`REVOKE_WAIT` to settle and
+are committed; ``stop()`` settles and commits everything in flight.
 
 What the consumer takes: any record Kafka can hold. Batches compressed with gzip,
 snappy, lz4 or zstd (the codecs come with the ``aiokafka`` extras); only committed
@@ -25,11 +36,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Generator, Sequence
 from typing import Any, Protocol
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka import codec as kafka_codec
 from aiokafka.errors import (
     CommitFailedError,
@@ -83,20 +95,183 @@ def missing_codecs() -> list[str]:
     return [name for name, present in available.items() if not present]
 
 
+# How long the batches of revoked partitions may take to settle before the rebalance
+# goes on without their commit (the next owner then reads them again: at least once).
+# Far below the group's rebalance timeout (max.poll.interval.ms, 5 min).
+REVOKE_WAIT = 10.0
+
+
+class Settlement(Protocol):
+    """The outcome of one dispatched batch (``router.Settlement``)."""
+
+    def done(self) -> bool: ...
+
+    def add_done_callback(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (once) when it completes; soon, if it already has."""
+        ...
+
+    def result(self) -> None:
+        """Once done: None, or raises what the settling raised."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop settling (shutdown past its grace): nothing of it will be committed."""
+        ...
+
+    def __await__(self) -> Generator[Any, None, None]: ...
+
+
 class Dispatcher(Protocol):
     """What the consumer needs downstream: the router."""
 
-    async def deliver(self, notifications: Sequence[Notification]) -> None:
-        """Return once every notification was written to a socket or stored."""
+    async def dispatch(self, notifications: Sequence[Notification]) -> Settlement:
+        """Send the notifications on their way, in order; return once that is done.
+
+        The settlement completes once every one was written to a socket (acknowledged,
+        for v2) or stored. Calls are made one at a time, in the topic's order.
+        """
         ...
+
+
+class _Fetched:
+    """One fetched batch: the offsets to commit once it settled, and its size."""
+
+    __slots__ = ("offsets", "records", "settled", "settlement")
+
+    def __init__(
+        self, offsets: dict[TopicPartition, int], records: int, settlement: Settlement
+    ) -> None:
+        self.offsets = offsets
+        self.records = records
+        self.settlement = settlement
+        self.settled = False
+
+
+class Pipeline:
+    """The batches fetched and not committed yet, in fetch order.
+
+    It knows what may be committed: per partition, the offset after the last of its
+    batches in an unbroken run of settled ones from its oldest. A batch still
+    settling holds back the later batches of the partitions it holds (a batch
+    settles as a whole), not those of other partitions. Used from one event loop;
+    plain bookkeeping, no I/O.
+    """
+
+    def __init__(self) -> None:
+        self._batches: deque[_Fetched] = deque()
+        self._partitions: set[TopicPartition] = set()
+        self.unsettled = 0  # records of batches not settled yet
+        self._fresh = False  # a batch settled since the last take_settled
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def add(self, offsets: dict[TopicPartition, int], records: int, settlement: Settlement) -> None:
+        """Track a batch just dispatched; ``records``: how many it fetched."""
+        fetched = _Fetched(offsets, records, settlement)
+        self._batches.append(fetched)
+        self._partitions.update(offsets)
+        self.unsettled += records
+        if settlement.done():
+            self._settled(fetched)
+        else:
+            settlement.add_done_callback(lambda: self._settled(fetched))
+
+    def _settled(self, fetched: _Fetched) -> None:
+        if fetched.settled:
+            return
+        fetched.settled = True
+        self.unsettled -= fetched.records
+        self._fresh = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def take_settled(self) -> dict[TopicPartition, int]:
+        """Remove what may be committed now; the offsets to commit, by partition.
+
+        Raises what a settlement raised (a bug downstream): nothing past it is committed.
+        """
+        self._fresh = False
+        offsets: dict[TopicPartition, int] = {}
+        blocked: set[TopicPartition] = set()
+        kept: deque[_Fetched] = deque()
+        batches = self._batches
+        while batches and len(blocked) < len(self._partitions):
+            fetched = batches.popleft()
+            if not fetched.settled:
+                blocked.update(fetched.offsets)
+                kept.append(fetched)
+                continue
+            fetched.settlement.result()
+            for partition in [p for p in fetched.offsets if p not in blocked]:
+                offsets[partition] = fetched.offsets.pop(partition)
+            if fetched.offsets:
+                kept.append(fetched)
+        kept.extend(batches)
+        self._batches = kept
+        return offsets
+
+    def cancel(self) -> None:
+        """Cancel every batch still settling (none of them will be committed)."""
+        for fetched in self._batches:
+            if not fetched.settled:
+                fetched.settlement.cancel()
+
+    def settled_for(self, partitions: Collection[TopicPartition]) -> bool:
+        """Whether every batch holding one of ``partitions`` settled."""
+        return all(
+            fetched.settled
+            for fetched in self._batches
+            if any(partition in fetched.offsets for partition in partitions)
+        )
+
+    def revoke(self, partitions: Collection[TopicPartition]) -> None:
+        """Forget ``partitions``: their batches still settle, but are not committed here."""
+        self._partitions.difference_update(partitions)
+        for fetched in self._batches:
+            for partition in partitions:
+                fetched.offsets.pop(partition, None)
+        self._batches = deque(f for f in self._batches if f.offsets or not f.settled)
+
+    async def changed(self) -> None:
+        """Return at the next batch that settles."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    async def wait(self, ready: Callable[[], bool]) -> None:
+        """Return once ``ready()`` is true, checking it whenever a batch settles."""
+        while not ready():
+            await self.changed()
+
+    async def fresh(self) -> None:
+        """Return once a batch settled since the last :meth:`take_settled`."""
+        await self.wait(lambda: self._fresh)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Commits what settled of the partitions taken away, before they are."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        await self._consumer._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        return None
 
 
 class Consumer:
     """Consumes the topic in a consumer group and commits what was delivered.
 
     ``start()`` launches the named background task ``kafka-consumer``, which
-    connects (retrying while Kafka is down) and loops; ``stop()`` lets the batch
-    in hand finish, commits it and closes the clients. ``stop()`` is idempotent.
+    connects (retrying while Kafka is down) and runs the fetch loop, with the task
+    ``kafka-commit`` beside it while connected; ``stop()`` lets the batches in
+    flight settle, commits them and closes the clients. ``stop()`` is idempotent.
     """
 
     def __init__(
@@ -114,6 +289,8 @@ class Consumer:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
+        self._commit_lock = asyncio.Lock()
+        self._pipeline: Pipeline | None = None
         self._stopping = False
         self.connected = False
         self._persistent_error_at: float | None = None
@@ -149,7 +326,11 @@ class Consumer:
             self._task = asyncio.create_task(self._run(), name="kafka-consumer")
 
     async def stop(self, grace: float) -> None:
-        """Finish the batch in hand, commit it, close. Cancels after ``grace`` seconds."""
+        """Stop fetching; let the batches in flight settle and commit them; close.
+
+        Cancels after ``grace`` seconds: what is not committed by then is read again
+        by the next owner of the partitions.
+        """
         self._stopping = True
         task = self._task
         if task is not None and not task.done():
@@ -159,6 +340,9 @@ class Consumer:
                 log.warning("consumer_stop_timeout", extra={"grace": grace})
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+                if self._pipeline is not None:
+                    # Read again by the next owner; their stores and waits end here.
+                    self._pipeline.cancel()
         await self._close_clients()
 
     @property
@@ -195,7 +379,6 @@ class Consumer:
             "client_id": "notify-ws",
         }
         self._consumer = AIOKafkaConsumer(
-            s.kafka_topic,
             group_id=s.kafka_group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -207,6 +390,7 @@ class Consumer:
             fetch_max_wait_ms=100,
             **common,
         )
+        self._consumer.subscribe([s.kafka_topic], listener=_Rebalance(self))
         await self._consumer.start()
         if s.kafka_dlq_topic:
             self._producer = AIOKafkaProducer(acks="all", linger_ms=5, **common)
@@ -216,10 +400,13 @@ class Consumer:
 
     async def _close_clients(self) -> None:
         self.connected = False
+        # Whatever is still in flight is read again by the next owner of its partitions
+        # (a rebalance listener called while the client stops has nothing to commit).
+        self._pipeline = None
         commit, self._commit_task = self._commit_task, None
         if commit is not None:
-            # Only after an error: a commit that did not finish is simply redone
-            # by the next owner reading those records again.
+            # A commit that did not finish is simply redone by the next owner
+            # reading those records again.
             commit.cancel()
             await asyncio.gather(commit, return_exceptions=True)
         consumer, self._consumer = self._consumer, None
@@ -234,7 +421,19 @@ class Consumer:
     async def _consume(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
+        pipeline = self._pipeline = Pipeline()
+        self._commit_task = asyncio.create_task(
+            self._commit_loop(consumer, pipeline), name="kafka-commit"
+        )
+        committer = self._commit_task
+        limit = self._settings.kafka_max_in_flight
         while not self._stopping:
+            if committer.done():
+                committer.result()  # a Kafka error of a commit: reconnect
+            if pipeline.unsettled >= limit:
+                # Back-pressure: the oldest batches settle first (or a commit fails).
+                await _first(pipeline.changed(), committer)
+                continue
             batches = await consumer.getmany(
                 timeout_ms=200, max_records=self._settings.kafka_max_batch
             )
@@ -243,17 +442,51 @@ class Consumer:
             notifications, poison, offsets = self._sort(batches, int(time.time() * 1000))
             if poison:
                 await self._dead_letter(poison)
-            await self._dispatcher.deliver(notifications)
+            # Returns once published, in order; the batch settles in the background.
+            settlement = await self._dispatcher.dispatch(notifications)
+            pipeline.add(offsets, sum(len(records) for records in batches.values()), settlement)
+            self._report_lag(consumer, offsets)
+        # Stopping: everything fetched settles and is committed (``stop`` bounds the wait).
+        await _first(pipeline.wait(lambda: pipeline.unsettled == 0), committer)
+        await self._commit_settled(consumer, pipeline)
+
+    async def _commit_loop(self, consumer: AIOKafkaConsumer, pipeline: Pipeline) -> None:
+        """Commit what settled, one commit at a time; what settles meanwhile goes in the next."""
+        while True:
+            await pipeline.fresh()
+            await self._commit_settled(consumer, pipeline)
+
+    async def _commit_settled(self, consumer: AIOKafkaConsumer, pipeline: Pipeline) -> None:
+        """Commit the offsets of the settled batches at the head of ``pipeline``.
+
+        Raises a KafkaError of the commit (other than a rebalance's CommitFailedError).
+        """
+        async with self._commit_lock:
+            offsets = pipeline.take_settled()
+            if not offsets:
+                return
             # The status events of these records are in Kafka before their offsets
             # are committed (bounded: a failing status topic never stops delivery).
             await self._status.flush()
-            # Everything up to these offsets is written, stored or dead-lettered:
-            # commit, in the background so the next fetch need not wait for the
-            # broker's answer. One commit at a time, in order.
-            await self._await_commit()
-            self._commit_task = asyncio.create_task(self._commit(consumer, offsets))
-            self._report_lag(consumer, offsets)
-        await self._await_commit()
+            await self._commit(consumer, offsets)
+
+    async def _revoked(self, revoked: Collection[TopicPartition]) -> None:
+        """A rebalance takes ``revoked`` away: let their batches settle (for
+        :data:`REVOKE_WAIT` at most), commit what settled, forget the rest."""
+        consumer, pipeline = self._consumer, self._pipeline
+        if consumer is None or pipeline is None or not revoked:
+            return
+        try:
+            settled = pipeline.wait(lambda: pipeline.settled_for(revoked))
+            await asyncio.wait_for(settled, REVOKE_WAIT)
+        except TimeoutError:
+            log.warning("revoke_unsettled", extra={"partitions": len(revoked)})
+        try:
+            await self._commit_settled(consumer, pipeline)
+        except KafkaError as exc:
+            log.warning("revoke_commit_failed", extra={"error": str(exc)[:300]})
+        # Not committed here: the next owner reads them again (at least once).
+        pipeline.revoke(revoked)
 
     def _sort(
         self, batches: dict[TopicPartition, list[Any]], now_ms: int
@@ -292,12 +525,6 @@ class Consumer:
                     poison.append((record, PoisonMessage("internal", _describe(exc))))
             offsets[partition] = records[-1].offset + 1
         return notifications, poison, offsets
-
-    async def _await_commit(self) -> None:
-        """Wait for the commit in flight; a Kafka error in it is raised here."""
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
-            await task
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -480,6 +707,17 @@ def _poison_ids(value: bytes | None) -> tuple[str | None, str | None]:
 def _describe(exc: BaseException) -> str:
     """An exception as a DLQ detail: its type first, then the start of its message."""
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+async def _first(waiting: Any, committer: asyncio.Task[None]) -> None:
+    """Await the coroutine ``waiting`` unless ``committer`` ends first (raising its error)."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        await asyncio.wait([task, committer], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+    if committer.done():
+        committer.result()
 
 
 def _recent(at: float | None) -> bool:

@@ -10,9 +10,12 @@ bookkeeping: nothing here does I/O or writes to a socket.
 Protocol v2: a delivery to a user with a v2 connection open ``needs_ack``. Then
 a write settles nothing on a v2 connection: it keeps the delivery until the
 client acknowledges it (settled as delivered) or goes away (not delivered), and
-a v1 connection's write does not count as delivered. What is still unsettled
-when the batch's budget runs out is stored, as for a slow socket; an
-acknowledgement arriving later deletes the stored row.
+a v1 connection's write does not count as delivered. A batch with such a
+delivery waits longer (``ACK_WAIT`` rather than the short budget of a socket
+write): an acknowledgement takes a round trip to the client and its batching.
+What is still unsettled when the batch's budget runs out is stored, as for a slow
+socket; an acknowledgement arriving later deletes the stored row. A connection
+that is lost, or over its unacknowledged limit, settles its share at once.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ class Batch:
     ``unwritten`` to be stored. Used from one event loop; not thread-safe.
     """
 
-    __slots__ = ("_deliveries", "_done", "_pending", "closed", "unwritten")
+    __slots__ = ("_deliveries", "_done", "_needs_ack", "_pending", "closed", "unwritten")
 
     def __init__(self) -> None:
         self._pending = 0
+        self._needs_ack = False
         # True once ``wait`` returned: what settles later was stored meanwhile.
         self.closed = False
         self._done: asyncio.Future[None] | None = None
@@ -67,6 +71,7 @@ class Batch:
         its share at once.
         """
         delivery = Delivery(notification, self, len(queues), written=written, needs_ack=needs_ack)
+        self._needs_ack = self._needs_ack or needs_ack
         self._pending += 1
         self._deliveries.append(delivery)
         for queue in queues:
@@ -80,13 +85,16 @@ class Batch:
         if self._pending == 0 and self._done is not None and not self._done.done():
             self._done.set_result(None)
 
-    async def wait(self, budget: float) -> list[Notification]:
-        """Wait up to ``budget`` seconds for every delivery to settle.
+    async def wait(self, budget: float, ack_budget: float | None = None) -> list[Notification]:
+        """Wait up to ``budget`` seconds for every delivery to settle (``ack_budget``, if
+        given, when one of them waits for a v2 acknowledgement).
 
         Returns what must be stored: the deliveries given up, and those still
         queued when the budget ran out (a slow socket must not hold up everyone
         else's notifications; if it writes them later, they arrive twice at worst).
         """
+        if self._needs_ack and ack_budget is not None:
+            budget = ack_budget
         try:
             if self._pending:
                 self._done = asyncio.get_running_loop().create_future()

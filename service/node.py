@@ -7,8 +7,8 @@ one code path either way), the Kafka consumer and the status sink (``KafkaStatus
 when ``STATUS_TOPIC`` is set, ``NO_STATUS`` otherwise). ``Node`` takes them
 ready-made, so its ordering rules are unit-tested with fakes.
 
-Startup order:  store pool -> status sink -> broker (receiving for the router)
--> consumer -> loops.
+Startup order:  store pool -> status sink -> acked-row deletes -> broker (receiving
+for the router) -> consumer -> loops.
 
 Connect order (:meth:`Node.connect`): subscribe the process to the user's channel,
 register the connection in the hub, then its writer flushes the stored backlog
@@ -20,15 +20,16 @@ store by the time the flush reads it, or stored after, and hinted. Never lost.
 Shutdown order (``stop``), under ``SHUTDOWN_TIMEOUT``:
 
 1. readiness turns false and new WebSockets are refused with 1001;
-2. the consumer finishes the batch in hand (its frames written, published or
-   stored), commits, and closes;
+2. the consumer stops fetching, lets the batches in flight settle (written,
+   acknowledged or stored), commits them, and closes;
 3. the broker drains: with Redis, the process leaves every channel and delivers
    what was already published to it; after this nothing more is received here;
 4. every open connection is closed with 1001 (going away: reconnect elsewhere),
    and what their queues still held is stored;
 5. background loops stop (retention, which reports ``expired``, among them); the
-   status sink flushes what the parts reported (bounded) and closes; the broker,
-   the auth client and the store pool close.
+   acknowledged rows still queued are deleted (bounded); the status sink flushes
+   what the parts reported (bounded) and closes; the broker, the auth client and
+   the store pool close.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .acked import AckedRows
 from .auth import Authenticator, Identity, build_authenticator
 from .broker import MemoryBroker, Receiver, RedisBroker
 from .closecode import CloseCode
@@ -153,7 +155,7 @@ class NodeConsumer(Protocol):
     def start(self) -> None: ...
 
     async def stop(self, grace: float) -> None:
-        """Finish the batch in hand, commit it, close."""
+        """Stop fetching, settle and commit the batches in flight, close."""
         ...
 
 
@@ -183,6 +185,8 @@ class Parts:
     router: Router
     consumer: NodeConsumer
     status: NodeStatus = NO_STATUS
+    # Deletes acknowledged rows in batches; None: each ack deletes its own.
+    acked_rows: AckedRows | None = None
 
 
 def build_parts(
@@ -211,14 +215,18 @@ def build_parts(
         if settings.redis_url
         else MemoryBroker(hub)
     )
+    acked_rows = AckedRows(store, status)
     router = Router(
         hub,  # type: ignore[arg-type]  # Hub is invariant; Connection is an Outlet
         store,
         metrics,
         broker=broker,
-        # A receiver may legitimately take up to WRITE_TIMEOUT on one socket.
-        ack_timeout=settings.write_timeout + 5.0,
+        # A receiver may legitimately take up to WRITE_TIMEOUT on one socket, or
+        # ACK_WAIT for a v2 client's acknowledgement, before it stores.
+        ack_timeout=settings.write_timeout + settings.ack_wait + 5.0,
+        ack_wait=settings.ack_wait,
         status=status,
+        acked_rows=acked_rows,
     )
     return Parts(
         metrics=metrics,
@@ -229,6 +237,7 @@ def build_parts(
         router=router,
         consumer=Consumer(settings, router, metrics, status),
         status=status,
+        acked_rows=acked_rows,
     )
 
 
@@ -245,6 +254,7 @@ class Node:
         self.router = parts.router
         self.consumer = parts.consumer
         self.status = parts.status
+        self.acked_rows = parts.acked_rows
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: set[asyncio.Task[None]] = set()
@@ -264,6 +274,9 @@ class Node:
         raise_open_files(self.settings.max_connections)
         await self.store.start()
         await self.status.start()
+        if self.acked_rows is not None:
+            await self.acked_rows.start()
+            self._supervise(self.acked_rows.task)
         # A worker serves as soon as this returns: wait (bounded) for Redis's pub/sub
         # connection, or its first clients would be turned away with 4503.
         await self.broker.start(self.router, wait=5.0)
@@ -339,6 +352,7 @@ class Node:
             acks=acks,
             v2_open=lambda: any(c.acks for c in hub.connections(user_id)),
             status=self.router.status,
+            acked_rows=self.acked_rows,
         )
         # Subscribe before registering and flushing: a message published from now
         # on reaches this process, and one published before is in the store.
@@ -422,6 +436,8 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.acked_rows is not None:
+            await self.acked_rows.close(grace=max(0.1, deadline - time.monotonic()))
         await self.status.close(grace=max(0.1, deadline - time.monotonic()))
         await self.broker.close()
         await self.auth.close()

@@ -1,18 +1,21 @@
 """Routing: each notification goes to every live connection of its user, or to the store.
 
-The router is where the delivery guarantee is kept. :meth:`Router.deliver`
-returns only when every notification it was given has been written to at least
-one socket or saved in the backlog store; the consumer commits Kafka offsets
-after that and never before. For a user with a protocol v2 connection open,
-"written" reads "acknowledged by a v2 client" (``service.delivery``).
+The router is where the delivery guarantee is kept. :meth:`Router.dispatch`
+publishes a batch and returns its :class:`Settlement`, which completes only when
+every notification of the batch has been written to at least one socket or saved
+in the backlog store; the consumer commits Kafka offsets after that and never
+before. Several batches may be settling at once (the consumer keeps fetching);
+each is published in order, so a user's notifications reach its connections in
+the order of the topic. For a user with a protocol v2 connection open, "written"
+reads "acknowledged by a v2 client" (``service.delivery``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from .delivery import Batch, Queue
 from .hub import Hub
@@ -78,6 +81,60 @@ class Backlog(Protocol):
         ...
 
 
+class AckedSink(Protocol):
+    """Where acknowledged rows go to be deleted in batches (``service.acked``)."""
+
+    def add(self, user_id: str, message_ids: Iterable[str]) -> None:
+        """Delete these stored rows of ``user_id`` soon. Never raises nor blocks."""
+        ...
+
+
+class Settlement:
+    """The outcome of one dispatched batch: awaiting it returns once every notification
+    of the batch was written (acknowledged, for v2), or stored.
+
+    Awaiting it may raise only CancelledError (the router retries a store or a broker
+    that is down until it succeeds). ``done()`` says whether it completed.
+    """
+
+    __slots__ = ("_task",)
+
+    def __init__(self, task: asyncio.Future[None]) -> None:
+        self._task = task
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    def add_done_callback(self, callback: Callable[[], object]) -> None:
+        self._task.add_done_callback(lambda _: callback())
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def result(self) -> None:
+        """None once completed; raises what the settling raised (a bug, or cancelled)."""
+        self._task.result()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._task.__await__()
+
+
+class _Published:
+    """A batch published through the broker, waiting for its receivers' acknowledgements.
+
+    ``left``: by message id, acknowledgements still due (below zero while the PUBLISH
+    reply that counts the receivers is due: acknowledgements can overtake it).
+    """
+
+    __slots__ = ("counted", "done", "left", "notifications")
+
+    def __init__(self, notifications: Sequence[Notification], done: asyncio.Future[None]) -> None:
+        self.notifications = notifications
+        self.left: dict[str, int] = dict.fromkeys((n.message_id for n in notifications), 0)
+        self.counted = False
+        self.done = done
+
+
 class Outlet(Queue, Protocol):
     """What the router needs of one live connection (``service.connection``).
 
@@ -114,8 +171,9 @@ class Router:
     to no socket; each connection writes its own frames, flushes its own backlog
     and settles what it was offered (``service.connection``, ``service.delivery``).
 
-    ``deliver`` is called by one consumer at a time; ``receive``, ``flush_hint``
-    and ``resync`` by the broker; ``store_soon`` by a connection that was aborted.
+    ``dispatch`` (and ``deliver``) is called by one consumer, one call at a time;
+    ``receive``, ``acknowledged``, ``flush_hint`` and ``resync`` by the broker;
+    ``store_soon`` by a connection that was aborted.
     """
 
     def __init__(
@@ -127,25 +185,35 @@ class Router:
         broker: Broker,
         ack_timeout: float = 15.0,
         delivery_wait: float = 0.2,
+        ack_wait: float = 2.0,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
         status: StatusSink = NO_STATUS,
+        acked_rows: AckedSink | None = None,
     ) -> None:
         self._hub = hub
         self._backlog = backlog
         self._metrics = metrics
         self._broker = broker
         self.status = status
+        self._acked_rows = acked_rows
         self._ack_timeout = ack_timeout
         self._delivery_wait = delivery_wait
-        self._awaiting: dict[str, int] = {}
-        self._all_acked: asyncio.Future[None] | None = None
+        self._ack_wait = ack_wait
+        # By message id, the published batches still waiting for its acknowledgements,
+        # oldest first (one id may be in several: a redelivery, or several users).
+        self._awaiting: dict[str, list[_Published]] = {}
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self.store_healthy = True
         self.broker_healthy = True
         self._stored_users: set[str] = set()
         self._receiving: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()
+        # Saves run one at a time, in the order they were asked for: rows of one
+        # user from batches settling at once keep the topic's order (rows with the
+        # same created_at are read in insertion order).
+        self._saving = asyncio.Lock()
 
     def take_stored_users(self) -> set[str]:
         """Users with rows stored since the last call (for the per-user cap)."""
@@ -153,74 +221,121 @@ class Router:
         return users
 
     async def deliver(self, notifications: Sequence[Notification]) -> None:
-        """Deliver each notification live, or store it.
+        """Deliver each notification live, or store it: :meth:`dispatch`, then its settlement."""
+        await (await self.dispatch(notifications))
 
-        Returns when each one was written to at least one socket here, or handed
-        to at least one process through the broker, or is in the store. While the
-        store or the broker is down it retries with backoff and does not return:
-        the caller must not commit past these notifications, and cancelling it is
-        safe (nothing is acknowledged).
+    async def dispatch(self, notifications: Sequence[Notification]) -> Settlement:
+        """Publish the notifications to their users' channels; return their settlement.
+
+        Returns once the broker took them (live frames are usually written by then),
+        without waiting for receivers: the :class:`Settlement` completes when each one
+        was written to at least one socket, here or in another process, or is in the
+        store. While the broker is down this retries with backoff and does not return;
+        while the store is down the settlement does not complete. Cancelling either is
+        safe: nothing is acknowledged, the caller must not commit past them.
         """
-        unwritten = await self._publish(self._broker, notifications)
-        if unwritten:
-            await self.store(unwritten)
-
-    async def _publish(
-        self, broker: Broker, notifications: Sequence[Notification]
-    ) -> list[Notification]:
-        """Publish to the users' channels and wait for every receiver to acknowledge.
-
-        Returns what no process received, and what a receiver did not acknowledge
-        within the ack timeout (it may have died): both are stored by the caller.
-        """
+        loop = asyncio.get_running_loop()
+        published = _Published(notifications, loop.create_future())
         # Acknowledgements can overtake the PUBLISH replies (a receiver in this very
-        # process, say): count them from before publishing, down from zero.
+        # process, say): the batch is registered before publishing, counted down from 0.
         awaiting = self._awaiting
-        for notification in notifications:
-            awaiting[notification.message_id] = 0
-        counts = await self._retry("broker", lambda: broker.publish(notifications))
-        # By message_id, as receivers acknowledge; one id may be several users' notifications.
+        for key in published.left:
+            awaiting.setdefault(key, []).append(published)
+        broker = self._broker
+        try:
+            counts = await self._retry("broker", lambda: broker.publish(notifications))
+        except BaseException:
+            self._unregister(published)
+            raise
         unreached: list[Notification] = []
+        left = published.left
         for notification, count in zip(notifications, counts, strict=True):
             if count:
-                awaiting[notification.message_id] += count
+                left[notification.message_id] += count
             else:
                 unreached.append(notification)
-        for key in [key for key, left in awaiting.items() if left <= 0]:
-            del awaiting[key]
-        if not awaiting:  # nothing to wait for: no receiver, or every one acknowledged
-            return unreached  # before its PUBLISH reply came back
-        self._all_acked = asyncio.get_running_loop().create_future()
+        published.counted = True
+        for key in [key for key, due in left.items() if due <= 0]:
+            self._forget(published, key)
+        if not left and not unreached:  # every receiver acknowledged already, or none
+            if not published.done.done():
+                published.done.set_result(None)
+            return Settlement(published.done)
+        task = loop.create_task(self._settle(published, counts, unreached))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return Settlement(task)
+
+    async def _settle(
+        self, published: _Published, counts: list[int], unreached: list[Notification]
+    ) -> None:
+        """Wait for the receivers' acknowledgements; store what no process received, and
+        what a receiver did not acknowledge within the ack timeout (it may have died)."""
         try:
-            await asyncio.wait_for(asyncio.shield(self._all_acked), self._ack_timeout)
-        except TimeoutError:
-            left = self._awaiting
-            missing = [
-                n
-                for n, count in zip(notifications, counts, strict=True)
-                if count and n.message_id in left
-            ]
-            log.warning("ack_timeout", extra={"unacknowledged": len(missing)})
-            self._metrics.ack_timeouts.inc(len(missing))
-            unreached += missing
+            if published.left:
+                try:
+                    await asyncio.wait_for(asyncio.shield(published.done), self._ack_timeout)
+                except TimeoutError:
+                    left = published.left
+                    missing = [
+                        n
+                        for n, count in zip(published.notifications, counts, strict=True)
+                        if count and n.message_id in left
+                    ]
+                    log.warning("ack_timeout", extra={"unacknowledged": len(missing)})
+                    self._metrics.ack_timeouts.inc(len(missing))
+                    unreached += missing
         finally:
-            self._awaiting.clear()
-            self._all_acked = None
-        return unreached
+            self._unregister(published)
+        if unreached:
+            await self.store(unreached)
+
+    def _forget(self, published: _Published, key: str) -> None:
+        """``published`` waits for no more acknowledgements of ``key``."""
+        del published.left[key]
+        self._unlist(published, key)
+        if not published.left and published.counted and not published.done.done():
+            published.done.set_result(None)
+
+    def _unregister(self, published: _Published) -> None:
+        """``published`` waits for nothing more (settled, timed out or cancelled)."""
+        for key in published.left:
+            self._unlist(published, key)
+        published.left.clear()
+
+    def _unlist(self, published: _Published, key: str) -> None:
+        waiting = self._awaiting.get(key)
+        if waiting is None:
+            return
+        if published in waiting:
+            waiting.remove(published)
+        if not waiting:
+            del self._awaiting[key]
 
     def acknowledged(self, message_ids: list[str]) -> None:
-        """A receiver wrote or stored these notifications that this process published."""
+        """A receiver wrote or stored these notifications that this process published.
+
+        Credited to the oldest batch still waiting for the id; one acknowledging
+        before its PUBLISH reply was counted goes to the batch being published.
+        """
         awaiting = self._awaiting
         for key in message_ids:
-            left = awaiting.get(key)
-            if left is None:
+            waiting = awaiting.get(key)
+            if not waiting:
                 continue  # late: already timed out and stored
-            if left == 1:
-                del awaiting[key]
+            for published in waiting:
+                if published.left[key] > 0 or not published.counted:
+                    break
             else:
-                awaiting[key] = left - 1  # below zero while its PUBLISH reply is due
-        if not awaiting and self._all_acked is not None and not self._all_acked.done():
-            self._all_acked.set_result(None)
+                continue
+            published.left[key] -= 1
+            if published.counted and published.left[key] == 0:
+                self._forget(published, key)
+
+    async def settled(self) -> None:
+        """Wait until every dispatched batch settled (written, acknowledged or stored)."""
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
 
     async def _deliver_here(
         self, notifications: Sequence[Notification]
@@ -246,7 +361,7 @@ class Router:
             if not waiting:
                 continue
             batch.offer(notification, waiting, written=len(waiting) < len(outlets))
-        return offline + await batch.wait(self._delivery_wait), batch
+        return offline + await batch.wait(self._delivery_wait, self._ack_wait), batch
 
     def receive(self, received: list[tuple[Notification, bytes]]) -> None:
         """Deliver what the broker handed to this process; store what no socket took.
@@ -286,6 +401,9 @@ class Router:
         for n in notifications:
             by_user.setdefault(n.user_id, []).append(n.message_id)
         for user_id, message_ids in by_user.items():
+            if self._acked_rows is not None:
+                self._acked_rows.add(user_id, message_ids)  # with everyone's, in one statement
+                continue
             try:
                 await self._backlog.delete(user_id, message_ids)
             except StoreUnavailable as exc:
@@ -325,8 +443,9 @@ class Router:
         """
 
         async def save() -> int:
-            with self._metrics.store_batch_seconds.time():
-                return await self._backlog.save(notifications)
+            async with self._saving:
+                with self._metrics.store_batch_seconds.time():
+                    return await self._backlog.save(notifications)
 
         added = await self._retry("store", save)
         self.status.stored(notifications)

@@ -92,6 +92,14 @@ DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2:
 RETURNING message_id
 """
 
+# Rows of many users at once (``service.acked``): one statement per window of acks.
+_DELETE_PAIRS = """
+DELETE FROM undelivered_notification AS u
+USING unnest($1::varchar[], $2::uuid[]) AS a(user_id, message_id)
+WHERE u.user_id = a.user_id AND u.message_id = a.message_id
+RETURNING u.user_id, u.message_id
+"""
+
 _TAKE_GAPS = """
 DELETE FROM notification_gap WHERE user_id = ANY($1::varchar[]) RETURNING user_id, dropped
 """
@@ -389,6 +397,20 @@ class Store:
                 _DELETE_ACKED, user_id, [uuid.UUID(m) for m in message_ids]
             )
         return [str(row["message_id"]) for row in rows]
+
+    async def delete_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Remove these ``(user_id, message_id)`` rows, of any users, in one statement.
+
+        Returns the pairs whose rows existed. Each id is a canonical UUID (the client
+        frames' parser refuses others).
+        """
+        if not pairs:
+            return []
+        users = [user_id for user_id, _ in pairs]
+        ids = [uuid.UUID(message_id) for _, message_id in pairs]
+        async with self._connection() as connection:
+            rows = await connection.fetch(_DELETE_PAIRS, users, ids)
+        return [(row["user_id"], str(row["message_id"])) for row in rows]
 
     async def take_gap(self, user_id: str) -> int:
         """How many of the user's rows retention dropped since the last call; resets it.

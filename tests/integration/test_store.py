@@ -232,6 +232,24 @@ async def test_an_ack_deletes_only_the_acking_users_rows_in_one_statement(
     assert sorted(await _rows(db)) == [("alice", ids[2]), ("bob", ids[0])]
 
 
+async def test_acked_rows_of_several_users_are_deleted_in_one_statement(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """``delete_pairs`` removes exactly the named (user, id) rows of any users and names
+    them; a pair with no row, or another user's row with the same id, is left alone."""
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    await store.save([Notification.build(i, "alice", "t", "b", 0) for i in ids])
+    await store.save([Notification.build(ids[0], "bob", "t", "b", 0)])
+    await store.save([Notification.build(ids[1], "carol", "t", "b", 0)])
+    pairs = [("alice", ids[0]), ("carol", ids[1]), ("bob", ids[2]), ("alice", ids[0])]
+    deleted = await store.delete_pairs(pairs)
+    assert sorted(deleted) == sorted([("alice", ids[0]), ("carol", ids[1])])
+    assert sorted(await _rows(db)) == sorted(
+        [("alice", ids[1]), ("alice", ids[2]), ("bob", ids[0])]
+    )
+    assert await store.delete_pairs([]) == []
+
+
 async def _pairs(db: asyncpg.Connection, where: str) -> set[tuple[str, str]]:
     rows = await db.fetch(f"SELECT user_id, message_id FROM undelivered_notification WHERE {where}")
     return {(r["user_id"], str(r["message_id"])) for r in rows}

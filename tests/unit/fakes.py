@@ -27,6 +27,7 @@ from service.router import (
     BrokerUnavailable,
     Outlet,
     Router,
+    Settlement,
     StoreUnavailable,
 )
 from service.store import OnDeleted
@@ -49,6 +50,21 @@ async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.001)
+
+
+class Settled(Settlement):
+    """A dispatched batch's settlement that the test completes (at once unless ``pending``)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, *, pending: bool = False) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        super().__init__(self.future)
+        if not pending:
+            self.future.set_result(None)
+
+    def settle(self) -> None:
+        self.future.set_result(None)
 
 
 async def local_router(
@@ -81,6 +97,7 @@ class FakeBacklog:
         self.save_gate: asyncio.Event | None = None
         self.save_attempts = 0
         self.deleted: list[tuple[str, str]] = []
+        self.pair_statements = 0
         # Rows retention dropped, per user (protocol v2 gaps).
         self.gaps: dict[str, int] = {}
 
@@ -137,6 +154,12 @@ class FakeBacklog:
         self.deleted.extend((user_id, m) for m in message_ids)
         return gone
 
+    async def delete_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Rows of any users in one statement (counted in ``pair_statements``)."""
+        self._check()
+        self.pair_statements += 1
+        return [pair for pair in pairs if self.rows.pop(pair, None) is not None]
+
     async def take_gap(self, user_id: str) -> int:
         self._check()
         return self.gaps.pop(user_id, 0)
@@ -146,7 +169,8 @@ class FakeOutlet:
     """A live connection as the router sees it, settling each delivery on the next loop turn.
 
     ``mode`` is ``"write"`` (written), ``"drop"`` (accepted, then given up),
-    ``"refuse"`` (``offer`` returns False, as a closed connection does) or
+    ``"refuse"`` (``offer`` returns False, as a closed connection does),
+    ``"hold"`` (kept until ``release()`` writes them) or
     ``"now"`` (written at once by ``write_now``; the others always queue).
     """
 
@@ -157,10 +181,18 @@ class FakeOutlet:
         self.mode = mode
         self.frames: list[str] = []
         self.flush_requests = 0
+        self.held: list[Delivery] = []
 
     @property
     def user_id(self) -> str:
         return self._user_id
+
+    def release(self) -> None:
+        """Write and settle the deliveries held so far."""
+        held, self.held = self.held, []
+        for delivery in held:
+            self.frames.append(delivery.notification.frame)
+            delivery.settle(True)
 
     def write_now(self, notification: Notification) -> bool:
         if self.mode != "now":
@@ -171,6 +203,9 @@ class FakeOutlet:
     def offer(self, delivery: Delivery) -> bool:
         if self.mode == "refuse":
             return False
+        if self.mode == "hold":
+            self.held.append(delivery)
+            return True
         loop = asyncio.get_running_loop()
         if self.mode == "write":
             self.frames.append(delivery.notification.frame)

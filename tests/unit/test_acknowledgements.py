@@ -222,3 +222,35 @@ async def test_a_shared_message_id_for_a_connected_and_an_offline_user(
     assert alice.frames == [for_alice.frame]
     assert list(backlog.rows) == [("bob", for_bob.message_id)]
     assert ack_timeouts(metrics) == 0
+
+
+async def test_batches_in_flight_settle_on_their_own_acknowledgements(
+    router: Router, hub: Hub[Outlet], backlog: FakeBacklog
+) -> None:
+    """A batch whose receiver is slow to acknowledge holds up no later batch's settlement."""
+    connect(hub, "alice")
+    slow = connect(hub, "bob", "hold")  # queued: settled when the test says
+    for_bob, for_alice = notification("bob"), notification("alice")
+    first = await router.dispatch([for_bob])
+    second = await router.dispatch([for_alice])
+    await asyncio.wait_for(second, 1.0)
+    assert not first.done(), "bob's batch settled before bob's socket took it"
+    slow.release()
+    await asyncio.wait_for(first, 1.0)
+    assert slow.frames == [for_bob.frame]
+
+
+async def test_a_redelivered_id_in_two_batches_in_flight_needs_both_acknowledgements(
+    router: Router, hub: Hub[Outlet], broker: ScriptedBroker, backlog: FakeBacklog
+) -> None:
+    """One id in two batches (Kafka delivered it twice): each batch waits for its own ack."""
+    connect(hub, "alice")
+    again = notification("alice")
+    broker.hold = asyncio.Event()
+    first = await router.dispatch([again])
+    second = await router.dispatch([again])
+    await asyncio.sleep(0.05)
+    assert not first.done() and not second.done()
+    broker.hold.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 1.0)
+    assert backlog.rows == {}

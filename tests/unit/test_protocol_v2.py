@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 import orjson
 import pytest
 
+from service.acked import AckedRows
 from service.auth import Identity
 from service.connection import Connection
 from service.hub import Hub
@@ -121,7 +122,7 @@ def test_the_v2_frame_carries_id_and_time_and_is_made_once() -> None:
 
 @pytest.fixture
 async def router(hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics) -> Router:
-    return await local_router(hub, backlog, metrics, delivery_wait=0.3)
+    return await local_router(hub, backlog, metrics, delivery_wait=0.3, ack_wait=0.3)
 
 
 class Clients:
@@ -305,7 +306,9 @@ async def test_status_events_say_written_for_v1_acked_for_v2_and_stored(
     """A v1 write reports ``written``; a v2 ack ``acked`` (also for a row deleted late);
     an offline user's notification ``stored``."""
     status = RecordingStatus()
-    router = await local_router(hub, backlog, metrics, delivery_wait=0.3, status=status)
+    router = await local_router(
+        hub, backlog, metrics, delivery_wait=0.3, ack_wait=0.3, status=status
+    )
     sockets: dict[str, FakeSocket] = {}
     connections: dict[str, Connection] = {}
     writers = []
@@ -365,3 +368,48 @@ async def test_an_ack_arriving_while_its_row_is_being_stored_still_deletes_it(
     backlog.save_gate.set()
     await delivering
     assert backlog.rows == {}, "stored, then deleted again: the client has it"
+
+
+async def test_late_acks_of_several_users_cost_one_statement(
+    hub: Hub[Outlet], backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """Rows stored because their acks came late, for two users on two connections, are
+    deleted together in one statement, and the in-time ack costs none."""
+    acked_rows = AckedRows(backlog, window=0.05)
+    await acked_rows.start()
+    router = await local_router(
+        hub, backlog, metrics, delivery_wait=0.05, ack_wait=0.05, acked_rows=acked_rows
+    )
+    sockets: dict[str, FakeSocket] = {}
+    connections: dict[str, Connection] = {}
+    writers = []
+    for user in ("alice", "bob"):
+        sockets[user] = FakeSocket()
+        connections[user] = Connection(
+            sockets[user], Identity(user), metrics, queue_size=10, acks=True, acked_rows=acked_rows
+        )
+        hub.register(connections[user])
+        writers.append(asyncio.create_task(connections[user].run(backlog, flush_batch=50)))
+    try:
+        await until(lambda: all(c.unacked == 0 for c in connections.values()))
+        late = [notification("alice"), notification("bob")]
+        await router.deliver(late)  # nobody acked within the wait: both stored
+        assert sorted(backlog.stored_ids) == sorted(n.message_id for n in late)
+        for n in late:
+            await connections[n.user_id].acknowledge([n.message_id], backlog)
+        await acked_rows.flush()
+        assert backlog.rows == {}
+        assert backlog.pair_statements == 1 and backlog.deleted == []
+
+        in_time = notification("alice")
+        delivering = asyncio.create_task(router.deliver([in_time]))
+        await until(lambda: connections["alice"].unacked == 1)
+        await connections["alice"].acknowledge([in_time.message_id], backlog)
+        await delivering
+        await acked_rows.flush()
+        assert backlog.pair_statements == 1, "an ack in time touched the store"
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        await acked_rows.close()

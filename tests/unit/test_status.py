@@ -21,6 +21,8 @@ from service.metrics import Metrics
 from service.notification import Notification
 from service.status import KafkaStatus, NoStatus
 
+from .fakes import Settled
+
 TOPIC = "notification.status"
 
 
@@ -344,8 +346,9 @@ class Dispatcher:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
 
-    async def deliver(self, notifications: Sequence[Notification]) -> None:
+    async def dispatch(self, notifications: Sequence[Notification]) -> Settled:
         self.journal.append(f"deliver {len(notifications)}")
+        return Settled()
 
 
 async def test_the_consumer_reports_poison_and_late_records_and_flushes_before_committing() -> None:
