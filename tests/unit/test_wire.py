@@ -17,7 +17,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from service import wire
-from service.wire import Sockets, SocketClosed, WireSocket, text_frame
+from service.wire import SocketClosed, Sockets, WireSocket, text_frame
 
 from .fakes import until
 
@@ -150,7 +150,7 @@ async def test_a_prebuilt_frame_reaches_the_client_as_text(
     socket: WireSocket, client: Client
 ) -> None:
     """A frame written with send_now is read by a client as the text it carries."""
-    assert socket.send_now(text_frame('{"title":"t","body":"b"}'.encode()))
+    assert socket.send_now(text_frame(b'{"title":"t","body":"b"}'))
     [frame] = client.frames()
     assert frame.opcode is Opcode.TEXT and frame.data == b'{"title":"t","body":"b"}'
 
