@@ -34,7 +34,7 @@ from .auth import Identity
 from .closecode import CloseCode
 from .delivery import Delivery
 from .metrics import Metrics
-from .notification import Notification
+from .notification import Notification, text_frame
 from .router import StoreUnavailable
 from .status import NO_STATUS, StatusSink
 
@@ -51,12 +51,18 @@ _UNSENT_LIMIT: Final = 2048
 
 
 class Socket(Protocol):
-    """The WebSocket as the connection uses it (``app.SanicSocket`` in production)."""
+    """The WebSocket as the connection uses it (``wire.WireSocket`` in production).
 
-    async def send(self, message: str) -> None: ...
+    Frames are complete WebSocket frames (``Notification.wire``, or several of them
+    joined), written as they are.
+    """
 
-    def send_now(self, message: str) -> bool:
-        """Write a text frame at once if the socket can take it without waiting.
+    async def send(self, frames: bytes) -> None:
+        """Write ``frames`` once the socket has room. Raises ConnectionError if it closes."""
+        ...
+
+    def send_now(self, frames: bytes) -> bool:
+        """Write ``frames`` at once if the socket can take them without waiting.
 
         False (nothing written) means "use ``send``": closing, or its buffer is full.
         """
@@ -75,7 +81,9 @@ class Socket(Protocol):
         answer (or has no room for the close frame) is aborted."""
         ...
 
-    def fail_connection(self, code: int = 1006, reason: str = "") -> bool: ...
+    def fail_connection(self, code: int = 1006, reason: str = "") -> None:
+        """Close at once (the close frame if there is room, then the end of the connection)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +132,7 @@ class _Control:
 
     __slots__ = ("frame",)
 
-    def __init__(self, frame: str) -> None:
+    def __init__(self, frame: bytes) -> None:
         self.frame = frame
 
 
@@ -215,8 +223,9 @@ class Connection:
         """How many notifications this connection wrote that are not acknowledged yet."""
         return len(self._unacked)
 
-    def _frame(self, notification: Notification) -> str:
-        return notification.frame_v2 if self._acks else notification.frame
+    def _frame(self, notification: Notification) -> bytes:
+        """The notification's complete WebSocket frame for this connection's protocol."""
+        return notification.wire_v2 if self._acks else notification.wire
 
     def write_now(self, notification: Notification) -> bool:
         """Write the frame at once, without a task switch, if nothing has to wait.
@@ -230,7 +239,7 @@ class Connection:
             return False
         if self._wrote(notification.message_id):
             return True
-        if not self._socket.send_now(notification.frame):
+        if not self._socket.send_now(notification.wire):
             return False
         self._written(notification)
         return True
@@ -274,7 +283,7 @@ class Connection:
             if pending <= 0:
                 break
             reclaimed.append(notification)
-            pending -= len(notification.frame.encode()) + 4  # + the frame header
+            pending -= len(self._frame(notification))
         self._unsent.clear()
         reclaimed.reverse()
         self._on_unsent(reclaimed)
@@ -307,10 +316,12 @@ class Connection:
         self._wake()
         return True
 
-    def send_control(self, frame: str) -> None:
-        """Send a v2 control frame in turn with the notifications (at once if idle)."""
+    def send_control(self, text: str) -> None:
+        """Send a v2 control frame (its JSON text) in turn with the notifications (at once
+        if idle)."""
         if self._closed:
             return
+        frame = text_frame(text.encode())
         if self._idle and self._socket.send_now(frame):
             return
         self._queue.append(_Control(frame))
@@ -392,8 +403,9 @@ class Connection:
         written. If the store is unavailable it logs, stops and leaves the rows for
         a later flush.
 
-        Raises whatever the socket's ``send`` raises when the connection fails; the
-        rows of the frames written until then are deleted first.
+        Each page's frames are written in one write. Raises whatever the socket's
+        ``send`` raises when the connection fails; the rows of the pages written until
+        then are deleted first.
         """
         written = 0
         cursor: tuple[datetime, int] | None = None
@@ -408,25 +420,31 @@ class Connection:
             if not rows:
                 return written
             done: list[str] = []
-            try:
-                for stored in rows:
-                    notification = stored.notification
-                    message_id = notification.message_id
-                    if not self._wrote(message_id) and message_id not in self._unacked:
-                        # A socket with no room for WRITE_TIMEOUT is cut off
-                        # (``service.guard``), which ends this wait with an error.
-                        await self._socket.send(self._frame(notification))
-                        self._mark_written(notification)
-                        written += 1
-                        self._metrics.flushed.inc()
-                        if self._acks:
-                            self._pend(message_id, None)
-                        else:
-                            self._status.written((notification,))
-                    done.append(message_id)
-            finally:
-                if done and not keep:
-                    await self._delete_quietly(backlog, done)
+            # The page's frames go out in one write: a flush of a thousand rows is a
+            # few writes, not a thousand.
+            page_frames: list[bytes] = []
+            page_notifications: list[Notification] = []
+            for stored in rows:
+                notification = stored.notification
+                message_id = notification.message_id
+                if not self._wrote(message_id) and message_id not in self._unacked:
+                    page_frames.append(self._frame(notification))
+                    page_notifications.append(notification)
+                done.append(message_id)
+            if page_frames:
+                # A socket with no room for WRITE_TIMEOUT is cut off (``service.wire``),
+                # which ends this wait with an error: the page's rows stay stored.
+                await self._socket.send(b"".join(page_frames))
+                for notification in page_notifications:
+                    self._mark_written(notification)
+                    if self._acks:
+                        self._pend(notification.message_id, None)
+                written += len(page_notifications)
+                self._metrics.flushed.inc(len(page_notifications))
+                if not self._acks:
+                    self._status.written(page_notifications)
+            if done and not keep:
+                await self._delete_quietly(backlog, done)
             if len(rows) < page:
                 return written
             cursor = rows[-1].cursor
@@ -502,7 +520,7 @@ class Connection:
             log.warning("gap_store_unavailable", extra={"error": str(exc)})
             return
         if dropped:
-            await self._socket.send(f'{{"type":"gap","dropped":{dropped}}}')
+            await self._socket.send(text_frame(f'{{"type":"gap","dropped":{dropped}}}'.encode()))
 
     def _wake(self) -> None:
         self._idle = False

@@ -8,8 +8,8 @@ runs the closing handshake and enforces the size limit (1009); text messages are
 assembled and decoded here (bad UTF-8: 1007).
 
 A server frame is unmasked and the gateway negotiates no extension, so a frame's
-bytes do not depend on the socket: :func:`text_frame` builds them once per
-notification and :meth:`WireSocket.send_now` hands them to every recipient's
+bytes do not depend on the socket: :func:`~service.notification.text_frame` builds
+them once per notification and :meth:`WireSocket.send_now` hands them to every recipient's
 transport as they are. A socket with an extension is refused by :meth:`Sockets.adopt`.
 
 Hostile clients are bounded, registered or not:
@@ -71,20 +71,6 @@ class SocketClosed(ConnectionError):
     """The socket is closing or closed: nothing more can be sent."""
 
 
-def text_frame(payload: bytes) -> bytes:
-    """The complete server frame (FIN, text, unmasked) carrying ``payload`` (UTF-8).
-
-    The same bytes websockets writes for ``send_text(payload)`` without extensions;
-    build it once and write it to any number of sockets.
-    """
-    length = len(payload)
-    if length < 126:
-        return bytes((0x81, length)) + payload
-    if length < 65536:
-        return b"\x81\x7e" + length.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + length.to_bytes(8, "big") + payload
-
-
 def _ping_frame(payload: bytes) -> bytes:
     return bytes((0x89, len(payload))) + payload
 
@@ -93,7 +79,7 @@ class WireSocket(asyncio.Protocol):
     """One client's upgraded socket: the transport's protocol, and the connection's socket.
 
     Made by :meth:`Sockets.adopt`. ``send_now`` / ``send`` write complete frames
-    (built with :func:`text_frame`); ``recv`` gives the client's text and binary
+    (built with :func:`~service.notification.text_frame`); ``recv`` gives the client's text and binary
     messages to one reader, if the owner wants them (``keep_messages``; otherwise
     they are parsed and dropped). ``on_lost`` runs once when the connection ends.
     """
@@ -106,6 +92,7 @@ class WireSocket(asyncio.Protocol):
         "_loop",
         "_lost",
         "_message",
+        "_on_stall",
         "_owner",
         "_parser",
         "_rest",
@@ -113,7 +100,6 @@ class WireSocket(asyncio.Protocol):
         "_text",
         "_waiter",
         "on_lost",
-        "on_stall",
         "ping",
         "transport",
         "writing_paused",
@@ -139,8 +125,7 @@ class WireSocket(asyncio.Protocol):
         self.writing_paused = False
         self.ping: bytes | None = None
         """The payload of the ping this socket has not answered yet."""
-        self.on_stall: Callable[[], object] | None = None
-        """Called once, just before the socket is aborted for a write stalled too long."""
+        self._on_stall: Callable[[], object] | None = None
         self.on_lost: Callable[[], object] | None = None
         """Called once, when the connection is lost (closed, aborted, or the client left)."""
 
@@ -153,6 +138,10 @@ class WireSocket(asyncio.Protocol):
     def closed(self) -> bool:
         """Whether the socket is closing or closed: no frame can be sent any more."""
         return self._lost or self._parser.state is not State.OPEN
+
+    def on_stall(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` just before the socket is aborted for a write stalled too long."""
+        self._on_stall = callback
 
     def keep_messages(self) -> None:
         """From now on, keep the client's messages for :meth:`recv` (else they are dropped)."""
@@ -252,7 +241,7 @@ class WireSocket(asyncio.Protocol):
             self._flush_parser()
         await self._wait_lost()
 
-    def fail(self, code: int = 1006, reason: str = "") -> None:
+    def fail_connection(self, code: int = 1006, reason: str = "") -> None:
         """Close at once: the close frame (if the socket has room), then the end of the TCP
         connection, aborted after ``CLOSE_TIMEOUT`` if it has not ended. Idempotent."""
         if self._lost:
@@ -310,7 +299,12 @@ class WireSocket(asyncio.Protocol):
             self._stall.cancel()
             self._stall = None
         self._owner.forget(self)
-        self.on_stall = None
+        self._on_stall = None
+        # websockets' protocol and its parser (a generator whose frame holds it) refer
+        # to each other, as do the parser's last exception and its traceback: cut,
+        # they are freed with the socket, not at the next full collection.
+        self._parser.parser = None  # type: ignore[assignment]
+        self._parser.parser_exc = None
         for future in (self._drain, self._waiter):
             if future is not None and not future.done():
                 future.set_result(None)
@@ -342,8 +336,8 @@ class WireSocket(asyncio.Protocol):
             return
         log.warning("connection_write_timeout", extra={"seconds": self._owner.write_timeout})
         try:
-            if self.on_stall is not None:
-                self.on_stall()
+            if self._on_stall is not None:
+                self._on_stall()
         finally:
             self.transport.abort()
 
@@ -543,6 +537,6 @@ def _check_pongs(pinged: list[WireSocket], payload: bytes) -> None:
     """Fail, with 1011, each socket still owing the pong for ``payload``."""
     for socket in pinged:
         if socket.ping == payload and not socket.closed:
-            socket.fail(1011, "keepalive ping timeout")
+            socket.fail_connection(1011, "keepalive ping timeout")
         elif socket.ping == payload:
             socket.ping = None

@@ -16,7 +16,7 @@ from service.metrics import Metrics
 from service.notification import Notification
 from service.router import StoreUnavailable
 
-from .fakes import FakeBacklog, FakeSocket, notification
+from .fakes import FakeBacklog, FakeSocket, notification, payloads
 
 PAGE = 2  # rows per page of the flush: several pages in every test
 
@@ -66,9 +66,10 @@ async def test_flush_deletes_a_row_only_after_its_frame_was_written(
     present_while_writing: list[bool] = []
 
     class Checking(FakeSocket):
-        async def send(self, message: str) -> None:
-            present_while_writing.append(("alice", by_frame[message]) in backlog.rows)
-            await super().send(message)
+        async def send(self, frames: bytes) -> None:
+            for text in payloads(frames):
+                present_while_writing.append(("alice", by_frame[text]) in backlog.rows)
+            await super().send(frames)
 
     tab, _ = connect("alice", metrics, Checking())
     await tab.flush_backlog(backlog, PAGE)
@@ -84,14 +85,14 @@ async def test_flush_interrupted_by_a_dead_socket_keeps_the_unsent_rows(
     backlog.put(*stored)
 
     class Dying(FakeSocket):
-        async def send(self, message: str) -> None:
+        async def send(self, frames: bytes) -> None:
             if len(self.frames) >= 3:
                 raise ConnectionResetError("peer went away")
-            await super().send(message)
+            await super().send(frames)
 
     tab, socket = connect("alice", metrics, Dying())
     with pytest.raises(ConnectionResetError):
-        await tab.flush_backlog(backlog, PAGE)
+        await tab.flush_backlog(backlog, 3)  # the second page's write fails
     assert socket.frames == [n.frame for n in stored[:3]]
     assert backlog.stored_ids == [n.message_id for n in stored[3:]]
 

@@ -17,7 +17,8 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from service import wire
-from service.wire import SocketClosed, Sockets, WireSocket, text_frame
+from service.notification import text_frame
+from service.wire import SocketClosed, Sockets, WireSocket
 
 from .fakes import until
 
@@ -249,8 +250,8 @@ async def test_a_close_without_room_aborts_at_once(
 async def test_fail_sends_the_code_and_ends_the_connection(
     socket: WireSocket, client: Client, transport: FakeTransport
 ) -> None:
-    """fail(4401) writes the close frame and closes the transport, aborted if it lingers."""
-    socket.fail(4401, "token expired")
+    """fail_connection(4401) writes the close frame, closes the transport, aborts it later."""
+    socket.fail_connection(4401, "token expired")
     close = client.close_received()
     assert close is not None and close.code == 4401
     assert transport.closing and not transport.aborted
@@ -294,7 +295,7 @@ async def test_a_socket_with_no_room_for_the_write_timeout_is_cut_off(
 ) -> None:
     """Writes paused past write_timeout: on_stall runs, then the socket is aborted."""
     stalled: list[bool] = []
-    socket.on_stall = lambda: stalled.append(True)
+    socket.on_stall(lambda: stalled.append(True))
     sending = asyncio.create_task(socket.send(b"frame"))
     socket.pause_writing()
     await until(lambda: transport.aborted)
