@@ -71,6 +71,10 @@ class SocketClosed(ConnectionError):
     """The socket is closing or closed: nothing more can be sent."""
 
 
+# The ``ping`` of a socket no round of pings has seen yet.
+_NEW: Final = b"new"
+
+
 def _ping_frame(payload: bytes) -> bytes:
     return bytes((0x89, len(payload))) + payload
 
@@ -79,9 +83,10 @@ class WireSocket(asyncio.Protocol):
     """One client's upgraded socket: the transport's protocol, and the connection's socket.
 
     Made by :meth:`Sockets.adopt`. ``send_now`` / ``send`` write complete frames
-    (built with :func:`~service.notification.text_frame`); ``recv`` gives the client's text and binary
-    messages to one reader, if the owner wants them (``keep_messages``; otherwise
-    they are parsed and dropped). ``on_lost`` runs once when the connection ends.
+    (built with :func:`~service.notification.text_frame`); ``recv`` gives the
+    client's text and binary messages to one reader, if the owner wants them
+    (``keep_messages``; otherwise they are parsed and dropped). ``on_lost`` runs
+    once, when the connection ends.
     """
 
     __slots__ = (
@@ -123,8 +128,9 @@ class WireSocket(asyncio.Protocol):
         self._inbox: deque[str | bytes] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.writing_paused = False
-        self.ping: bytes | None = None
-        """The payload of the ping this socket has not answered yet."""
+        self.ping: bytes | None = _NEW
+        """The payload of the ping this socket has not answered yet; ``_NEW`` until the
+        first round of pings has passed it (its first ping comes one round later)."""
         self._on_stall: Callable[[], object] | None = None
         self.on_lost: Callable[[], object] | None = None
         """Called once, when the connection is lost (closed, aborted, or the client left)."""
@@ -525,6 +531,11 @@ class Sockets:
         payload = os.urandom(4)
         pinged: list[WireSocket] = []
         for socket in list(self._open):
+            if socket.ping is _NEW:
+                # Opened since the last round: pinged from the next one, so a socket is
+                # first pinged 1-2 intervals after its handshake, never at once.
+                socket.ping = None
+                continue
             if socket.ping is not None:
                 continue  # still waiting: its own check fails it
             if socket.send_ping(payload):

@@ -410,3 +410,20 @@ async def test_on_a_real_connection_frames_pongs_and_close_go_both_ways() -> Non
     finally:
         writer.close()
         server.close()
+
+
+async def test_a_new_socket_is_first_pinged_a_round_later(
+    sockets: Sockets, socket: WireSocket, client: Client
+) -> None:
+    """A round of pings passes over a socket opened since the last one (a client refused in
+    its first seconds never sees a ping); the next round pings it."""
+    sockets.ping_interval = 3600.0
+    sockets.ping_timeout = 3600.0
+    try:
+        sockets._ping_all()
+        assert client.frames() == []
+        sockets._ping_all()
+        [ping] = client.frames()
+        assert ping.opcode is Opcode.PING
+    finally:
+        await sockets.close(1000, "")
