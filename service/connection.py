@@ -48,6 +48,8 @@ UNACKED_LIMIT: Final = 10_000
 # Frames remembered while the socket's buffer is not empty, to store again what
 # never left it if the connection is aborted.
 _UNSENT_LIMIT: Final = 2048
+# Queued frames joined in one write, up to about this many bytes.
+_JOIN_LIMIT: Final = 64 * 1024
 
 
 class Socket(Protocol):
@@ -147,7 +149,9 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_acks",
+        "_backlog",
         "_closed",
+        "_flush_batch",
         "_flush_pending",
         "_idle",
         "_inflight",
@@ -163,7 +167,7 @@ class Connection:
         "_unacked",
         "_unsent",
         "_v2_open",
-        "_wakeup",
+        "_writers",
         "identity",
     )
 
@@ -178,9 +182,11 @@ class Connection:
         acks: bool = False,
         v2_open: Callable[[], bool] | None = None,
         status: StatusSink = NO_STATUS,
+        writers: set[asyncio.Task[None]] | None = None,
     ) -> None:
         """``acks``: the client speaks protocol v2. ``v2_open``: whether a v2 connection
-        of the user is open (a v1 connection's flush then deletes no row)."""
+        of the user is open (a v1 connection's flush then deletes no row). ``writers``:
+        where the writer tasks started on demand are kept (and awaited on shutdown)."""
         self._socket = socket
         self._acks = acks
         self._v2_open = v2_open
@@ -188,7 +194,8 @@ class Connection:
         # v2: written and not yet acknowledged, by id; None for a row of the store.
         self._unacked: dict[str, Delivery | None] = {}
         self._on_unsent = on_unsent
-        self._inflight: Delivery | None = None
+        # The deliveries of the write under way.
+        self._inflight: list[Delivery] | None = None
         self._unsent: deque[Notification] | None = None
         # Kept: in Python 3.11 get_running_loop() costs a getpid() system call.
         self._loop = asyncio.get_running_loop()
@@ -196,11 +203,15 @@ class Connection:
         self._metrics = metrics
         self._queue: deque[Delivery | _Flush | _Control] = deque()
         self._queue_size = queue_size
-        self._wakeup: asyncio.Future[None] | None = None
+        # Set by ``run``: what later writer tasks flush from, and the set that holds
+        # every writer task (the node waits for them on shutdown).
+        self._backlog: StoredRows | None = None
+        self._flush_batch = 0
+        self._writers = writers if writers is not None else set()
         self._closed = False
         self._flush_pending = False
-        # True while the writer waits on an empty queue: only then may
-        # ``write_now`` write directly, without breaking the order of frames.
+        # True while no writer runs and nothing is queued: only then may ``write_now``
+        # write directly, without breaking the order of frames.
         self._idle = False
         self._seen: set[str] | None = None
         self._seen_order: deque[str] | None = None
@@ -458,59 +469,95 @@ class Connection:
             log.warning("flush_delete_failed", extra={"error": str(exc), "rows": len(message_ids)})
 
     async def run(self, backlog: StoredRows, *, flush_batch: int) -> None:
-        """The writer: the stored backlog first, then live deliveries in order.
+        """The writer's first turn: the stored backlog, then live deliveries in order.
 
-        The backlog is flushed again, in turn with live frames, whenever
-        ``request_flush`` asks. Runs until the connection closes or the socket
-        fails; on exit every delivery still queued is settled as not written.
-        Never raises for a failed socket.
+        Returns once the queue is empty (the connection is then *idle*: ``write_now``
+        writes directly); whatever is queued later starts a writer task again, which
+        ends in turn when the queue is empty, so an idle connection holds no task. The
+        backlog is flushed again, in turn with live frames, whenever ``request_flush``
+        asks. On a failed socket every delivery still queued is settled as not
+        written. Never raises for a failed socket.
         """
+        self._backlog = backlog
+        self._flush_batch = flush_batch
+        await self._write(first=True)
+
+    async def _write(self, *, first: bool = False) -> None:
+        """Write what is queued, in order, until the queue is empty or the connection closed.
+
+        Consecutive deliveries are joined in one write (up to ``_JOIN_LIMIT`` bytes).
+        """
+        backlog = self._backlog
+        assert backlog is not None
         try:
-            if self._acks:
-                await self._send_gap(backlog)
-            await self.flush_backlog(backlog, flush_batch)
-            while not self._closed:
-                if not self._queue:
-                    self._wakeup = self._loop.create_future()
-                    self._idle = True
-                    try:
-                        await self._wakeup
-                    finally:
-                        self._idle = False
-                    continue
-                item = self._queue.popleft()
+            if first:
+                if self._acks:
+                    await self._send_gap(backlog)
+                await self.flush_backlog(backlog, self._flush_batch)
+            queue = self._queue
+            while not self._closed and queue:
+                item = queue[0]
                 if isinstance(item, _Flush):
+                    queue.popleft()
                     self._flush_pending = False
-                    await self.flush_backlog(backlog, flush_batch)
+                    await self.flush_backlog(backlog, self._flush_batch)
                     continue
                 if isinstance(item, _Control):
+                    queue.popleft()
                     await self._socket.send(item.frame)
                     continue
-                notification = item.notification
-                if self._wrote(notification.message_id) or notification.message_id in self._unacked:
-                    self._settle_duplicate(item)
-                    continue
-                self._inflight = item
-                try:
-                    # As in the flush: a socket with no room for WRITE_TIMEOUT is cut off.
-                    await self._socket.send(self._frame(notification))
-                except BaseException:
-                    if self._inflight is item:
-                        self._inflight = None
-                        item.settle(False)
-                    raise
-                if self._inflight is not item:
-                    continue  # aborted meanwhile: settled as not written already
-                self._inflight = None
-                self._written(notification)
-                self._settle_written(item)
+                await self._write_deliveries()
         except asyncio.CancelledError:
+            self._closed = True
+            self._abandon()
             raise
         except Exception as exc:  # the socket failed: the client went away
             log.debug("writer_stopped", extra={"error": type(exc).__name__})
-        finally:
             self._closed = True
             self._abandon()
+        else:
+            if self._closed:
+                self._abandon()
+            else:
+                self._idle = True  # nothing queued: write_now may write directly
+
+    async def _write_deliveries(self) -> None:
+        """Write the deliveries at the head of the queue in one write, then settle them."""
+        queue = self._queue
+        frames: list[bytes] = []
+        batch: list[Delivery] = []
+        size = 0
+        while queue and size < _JOIN_LIMIT:
+            item = queue[0]
+            if not isinstance(item, Delivery):
+                break
+            queue.popleft()
+            message_id = item.notification.message_id
+            if self._wrote(message_id) or message_id in self._unacked:
+                self._settle_duplicate(item)
+                continue
+            frame = self._frame(item.notification)
+            frames.append(frame)
+            batch.append(item)
+            size += len(frame)
+        if not batch:
+            return
+        self._inflight = batch
+        try:
+            # As in the flush: a socket with no room for WRITE_TIMEOUT is cut off.
+            await self._socket.send(frames[0] if len(frames) == 1 else b"".join(frames))
+        except BaseException:
+            if self._inflight is batch:
+                self._inflight = None
+                for delivery in batch:
+                    delivery.settle(False)
+            raise
+        if self._inflight is not batch:
+            return  # aborted meanwhile: settled as not written already
+        self._inflight = None
+        for delivery in batch:
+            self._written(delivery.notification)
+            self._settle_written(delivery)
 
     async def _send_gap(self, backlog: StoredRows) -> None:
         """v2: first of all, how many unacknowledged notifications retention dropped."""
@@ -523,25 +570,28 @@ class Connection:
             await self._socket.send(text_frame(f'{{"type":"gap","dropped":{dropped}}}'.encode()))
 
     def _wake(self) -> None:
+        """Something was queued: start a writer unless one is running (it takes it in turn)."""
+        if not self._idle or self._closed or self._backlog is None:
+            return
         self._idle = False
-        waiter = self._wakeup
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        task = self._loop.create_task(self._write(), name="ws-writer")
+        writers = self._writers
+        writers.add(task)
+        task.add_done_callback(writers.discard)
 
     def _abandon(self) -> None:
         inflight, self._inflight = self._inflight, None
-        if inflight is not None:
+        for written in inflight or ():
             # Its write may still complete; stored as well, it arrives twice at worst.
-            inflight.settle(False)
+            written.settle(False)
         while self._queue:
             item = self._queue.popleft()
             if isinstance(item, Delivery):
                 item.settle(False)
         unacked, self._unacked = self._unacked, {}
-        for delivery in unacked.values():
-            if delivery is not None:
-                delivery.settle(False)
-        self._wake()
+        for waiting in unacked.values():
+            if waiting is not None:
+                waiting.settle(False)
 
     def detach(self) -> None:
         """Stop using the socket (the client is gone): settle what is queued as not written.

@@ -339,6 +339,7 @@ class Node:
             acks=acks,
             v2_open=lambda: any(c.acks for c in hub.connections(user_id)),
             status=self.router.status,
+            writers=self._writers,
         )
         # Subscribe before registering and flushing: a message published from now
         # on reaches this process, and one published before is in the store.

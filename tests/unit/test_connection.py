@@ -6,12 +6,14 @@ live path, with the router, is in ``test_router``.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 
 from service.auth import Identity
 from service.connection import Connection
+from service.delivery import Batch
 from service.metrics import Metrics
 from service.notification import Notification
 from service.router import StoreUnavailable
@@ -153,3 +155,34 @@ async def test_flushing_one_user_keeps_another_users_row_with_the_same_id(
     tab, _ = connect("alice", metrics)
     assert await tab.flush_backlog(backlog, PAGE) == 1
     assert list(backlog.rows) == [("bob", for_bob.message_id)]
+
+
+async def test_an_idle_connection_holds_no_writer_task_and_queued_frames_go_in_one_write(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """Once its queue is empty a connection has no task; what queues up meanwhile starts
+    one, which writes the queued frames in order in one write, settles them and ends."""
+    writes: list[list[str]] = []
+
+    class Counting(FakeSocket):
+        async def send(self, frames: bytes) -> None:
+            writes.append(payloads(frames))
+            await super().send(frames)
+
+    socket = Counting()
+    writers: set[asyncio.Task[None]] = set()
+    tab = Connection(socket, Identity("alice"), metrics, queue_size=100, writers=writers)
+    await tab.run(backlog, flush_batch=PAGE)
+    assert not writers and tab._idle
+
+    queued = [notification("alice", f"n{i}") for i in range(3)]
+    batch = Batch()
+    socket.hold()  # the socket has no room: write_now refuses, the deliveries queue
+    assert not tab.write_now(queued[0])
+    for n in queued:
+        batch.offer(n, [tab], written=False)
+    assert len(writers) == 1
+    socket.release()
+    await asyncio.gather(*writers)
+    assert writes == [[n.frame for n in queued]]
+    assert batch.unwritten == [] and not writers and tab._idle
