@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Request, Sanic
 from sanic.exceptions import RequestCancelled, SanicException
@@ -23,20 +22,12 @@ from websockets.http11 import Request as HandshakeRequest
 from .auth import AuthUnavailable, Identity, InvalidToken, Unauthenticated
 from .closecode import CloseCode
 from .config import Settings
-from .connection import Connection
 from .demo import add_demo_routes
 from .hub import Rejected
-from .inbound import (
-    SUBPROTOCOL,
-    Ack,
-    BadFrame,
-    FrameRate,
-    Refresh,
-    parse_acked_parameter,
-    parse_client_frame,
-)
+from .inbound import SUBPROTOCOL, BadFrame
 from .node import Node, is_ready
-from .router import BrokerUnavailable, StoreUnavailable
+from .router import BrokerUnavailable
+from .session import Session, TokenClock, apply_acked
 from .wire import Sockets, WireSocket
 
 log = logging.getLogger("notify.app")
@@ -99,55 +90,6 @@ class _Gateway(Sanic):  # type: ignore[type-arg]
             # upgrade): cut, it is freed with the request as the handler ends.
             if request.stream is not None:
                 request.stream.response_func = None
-
-
-def _control(kind: str, **fields: object) -> str:
-    """A v2 control frame: ``{"type": kind, ...fields}``."""
-    return orjson.dumps({"type": kind, **fields}).decode()
-
-
-class _TokenClock:
-    """The timers of a connection's token: ``expiring`` (v2) before ``exp``, 4401 at it.
-
-    ``arm`` (again, after a refresh) replaces both; ``cancel`` is idempotent.
-    """
-
-    __slots__ = ("_close", "_connection", "_v2", "_warn")
-
-    def __init__(self, connection: Connection, *, v2: bool) -> None:
-        self._connection = connection
-        self._v2 = v2
-        self._close: asyncio.TimerHandle | None = None
-        self._warn: asyncio.TimerHandle | None = None
-
-    def arm(self, expires_at: float | None, *, close: bool) -> None:
-        self.cancel()
-        if expires_at is None:
-            return
-        loop = asyncio.get_running_loop()
-        remaining = expires_at - time.time()
-        if close:
-            self._close = loop.call_later(
-                remaining, self._connection.abort, CloseCode.UNAUTHORIZED, "token expired"
-            )
-        if self._v2:
-            # Warned half the remaining lifetime ahead, at most a minute.
-            notice = min(EXPIRING_NOTICE, remaining / 2)
-            self._warn = loop.call_later(
-                remaining - notice,
-                self._connection.send_control,
-                _control("expiring", in_s=int(notice)),
-            )
-
-    def cancel(self) -> None:
-        for handle in (self._close, self._warn):
-            if handle is not None:
-                handle.cancel()
-        self._close = self._warn = None
-
-
-# The longest warning ``expiring`` gives before a token's exp, in seconds.
-EXPIRING_NOTICE = 60.0
 
 
 async def _authenticate(node: Node, ws: WireSocket, token: str) -> Identity | None:
@@ -362,13 +304,15 @@ async def serve_client(
 ) -> None:
     """Check the client and plug it into the node; return once it is registered.
 
-    From then on the socket needs no task: a v1 client's frames are parsed and
-    dropped by the socket itself, a v2 client's are read by a reader task
-    (:func:`_read_v2`), and the node is told when the connection is lost.
+    From then on a v1 connection needs no task: the socket parses and drops what
+    the client sends and calls ``Node.disconnect`` when it is lost; only its token's
+    clock (:class:`~service.session.TokenClock`) is armed. A v2 client is read by
+    its :class:`~service.session.Session` in a reader task, which disconnects it
+    when the read ends.
 
-    The checks (origin, token, identity) are this adapter's; what happens on
-    connect (subscribe, register, flush) and on disconnect is ``Node.connect``'s
-    and ``Node.disconnect``'s.
+    The checks (origin, token, identity, a v2 client's ``acked``) are this adapter's;
+    what happens on connect (subscribe, register, flush) and on disconnect is
+    ``Node.connect``'s and ``Node.disconnect``'s.
 
     Before its token is checked a socket is one of ``unauthenticated``: over their
     total, or over their number from its client address, it is closed with 4503 at
@@ -415,8 +359,15 @@ async def serve_client(
     if identity is None or ws.closed:
         return
     v2 = ws.subprotocol == SUBPROTOCOL
-    if v2 and not await _take_acked_parameter(node, request, ws, identity):
-        return
+    acked = request.args.get("acked") if v2 else None
+    if acked is not None:
+        try:
+            await apply_acked(str(acked), identity.user_id, node.store, node.router.status)
+        except BadFrame:
+            await _reject(
+                node, ws, CloseCode.POLICY_VIOLATION, "malformed acked parameter", "bad_acked"
+            )
+            return
     if ws.closed:
         return
 
@@ -430,149 +381,56 @@ async def serve_client(
         await _reject(node, ws, CloseCode.TOO_MANY, exc.reason, "too_many")
         return
     access.info("ws_open", extra={"connections": len(node.hub), "v2": v2})
-    clock = _TokenClock(connection, v2=v2)
-    clock.arm(identity.expires_at, close=settings.auth_close_on_expiry)
 
     def gone() -> None:
         # Synchronous: the node forgets the connection the moment its socket is lost.
-        clock.cancel()
         node.disconnect(connection)
         access.info("ws_close", extra={"connections": len(node.hub)})
 
     if v2:
+        session = Session(
+            connection,
+            auth=node.auth,
+            store=node.store,
+            metrics=node.metrics,
+            frame_rate=settings.client_frame_rate,
+            close_on_expiry=settings.auth_close_on_expiry,
+        )
         reader = asyncio.get_running_loop().create_task(
-            _serve_v2(node, ws, connection, clock, gone), name="v2-reader"
+            _serve_v2(session, ws, gone), name="v2-reader"
         )
         _readers.add(reader)
         reader.add_done_callback(_readers.discard)
-    elif ws.closed:
+        return
+    # v1: the server only sends, and the socket parses and drops what the client sends
+    # (over MAX_CLIENT_FRAME: 1009): no task, only the token's clock and the socket's
+    # call when it is lost.
+    clock = TokenClock(connection, v2=False)
+    clock.arm(identity.expires_at, close=settings.auth_close_on_expiry)
+
+    def gone_v1() -> None:
+        clock.cancel()
         gone()
+
+    if ws.closed:
+        gone_v1()
     else:
-        # v1: the server only sends; client frames are parsed and dropped by the socket
-        # (over MAX_CLIENT_FRAME: 1009).
-        ws.on_lost = gone
+        ws.on_lost = gone_v1
 
 
 # The v2 reader tasks, kept referenced until they end.
 _readers: set[asyncio.Task[None]] = set()
 
 
-async def _serve_v2(
-    node: Node,
-    ws: WireSocket,
-    connection: Connection,
-    clock: _TokenClock,
-    gone: Callable[[], None],
-) -> None:
-    """Read a v2 client until it goes away, then disconnect it."""
+async def _serve_v2(session: Session, ws: WireSocket, gone: Callable[[], None]) -> None:
+    """Read a v2 client until it goes away (its Session), then disconnect it."""
     try:
-        await _read_v2(node, ws, connection, clock)
-    except Exception as exc:
-        log.debug("ws_read_stopped", extra={"error": type(exc).__name__})
+        await session.read(ws.recv)
     finally:
         gone()
         if not ws.closed:
-            # The reader stopped on its own (a refused frame closed the connection).
+            # The read stopped on its own (a refused frame closed the connection).
             ws.fail_connection(CloseCode.NORMAL_CLOSURE, "")
-
-
-async def _take_acked_parameter(
-    node: Node, request: Request, ws: WireSocket, identity: Identity
-) -> bool:
-    """Apply a v2 client's ``acked`` query parameter before anything is sent.
-
-    The ids are deleted from the user's stored rows in one statement, so the flush
-    does not send them again. False once a malformed parameter was refused (1008).
-    A store that is down only means they may be sent again.
-    """
-    raw = request.args.get("acked")
-    if raw is None:
-        return True
-    try:
-        ids: Sequence[str] = parse_acked_parameter(str(raw))
-    except BadFrame:
-        await _reject(
-            node, ws, CloseCode.POLICY_VIOLATION, "malformed acked parameter", "bad_acked"
-        )
-        return False
-    try:
-        deleted = await node.store.delete_acked(identity.user_id, ids)
-    except StoreUnavailable as exc:
-        log.warning("acked_parameter_not_applied", extra={"error": str(exc)})
-        return True
-    if deleted:
-        node.router.status.acked(identity.user_id, deleted)
-    return True
-
-
-async def _read_v2(node: Node, ws: WireSocket, connection: Connection, clock: _TokenClock) -> None:
-    """Read a v2 client's frames until it goes away: acks, refreshes, within the limits.
-
-    A binary frame or a rate over ``CLIENT_FRAME_RATE`` closes with 1008; a frame
-    that is not the protocol's gets an ``error`` frame and changes nothing.
-    """
-    settings = node.settings
-    rate = FrameRate(settings.client_frame_rate, 2 * settings.client_frame_rate)
-    identity = connection.identity
-    while not connection.closed:
-        message = await ws.recv()
-        if message is None:
-            return
-        if not rate.allow():
-            node.metrics.connections_rejected.labels("client_frame_rate").inc()
-            connection.abort(CloseCode.POLICY_VIOLATION, "too many client frames")
-            return
-        if not isinstance(message, str):
-            connection.abort(CloseCode.POLICY_VIOLATION, "binary frames are not accepted")
-            return
-        try:
-            frame = parse_client_frame(message)
-        except BadFrame as exc:
-            connection.send_control(_control("error", code="bad_frame", message=str(exc)))
-            continue
-        if isinstance(frame, Ack):
-            try:
-                await connection.acknowledge(frame.ids, node.store)
-            except StoreUnavailable as exc:
-                # The rows stay, and are sent again on a later connection.
-                log.warning("ack_delete_failed", extra={"error": str(exc)})
-            continue
-        assert isinstance(frame, Refresh)
-        refreshed = await _refresh(node, connection, identity, frame.token)
-        if refreshed is None:
-            continue
-        if refreshed.user_id != identity.user_id:
-            connection.abort(CloseCode.FORBIDDEN, "token of another user")
-            return
-        clock.arm(refreshed.expires_at, close=settings.auth_close_on_expiry)
-        expires_in = (
-            None if refreshed.expires_at is None else int(refreshed.expires_at - time.time())
-        )
-        connection.send_control(_control("refreshed", expires_in_s=expires_in))
-
-
-async def _refresh(
-    node: Node, connection: Connection, identity: Identity, token: str
-) -> Identity | None:
-    """The identity behind a refresh token; None (the client told why) if it is refused."""
-    try:
-        refreshed = await node.auth.identify(token)
-    except InvalidToken:
-        refreshed = None
-    except AuthUnavailable as exc:
-        log.warning("auth_unavailable", extra={"error": exc.reason})
-        connection.send_control(
-            _control("error", code="unavailable", message="cannot check the token now")
-        )
-        return None
-    if refreshed is None or (
-        refreshed.expires_at is not None and refreshed.expires_at <= time.time()
-    ):
-        connection.send_control(
-            _control("error", code="invalid_token", message="invalid or expired token")
-        )
-        return None
-    return refreshed
 
 
 _STATUS_TEXT = {
