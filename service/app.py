@@ -80,6 +80,12 @@ class _Gateway(Sanic):  # type: ignore[type-arg]
         # not wait for it (``Sockets.close`` closes what is left, with 1001).
         sanic_side.connections.discard(sanic_side)
         sanic_side.transport = None
+        # Whatever the client sent right behind its request head is the socket's.
+        early = getattr(sanic_side, "recv_buffer", None)
+        if early:
+            data = bytes(early)
+            early.clear()
+            socket.data_received(data)
         try:
             await handler(request, socket, *args, **kwargs)
         except Exception:

@@ -9,6 +9,7 @@ disabled: the socket, its parser and the request of each must be freed all the s
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,11 @@ from typing import Any
 import pytest
 from sanic import Request, Sanic
 from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from service.app import WS_PATH, _Gateway, _reject
 from service.closecode import CloseCode
@@ -107,3 +112,32 @@ async def test_a_socket_the_client_closed_is_freed_without_the_cyclic_gc(server:
             await client.send("ignored")
     assert len(server.refs) == 9
     await until(lambda: server.alive() == 0, 10.0)
+
+
+async def test_frames_sent_right_behind_the_request_head_are_not_lost(running: Server) -> None:
+    """A client that sends a ping in the same write as its upgrade request gets its pong."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    ping = Frame(Opcode.PING, b"early").serialize(mask=True)
+    writer.write(
+        (
+            f"GET {WS_PATH}?token=good HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        + ping
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        client = ClientProtocol(parse_uri("ws://127.0.0.1/"), state=State.OPEN)
+        frames: list[Frame] = []
+        while len(frames) < 2:
+            client.receive_data(await asyncio.wait_for(reader.read(4096), 5))
+            frames += [e for e in client.events_received() if isinstance(e, Frame)]
+        # The early ping is answered as the socket is taken over, before the handler runs.
+        assert [(f.opcode, bytes(f.data)) for f in frames] == [
+            (Opcode.PONG, b"early"),
+            (Opcode.TEXT, b"hello"),
+        ]
+    finally:
+        writer.close()
