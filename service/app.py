@@ -13,23 +13,23 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from sanic import Request, Sanic, Websocket
+from sanic import Request, Sanic
 from sanic.exceptions import RequestCancelled, SanicException
 from sanic.response import HTTPResponse, json, raw
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
+from websockets.datastructures import Headers
+from websockets.http11 import Request as HandshakeRequest
 
 from .auth import AuthUnavailable, Identity, InvalidToken, Unauthenticated
 from .closecode import CloseCode
 from .config import Settings
 from .demo import add_demo_routes
-from .guard import SocketGuard
 from .heads import HeadDeadlineProtocol
 from .hub import Rejected
 from .inbound import SUBPROTOCOL, BadFrame
 from .node import Node, is_ready
 from .router import BrokerUnavailable
-from .session import Session, apply_acked
+from .session import Session, TokenClock, apply_acked
+from .wire import Sockets, WireSocket
 
 log = logging.getLogger("notify.app")
 access = logging.getLogger("notify.access")
@@ -37,103 +37,20 @@ access = logging.getLogger("notify.access")
 WS_PATH = "/api/v1/notify/ws"
 
 
-# Past this many bytes waiting in the kernel-bound buffer, frames go through the
-# writer task, which waits for the socket to drain. The transport's high-water mark
-# (Sanic sets 64 KiB): above it, writes are paused and the socket has no room.
-_SEND_NOW_LIMIT = 64 * 1024
-
-# How long a close waits for the client's answer and the end of the TCP connection
-# before the socket is aborted: a peer that does not read never answers.
-CLOSE_TIMEOUT = 2.0
-
-
-class SanicSocket:
-    """The connection's view of a Sanic WebSocket: Sanic's own ``send``, plus ``send_now``,
-    a synchronous write for the common case, and closes that never wait unbounded.
-
-    Sanic's ``send`` takes a lock and awaits the transport for every frame; a push
-    gateway writes far more frames than anything else, so when nothing else is being
-    sent and the socket's buffer has room, ``send_now`` frames the text with the same
-    protocol object and hands it to the transport directly (the real transport, not
-    the guard's view of it that Sanic holds).
-    """
-
-    __slots__ = ("_guard", "_transport", "_ws")
-
-    def __init__(self, ws: Websocket) -> None:
-        self._ws = ws
-        self._guard = SocketGuard.of(ws)
-        io = ws.io_proto
-        self._transport: asyncio.Transport | None = (
-            self._guard.transport
-            if self._guard is not None
-            else io.transport
-            if io is not None
-            else None
-        )
-
-    async def send(self, message: str) -> None:
-        await self._ws.send(message)
-
-    def send_now(self, message: str) -> bool:
-        ws = self._ws
-        transport = self._transport
-        if (
-            transport is None
-            or transport.is_closing()
-            or ws.ws_proto.state is not State.OPEN
-            or ws.conn_mutex.locked()  # Sanic is sending (a ping, a close): keep its order
-            or transport.get_write_buffer_size() > _SEND_NOW_LIMIT
-        ):
-            return False
-        ws.ws_proto.send_text(message.encode())
-        for chunk in ws.ws_proto.data_to_send():
-            transport.write(chunk)
-        return True
-
-    def buffered(self) -> int:
-        transport = self._transport
-        return transport.get_write_buffer_size() if transport is not None else 0
-
-    def on_stall(self, callback: Callable[[], object]) -> None:
-        """Call ``callback`` just before the socket is aborted for a write stalled too long."""
-        if self._guard is not None:
-            self._guard.on_stall = callback
-
-    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
-        """Close with the closing handshake, bounded: never waits on a peer that does not read.
-
-        The close frame is written only if the socket has room for it; otherwise the
-        socket is aborted at once. Then the client has ``CLOSE_TIMEOUT`` to answer
-        and Sanic to end the TCP connection, after which the socket is aborted.
-        Idempotent; safe to call while another task sends (Sanic's ``close`` would
-        wait for the send, and a paused send waits forever).
-        """
-        ws, transport = self._ws, self._transport
-        if transport is None or transport.is_closing():
-            return
-        if ws.ws_proto.state is State.OPEN:
-            if transport.get_write_buffer_size() > _SEND_NOW_LIMIT:
-                transport.abort()
-                return
-            ws.ws_proto.send_close(code, reason)
-            for chunk in ws.ws_proto.data_to_send():
-                if chunk:  # b"" means "end of stream": Sanic's closer handles it
-                    transport.write(chunk)
-        if not await ws.wait_for_connection_lost(timeout=CLOSE_TIMEOUT):
-            transport.abort()
-
-    def fail_connection(self, code: int = 1006, reason: str = "") -> bool:
-        return bool(self._ws.fail_connection(code, reason))
-
-
 class _Gateway(Sanic):  # type: ignore[type-arg]
-    """Sanic, selecting a subprotocol only when the client offers it.
+    """Sanic for routing and the upgrade; the socket itself is ours from the handshake on.
 
-    Given a route's subprotocols, the handshake (``websockets``) refuses a client
-    that offers none with HTTP 400, which would turn every v1 client away; here a
-    route's subprotocols are narrowed, per request, to those the client offered, so
-    ``notify.v2`` is selected whenever it is offered and nothing is asked otherwise.
+    The handshake is websockets' (``ServerProtocol.accept``), as in Sanic, but the
+    socket then becomes a :class:`~service.wire.WireSocket` on the transport instead
+    of Sanic's WebSocket: Sanic's protocol lets go of the transport, its handler
+    task ends once the client is checked and registered, and an idle connection
+    costs only the transport, the ``WireSocket`` with its parser, and its
+    ``Connection``. The route's handler is called with the ``WireSocket``.
+
+    Given a route's subprotocols, the handshake refuses a client that offers none
+    with HTTP 400, which would turn every v1 client away; here they are narrowed,
+    per request, to those the client offered, so ``notify.v2`` is selected whenever
+    it is offered and nothing is asked otherwise.
     """
 
     def prepare(self, *args: Any, protocol: type[Any] | None = None, **kwargs: Any) -> None:
@@ -151,34 +68,49 @@ class _Gateway(Sanic):  # type: ignore[type-arg]
     async def _websocket_handler(  # type: ignore[no-untyped-def]
         self, handler, request, *args, subprotocols=None, **kwargs
     ):
-        # Sanic's own, less its websocket.handler.* signals: nothing here listens to
-        # them, and each dispatch of a signal nobody registered costs a failed route
-        # lookup (two per connection). The handler still runs as a task Sanic cancels
-        # when the server stops.
         chosen = None
         asked = request.headers.getall("sec-websocket-protocol", None)
         if asked and subprotocols:  # most clients (v1) offer none: nothing to compare
             offered = {name.strip() for header in asked for name in header.split(",")}
-            chosen = tuple(name for name in subprotocols if name in offered) or None
-        ws = await request.transport.get_protocol().websocket_handshake(request, chosen)
-        task = asyncio.ensure_future(handler(request, ws, *args, **kwargs))
-        self.websocket_tasks.add(task)
-        cancelled = False
+            chosen = [name for name in subprotocols if name in offered] or None
+        sockets: Sockets = self.ctx.sockets
+        parser = sockets.parser(chosen)
+        answer = parser.accept(
+            HandshakeRequest(path=request.path, headers=Headers(request.headers))
+        )
+        if answer.status_code != 101:
+            raise SanicException(bytes(answer.body), status_code=answer.status_code)
+        transport = request.transport
+        sanic_side = transport.get_protocol()
+        head = f"HTTP/1.1 101 {answer.reason_phrase}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in answer.headers.raw_items()
+        )
+        transport.write(head.encode() + b"\r\n")
+        socket = sockets.adopt(transport, parser)
+        # Sanic's protocol no longer owns the socket: its connection task ends with
+        # the handler without closing the transport, and its graceful shutdown does
+        # not wait for it (``Sockets.close`` closes what is left, with 1001).
+        sanic_side.connections.discard(sanic_side)
+        sanic_side.transport = None
+        # Whatever the client sent right behind its request head is the socket's.
+        early = getattr(sanic_side, "recv_buffer", None)
+        if early:
+            data = bytes(early)
+            early.clear()
+            socket.data_received(data)
         try:
-            await task
-        except (asyncio.CancelledError, ConnectionClosed):
-            cancelled = True
-        except Exception as exc:
-            self.error_handler.log(request, exc)
+            await handler(request, socket, *args, **kwargs)
+        except Exception:
+            log.exception("websocket_handler_failed")
+            socket.fail_connection(CloseCode.INTERNAL_ERROR, CloseCode.INTERNAL_ERROR.reason)
         finally:
-            self.websocket_tasks.remove(task)
-            if cancelled:
-                ws.end_connection(1000)
-            else:
-                await ws.close()
+            # Sanic's HTTP stream refers to itself (its response method, set for the
+            # upgrade): cut, it is freed with the request as the handler ends.
+            if request.stream is not None:
+                request.stream.response_func = None
 
 
-async def _authenticate(node: Node, ws: Websocket, token: str) -> Identity | None:
+async def _authenticate(node: Node, ws: WireSocket, token: str) -> Identity | None:
     """The identity behind ``token``; None once the client was refused (4401 / 4503)."""
     try:
         identity = await node.auth.identify(token)
@@ -220,9 +152,6 @@ def create_app(
     app: Sanic[Any, Any] = _Gateway(name, configure_logging=False)
     app.config.update(
         {
-            "WEBSOCKET_MAX_SIZE": settings.max_client_frame,
-            "WEBSOCKET_PING_INTERVAL": settings.ping_interval,
-            "WEBSOCKET_PING_TIMEOUT": settings.ping_timeout,
             "GRACEFUL_SHUTDOWN_TIMEOUT": settings.shutdown_timeout,
             "ACCESS_LOG": False,
             "MOTD": False,
@@ -239,6 +168,13 @@ def create_app(
     )
     gateway = node or Node.build(settings)
     app.ctx.node = gateway
+    sockets = Sockets(
+        write_timeout=settings.write_timeout,
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
+        max_size=settings.max_client_frame,
+    )
+    app.ctx.sockets = sockets
     unauthenticated = Unauthenticated(
         settings.max_unauthenticated, settings.max_unauthenticated_per_address, gateway.metrics
     )
@@ -247,6 +183,7 @@ def create_app(
     async def start_node(app: Sanic[Any, Any]) -> None:
         gateway.on_fatal = lambda: stop_failed(app)
         await gateway.start()
+        sockets.start()
 
     @app.on_response  # type: ignore[untyped-decorator]
     async def log_request(request: Request, response: HTTPResponse) -> None:
@@ -289,20 +226,21 @@ def create_app(
         add_demo_routes(app)
 
     @app.websocket(WS_PATH, subprotocols=[SUBPROTOCOL])  # type: ignore[untyped-decorator]
-    async def notify(request: Request, ws: Websocket) -> None:
-        # From the handshake on, whether it is registered yet or not: reads pause while
-        # writes are paused, and a socket with no room for WRITE_TIMEOUT is cut off.
-        guard = SocketGuard.install(ws, settings.write_timeout)
-        if guard is not None:
-            guard.on_stall = gateway.metrics.slow_closed.inc
+    async def notify(request: Request, ws: WireSocket) -> None:
+        # From the handshake on, registered or not, a socket with no room for
+        # WRITE_TIMEOUT is cut off (``service.wire``); counted as a slow client.
+        ws.on_stall(gateway.metrics.slow_closed.inc)
+        if ws.subprotocol == SUBPROTOCOL:
+            ws.keep_messages()  # an early ack waits for the reader
         await serve_client(gateway, request, ws, unauthenticated)
 
     # Registered after the WebSocket route on purpose: Sanic runs stop listeners in
-    # reverse order, so the node drains and closes sockets with 1001 before Sanic
-    # cancels the handlers of whatever is left.
+    # reverse order, so the node drains and closes its connections with 1001, then
+    # the sockets not registered yet are closed with 1001 too.
     @app.before_server_stop
     async def stop_node(app: Sanic[Any, Any]) -> None:
         await gateway.stop()
+        await sockets.close(CloseCode.GOING_AWAY, CloseCode.GOING_AWAY.reason)
 
     return app
 
@@ -320,23 +258,28 @@ def stop_failed(app: Sanic[Any, Any]) -> None:
     app.stop()
 
 
-async def _reject(node: Node, ws: Websocket, code: CloseCode, reason: str, label: str) -> None:
+async def _reject(node: Node, ws: WireSocket, code: CloseCode, reason: str, label: str) -> None:
     """Refuse the client with ``code``: the close frame if the socket has room, a bounded
     wait for the client's answer, then abort. Never waits on a client that does not read."""
     node.metrics.connections_rejected.labels(label).inc()
     access.info("ws_rejected", extra={"code": code, "reason": label})
-    await SanicSocket(ws).close(code, reason)
+    await ws.close(code, reason)
 
 
 async def serve_client(
-    node: Node, request: Request, ws: Websocket, unauthenticated: Unauthenticated
+    node: Node, request: Request, ws: WireSocket, unauthenticated: Unauthenticated
 ) -> None:
-    """Check the client, plug it into the node, read from it until it goes away.
+    """Check the client and plug it into the node; return once it is registered.
+
+    From then on a v1 connection needs no task: the socket parses and drops what
+    the client sends and calls ``Node.disconnect`` when it is lost; only its token's
+    clock (:class:`~service.session.TokenClock`) is armed. A v2 client is read by
+    its :class:`~service.session.Session` in a reader task, which disconnects it
+    when the read ends.
 
     The checks (origin, token, identity, a v2 client's ``acked``) are this adapter's;
     what happens on connect (subscribe, register, flush) and on disconnect is
-    ``Node.connect``'s and ``Node.disconnect``'s; what the client says, and its
-    token's clock, are its :class:`~service.session.Session`'s.
+    ``Node.connect``'s and ``Node.disconnect``'s.
 
     Before its token is checked a socket is one of ``unauthenticated``: over their
     total, or over their number from its client address, it is closed with 4503 at
@@ -380,7 +323,7 @@ async def serve_client(
         identity = await _authenticate(node, ws, token)
     finally:
         unauthenticated.leave(address)
-    if identity is None:
+    if identity is None or ws.closed:
         return
     v2 = ws.subprotocol == SUBPROTOCOL
     acked = request.args.get("acked") if v2 else None
@@ -392,10 +335,12 @@ async def serve_client(
                 node, ws, CloseCode.POLICY_VIOLATION, "malformed acked parameter", "bad_acked"
             )
             return
+    if ws.closed:
+        return
 
     # The identity is known: the node subscribes, registers and starts the writer.
     try:
-        connection = await node.connect(SanicSocket(ws), identity, acks=v2)
+        connection = await node.connect(ws, identity, acks=v2)
     except BrokerUnavailable:
         await _reject(node, ws, CloseCode.UNAVAILABLE, "service unavailable, retry later", "broker")
         return
@@ -403,20 +348,56 @@ async def serve_client(
         await _reject(node, ws, CloseCode.TOO_MANY, exc.reason, "too_many")
         return
     access.info("ws_open", extra={"connections": len(node.hub), "v2": v2})
-    session = Session(
-        connection,
-        auth=node.auth,
-        store=node.store,
-        metrics=node.metrics,
-        frame_rate=settings.client_frame_rate,
-        close_on_expiry=settings.auth_close_on_expiry,
-    )
+
+    def gone() -> None:
+        # Synchronous: the node forgets the connection the moment its socket is lost.
+        node.disconnect(connection)
+        access.info("ws_close", extra={"connections": len(node.hub)})
+
+    if v2:
+        session = Session(
+            connection,
+            auth=node.auth,
+            store=node.store,
+            metrics=node.metrics,
+            frame_rate=settings.client_frame_rate,
+            close_on_expiry=settings.auth_close_on_expiry,
+        )
+        reader = asyncio.get_running_loop().create_task(
+            _serve_v2(session, ws, gone), name="v2-reader"
+        )
+        _readers.add(reader)
+        reader.add_done_callback(_readers.discard)
+        return
+    # v1: the server only sends, and the socket parses and drops what the client sends
+    # (over MAX_CLIENT_FRAME: 1009): no task, only the token's clock and the socket's
+    # call when it is lost.
+    clock = TokenClock(connection, v2=False)
+    clock.arm(identity.expires_at, close=settings.auth_close_on_expiry)
+
+    def gone_v1() -> None:
+        clock.cancel()
+        gone()
+
+    if ws.closed:
+        gone_v1()
+    else:
+        ws.on_lost = gone_v1
+
+
+# The v2 reader tasks, kept referenced until they end.
+_readers: set[asyncio.Task[None]] = set()
+
+
+async def _serve_v2(session: Session, ws: WireSocket, gone: Callable[[], None]) -> None:
+    """Read a v2 client until it goes away (its Session), then disconnect it."""
     try:
         await session.read(ws.recv)
     finally:
-        # Synchronous, so it completes even when Sanic cancels this task.
-        node.disconnect(connection)
-        access.info("ws_close", extra={"connections": len(node.hub)})
+        gone()
+        if not ws.closed:
+            # The read stopped on its own (a refused frame closed the connection).
+            ws.fail_connection(CloseCode.NORMAL_CLOSURE, "")
 
 
 _STATUS_TEXT = {

@@ -36,7 +36,7 @@ from .auth import Identity
 from .closecode import CloseCode
 from .delivery import Delivery
 from .metrics import Metrics
-from .notification import Notification
+from .notification import Notification, text_frame
 from .router import AckedSink, StoreUnavailable
 from .status import NO_STATUS, StatusSink
 
@@ -50,15 +50,23 @@ UNACKED_LIMIT: Final = 10_000
 # Frames remembered while the socket's buffer is not empty, to store again what
 # never left it if the connection is aborted.
 _UNSENT_LIMIT: Final = 2048
+# Queued frames joined in one write, up to about this many bytes.
+_JOIN_LIMIT: Final = 64 * 1024
 
 
 class Socket(Protocol):
-    """The WebSocket as the connection uses it (``app.SanicSocket`` in production)."""
+    """The WebSocket as the connection uses it (``wire.WireSocket`` in production).
 
-    async def send(self, message: str) -> None: ...
+    Frames are complete WebSocket frames (``Notification.wire``, or several of them
+    joined), written as they are.
+    """
 
-    def send_now(self, message: str) -> bool:
-        """Write a text frame at once if the socket can take it without waiting.
+    async def send(self, frames: bytes) -> None:
+        """Write ``frames`` once the socket has room. Raises ConnectionError if it closes."""
+        ...
+
+    def send_now(self, frames: bytes) -> bool:
+        """Write ``frames`` at once if the socket can take them without waiting.
 
         False (nothing written) means "use ``send``": closing, or its buffer is full.
         """
@@ -77,7 +85,9 @@ class Socket(Protocol):
         answer (or has no room for the close frame) is aborted."""
         ...
 
-    def fail_connection(self, code: int = 1006, reason: str = "") -> bool: ...
+    def fail_connection(self, code: int = 1006, reason: str = "") -> None:
+        """Close at once (the close frame if there is room, then the end of the connection)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +136,7 @@ class _Control:
 
     __slots__ = ("frame",)
 
-    def __init__(self, frame: str) -> None:
+    def __init__(self, frame: bytes) -> None:
         self.frame = frame
 
 
@@ -142,7 +152,9 @@ class Connection:
         "__weakref__",
         "_acked_rows",
         "_acks",
+        "_backlog",
         "_closed",
+        "_flush_batch",
         "_flush_pending",
         "_idle",
         "_inflight",
@@ -158,7 +170,7 @@ class Connection:
         "_unacked",
         "_unsent",
         "_v2_open",
-        "_wakeup",
+        "_writers",
         "identity",
     )
 
@@ -174,11 +186,13 @@ class Connection:
         v2_open: Callable[[], bool] | None = None,
         status: StatusSink = NO_STATUS,
         acked_rows: AckedSink | None = None,
+        writers: set[asyncio.Task[None]] | None = None,
     ) -> None:
         """``acks``: the client speaks protocol v2. ``v2_open``: whether a v2 connection
         of the user is open (a v1 connection's flush then deletes no row).
         ``acked_rows``: where acknowledged stored rows are deleted in batches (without
-        it, each ack frame deletes its rows in a statement of its own)."""
+        it, each ack frame deletes its rows in a statement of its own). ``writers``:
+        where the writer tasks started on demand are kept (and awaited on shutdown)."""
         self._socket = socket
         self._acked_rows = acked_rows
         self._acks = acks
@@ -187,7 +201,8 @@ class Connection:
         # v2: written and not yet acknowledged, by id; None for a row of the store.
         self._unacked: dict[str, Delivery | None] = {}
         self._on_unsent = on_unsent
-        self._inflight: Delivery | None = None
+        # The deliveries of the write under way.
+        self._inflight: list[Delivery] | None = None
         self._unsent: deque[Notification] | None = None
         # Kept: in Python 3.11 get_running_loop() costs a getpid() system call.
         self._loop = asyncio.get_running_loop()
@@ -195,11 +210,15 @@ class Connection:
         self._metrics = metrics
         self._queue: deque[Delivery | _Flush | _Control] = deque()
         self._queue_size = queue_size
-        self._wakeup: asyncio.Future[None] | None = None
+        # Set by ``run``: what later writer tasks flush from, and the set that holds
+        # every writer task (the node waits for them on shutdown).
+        self._backlog: StoredRows | None = None
+        self._flush_batch = 0
+        self._writers = writers if writers is not None else set()
         self._closed = False
         self._flush_pending = False
-        # True while the writer waits on an empty queue: only then may
-        # ``write_now`` write directly, without breaking the order of frames.
+        # True while no writer runs and nothing is queued: only then may ``write_now``
+        # write directly, without breaking the order of frames.
         self._idle = False
         self._seen: set[str] | None = None
         self._seen_order: deque[str] | None = None
@@ -222,8 +241,9 @@ class Connection:
         """How many notifications this connection wrote that are not acknowledged yet."""
         return len(self._unacked)
 
-    def _frame(self, notification: Notification) -> str:
-        return notification.frame_v2 if self._acks else notification.frame
+    def _frame(self, notification: Notification) -> bytes:
+        """The notification's complete WebSocket frame for this connection's protocol."""
+        return notification.wire_v2 if self._acks else notification.wire
 
     def write_now(self, notification: Notification) -> bool:
         """Write the frame at once, without a task switch, if nothing has to wait.
@@ -237,7 +257,7 @@ class Connection:
             return False
         if self._wrote(notification.message_id):
             return True
-        if not self._socket.send_now(notification.frame):
+        if not self._socket.send_now(notification.wire):
             return False
         self._written(notification)
         return True
@@ -281,7 +301,7 @@ class Connection:
             if pending <= 0:
                 break
             reclaimed.append(notification)
-            pending -= len(notification.frame.encode()) + 4  # + the frame header
+            pending -= len(self._frame(notification))
         self._unsent.clear()
         reclaimed.reverse()
         self._on_unsent(reclaimed)
@@ -314,10 +334,12 @@ class Connection:
         self._wake()
         return True
 
-    def send_control(self, frame: str) -> None:
-        """Send a v2 control frame in turn with the notifications (at once if idle)."""
+    def send_control(self, text: str) -> None:
+        """Send a v2 control frame (its JSON text) in turn with the notifications (at once
+        if idle)."""
         if self._closed:
             return
+        frame = text_frame(text.encode())
         if self._idle and self._socket.send_now(frame):
             return
         self._queue.append(_Control(frame))
@@ -404,8 +426,9 @@ class Connection:
         written. If the store is unavailable it logs, stops and leaves the rows for
         a later flush.
 
-        Raises whatever the socket's ``send`` raises when the connection fails; the
-        rows of the frames written until then are deleted first.
+        Each page's frames are written in one write. Raises whatever the socket's
+        ``send`` raises when the connection fails; the rows of the pages written until
+        then are deleted first.
         """
         written = 0
         cursor: tuple[datetime, int] | None = None
@@ -420,25 +443,31 @@ class Connection:
             if not rows:
                 return written
             done: list[str] = []
-            try:
-                for stored in rows:
-                    notification = stored.notification
-                    message_id = notification.message_id
-                    if not self._wrote(message_id) and message_id not in self._unacked:
-                        # A socket with no room for WRITE_TIMEOUT is cut off
-                        # (``service.guard``), which ends this wait with an error.
-                        await self._socket.send(self._frame(notification))
-                        self._mark_written(notification)
-                        written += 1
-                        self._metrics.flushed.inc()
-                        if self._acks:
-                            self._pend(message_id, None)
-                        else:
-                            self._status.written((notification,))
-                    done.append(message_id)
-            finally:
-                if done and not keep:
-                    await self._delete_quietly(backlog, done)
+            # The page's frames go out in one write: a flush of a thousand rows is a
+            # few writes, not a thousand.
+            page_frames: list[bytes] = []
+            page_notifications: list[Notification] = []
+            for stored in rows:
+                notification = stored.notification
+                message_id = notification.message_id
+                if not self._wrote(message_id) and message_id not in self._unacked:
+                    page_frames.append(self._frame(notification))
+                    page_notifications.append(notification)
+                done.append(message_id)
+            if page_frames:
+                # A socket with no room for WRITE_TIMEOUT is cut off (``service.wire``),
+                # which ends this wait with an error: the page's rows stay stored.
+                await self._socket.send(b"".join(page_frames))
+                for notification in page_notifications:
+                    self._mark_written(notification)
+                    if self._acks:
+                        self._pend(notification.message_id, None)
+                written += len(page_notifications)
+                self._metrics.flushed.inc(len(page_notifications))
+                if not self._acks:
+                    self._status.written(page_notifications)
+            if done and not keep:
+                await self._delete_quietly(backlog, done)
             if len(rows) < page:
                 return written
             cursor = rows[-1].cursor
@@ -452,59 +481,95 @@ class Connection:
             log.warning("flush_delete_failed", extra={"error": str(exc), "rows": len(message_ids)})
 
     async def run(self, backlog: StoredRows, *, flush_batch: int) -> None:
-        """The writer: the stored backlog first, then live deliveries in order.
+        """The writer's first turn: the stored backlog, then live deliveries in order.
 
-        The backlog is flushed again, in turn with live frames, whenever
-        ``request_flush`` asks. Runs until the connection closes or the socket
-        fails; on exit every delivery still queued is settled as not written.
-        Never raises for a failed socket.
+        Returns once the queue is empty (the connection is then *idle*: ``write_now``
+        writes directly); whatever is queued later starts a writer task again, which
+        ends in turn when the queue is empty, so an idle connection holds no task. The
+        backlog is flushed again, in turn with live frames, whenever ``request_flush``
+        asks. On a failed socket every delivery still queued is settled as not
+        written. Never raises for a failed socket.
         """
+        self._backlog = backlog
+        self._flush_batch = flush_batch
+        await self._write(first=True)
+
+    async def _write(self, *, first: bool = False) -> None:
+        """Write what is queued, in order, until the queue is empty or the connection closed.
+
+        Consecutive deliveries are joined in one write (up to ``_JOIN_LIMIT`` bytes).
+        """
+        backlog = self._backlog
+        assert backlog is not None
         try:
-            if self._acks:
-                await self._send_gap(backlog)
-            await self.flush_backlog(backlog, flush_batch)
-            while not self._closed:
-                if not self._queue:
-                    self._wakeup = self._loop.create_future()
-                    self._idle = True
-                    try:
-                        await self._wakeup
-                    finally:
-                        self._idle = False
-                    continue
-                item = self._queue.popleft()
+            if first:
+                if self._acks:
+                    await self._send_gap(backlog)
+                await self.flush_backlog(backlog, self._flush_batch)
+            queue = self._queue
+            while not self._closed and queue:
+                item = queue[0]
                 if isinstance(item, _Flush):
+                    queue.popleft()
                     self._flush_pending = False
-                    await self.flush_backlog(backlog, flush_batch)
+                    await self.flush_backlog(backlog, self._flush_batch)
                     continue
                 if isinstance(item, _Control):
+                    queue.popleft()
                     await self._socket.send(item.frame)
                     continue
-                notification = item.notification
-                if self._wrote(notification.message_id) or notification.message_id in self._unacked:
-                    self._settle_duplicate(item)
-                    continue
-                self._inflight = item
-                try:
-                    # As in the flush: a socket with no room for WRITE_TIMEOUT is cut off.
-                    await self._socket.send(self._frame(notification))
-                except BaseException:
-                    if self._inflight is item:
-                        self._inflight = None
-                        item.settle(False)
-                    raise
-                if self._inflight is not item:
-                    continue  # aborted meanwhile: settled as not written already
-                self._inflight = None
-                self._written(notification)
-                self._settle_written(item)
+                await self._write_deliveries()
         except asyncio.CancelledError:
+            self._closed = True
+            self._abandon()
             raise
         except Exception as exc:  # the socket failed: the client went away
             log.debug("writer_stopped", extra={"error": type(exc).__name__})
-        finally:
             self._closed = True
             self._abandon()
+        else:
+            if self._closed:
+                self._abandon()
+            else:
+                self._idle = True  # nothing queued: write_now may write directly
+
+    async def _write_deliveries(self) -> None:
+        """Write the deliveries at the head of the queue in one write, then settle them."""
+        queue = self._queue
+        frames: list[bytes] = []
+        batch: list[Delivery] = []
+        size = 0
+        while queue and size < _JOIN_LIMIT:
+            item = queue[0]
+            if not isinstance(item, Delivery):
+                break
+            queue.popleft()
+            message_id = item.notification.message_id
+            if self._wrote(message_id) or message_id in self._unacked:
+                self._settle_duplicate(item)
+                continue
+            frame = self._frame(item.notification)
+            frames.append(frame)
+            batch.append(item)
+            size += len(frame)
+        if not batch:
+            return
+        self._inflight = batch
+        try:
+            # As in the flush: a socket with no room for WRITE_TIMEOUT is cut off.
+            await self._socket.send(frames[0] if len(frames) == 1 else b"".join(frames))
+        except BaseException:
+            if self._inflight is batch:
+                self._inflight = None
+                for delivery in batch:
+                    delivery.settle(False)
+            raise
+        if self._inflight is not batch:
+            return  # aborted meanwhile: settled as not written already
+        self._inflight = None
+        for delivery in batch:
+            self._written(delivery.notification)
+            self._settle_written(delivery)
 
     async def _send_gap(self, backlog: StoredRows) -> None:
         """v2: first of all, how many unacknowledged notifications retention dropped."""
@@ -514,28 +579,31 @@ class Connection:
             log.warning("gap_store_unavailable", extra={"error": str(exc)})
             return
         if dropped:
-            await self._socket.send(f'{{"type":"gap","dropped":{dropped}}}')
+            await self._socket.send(text_frame(f'{{"type":"gap","dropped":{dropped}}}'.encode()))
 
     def _wake(self) -> None:
+        """Something was queued: start a writer unless one is running (it takes it in turn)."""
+        if not self._idle or self._closed or self._backlog is None:
+            return
         self._idle = False
-        waiter = self._wakeup
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        task = self._loop.create_task(self._write(), name="ws-writer")
+        writers = self._writers
+        writers.add(task)
+        task.add_done_callback(writers.discard)
 
     def _abandon(self) -> None:
         inflight, self._inflight = self._inflight, None
-        if inflight is not None:
+        for written in inflight or ():
             # Its write may still complete; stored as well, it arrives twice at worst.
-            inflight.settle(False)
+            written.settle(False)
         while self._queue:
             item = self._queue.popleft()
             if isinstance(item, Delivery):
                 item.settle(False)
         unacked, self._unacked = self._unacked, {}
-        for delivery in unacked.values():
-            if delivery is not None:
-                delivery.settle(False)
-        self._wake()
+        for waiting in unacked.values():
+            if waiting is not None:
+                waiting.settle(False)
 
     def detach(self) -> None:
         """Stop using the socket (the client is gone): settle what is queued as not written.

@@ -353,6 +353,7 @@ class Node:
             v2_open=lambda: any(c.acks for c in hub.connections(user_id)),
             status=self.router.status,
             acked_rows=self.acked_rows,
+            writers=self._writers,
         )
         # Subscribe before registering and flushing: a message published from now
         # on reaches this process, and one published before is in the store.

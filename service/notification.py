@@ -62,6 +62,28 @@ class Notification:
     frame: str
     # The protocol v2 frame, made on first use: v1-only traffic never pays for it.
     _frame_v2: str | None = field(default=None, compare=False, repr=False)
+    # The complete WebSocket frames (header and payload), made on first use.
+    _wire: bytes | None = field(default=None, compare=False, repr=False)
+    _wire_v2: bytes | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def wire(self) -> bytes:
+        """``frame`` as a complete server WebSocket frame, built once and written as is to
+        every v1 connection of the user (see :func:`text_frame`)."""
+        wire = self._wire
+        if wire is None:
+            wire = text_frame(self.frame.encode())
+            object.__setattr__(self, "_wire", wire)
+        return wire
+
+    @property
+    def wire_v2(self) -> bytes:
+        """``frame_v2`` as a complete server WebSocket frame, built once (on first use)."""
+        wire = self._wire_v2
+        if wire is None:
+            wire = text_frame(self.frame_v2.encode())
+            object.__setattr__(self, "_wire_v2", wire)
+        return wire
 
     @property
     def frame_v2(self) -> str:
@@ -88,6 +110,21 @@ class Notification:
         """Make a notification and its frame ``{"title": ..., "body": ...}`` (UTF-8, unescaped)."""
         frame = orjson.dumps({"title": title, "body": body}).decode()
         return cls(message_id, user_id, title, body, created_ms, frame)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """The complete server WebSocket frame (FIN, text, unmasked) carrying ``payload``.
+
+    ``payload`` is UTF-8 text. The bytes are websockets' own for ``send_text(payload)``
+    without extensions (a server frame is unmasked, and the gateway negotiates no
+    extension), so one frame serves every socket it is written to.
+    """
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + length.to_bytes(8, "big") + payload
 
 
 # The last second formatted by iso_time: notifications of one batch share it, and

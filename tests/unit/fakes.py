@@ -218,6 +218,22 @@ class FakeOutlet:
         self.flush_requests += 1
 
 
+def payloads(frames: bytes) -> list[str]:
+    """The texts of the complete server frames (unmasked, FIN, text) in ``frames``."""
+    texts: list[str] = []
+    at = 0
+    while at < len(frames):
+        assert frames[at] == 0x81, "a server text frame"
+        length, at = frames[at + 1], at + 2
+        if length == 126:
+            length, at = int.from_bytes(frames[at : at + 2], "big"), at + 2
+        elif length == 127:
+            length, at = int.from_bytes(frames[at : at + 8], "big"), at + 8
+        texts.append(frames[at : at + length].decode())
+        at += length
+    return texts
+
+
 class PeerGone(Exception):
     """What a send on a failed socket raises (websockets' ConnectionClosed in production)."""
 
@@ -247,7 +263,7 @@ class FakeSocket:
     def release(self) -> None:
         self._open.set()
 
-    async def send(self, message: str) -> None:
+    async def send(self, frames: bytes) -> None:
         self.sending += 1
         try:
             await self._open.wait()
@@ -255,7 +271,7 @@ class FakeSocket:
             self.sending -= 1
         if self.fail_sends or self.failed_with is not None or self.closed_with is not None:
             raise PeerGone("connection lost")
-        self.frames.append(message)
+        self.frames += payloads(frames)
 
     def buffered(self) -> int:
         return self.buffered_bytes
@@ -263,23 +279,22 @@ class FakeSocket:
     def on_stall(self, callback: Callable[[], object]) -> None:
         self.stall = callback
 
-    def send_now(self, message: str) -> bool:
+    def send_now(self, frames: bytes) -> bool:
         """The fast path: takes the frame at once unless held, failing or closed."""
         if not self._open.is_set() or self.fail_sends:
             return False
         if self.failed_with is not None or self.closed_with is not None:
             return False
-        self.frames.append(message)
+        self.frames += payloads(frames)
         return True
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed_with = (code, reason)
         self.release()
 
-    def fail_connection(self, code: int = 1006, reason: str = "") -> bool:
+    def fail_connection(self, code: int = 1006, reason: str = "") -> None:
         self.failed_with = (code, reason)
         self.release()
-        return True
 
 
 # --- the parts of a node, recording what is done to them, in order -------------------------

@@ -6,17 +6,19 @@ live path, with the router, is in ``test_router``.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 
 from service.auth import Identity
 from service.connection import Connection
+from service.delivery import Batch
 from service.metrics import Metrics
 from service.notification import Notification
 from service.router import StoreUnavailable
 
-from .fakes import FakeBacklog, FakeSocket, notification
+from .fakes import FakeBacklog, FakeSocket, notification, payloads
 
 PAGE = 2  # rows per page of the flush: several pages in every test
 
@@ -66,9 +68,10 @@ async def test_flush_deletes_a_row_only_after_its_frame_was_written(
     present_while_writing: list[bool] = []
 
     class Checking(FakeSocket):
-        async def send(self, message: str) -> None:
-            present_while_writing.append(("alice", by_frame[message]) in backlog.rows)
-            await super().send(message)
+        async def send(self, frames: bytes) -> None:
+            for text in payloads(frames):
+                present_while_writing.append(("alice", by_frame[text]) in backlog.rows)
+            await super().send(frames)
 
     tab, _ = connect("alice", metrics, Checking())
     await tab.flush_backlog(backlog, PAGE)
@@ -84,14 +87,14 @@ async def test_flush_interrupted_by_a_dead_socket_keeps_the_unsent_rows(
     backlog.put(*stored)
 
     class Dying(FakeSocket):
-        async def send(self, message: str) -> None:
+        async def send(self, frames: bytes) -> None:
             if len(self.frames) >= 3:
                 raise ConnectionResetError("peer went away")
-            await super().send(message)
+            await super().send(frames)
 
     tab, socket = connect("alice", metrics, Dying())
     with pytest.raises(ConnectionResetError):
-        await tab.flush_backlog(backlog, PAGE)
+        await tab.flush_backlog(backlog, 3)  # the second page's write fails
     assert socket.frames == [n.frame for n in stored[:3]]
     assert backlog.stored_ids == [n.message_id for n in stored[3:]]
 
@@ -152,3 +155,34 @@ async def test_flushing_one_user_keeps_another_users_row_with_the_same_id(
     tab, _ = connect("alice", metrics)
     assert await tab.flush_backlog(backlog, PAGE) == 1
     assert list(backlog.rows) == [("bob", for_bob.message_id)]
+
+
+async def test_an_idle_connection_holds_no_writer_task_and_queued_frames_go_in_one_write(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """Once its queue is empty a connection has no task; what queues up meanwhile starts
+    one, which writes the queued frames in order in one write, settles them and ends."""
+    writes: list[list[str]] = []
+
+    class Counting(FakeSocket):
+        async def send(self, frames: bytes) -> None:
+            writes.append(payloads(frames))
+            await super().send(frames)
+
+    socket = Counting()
+    writers: set[asyncio.Task[None]] = set()
+    tab = Connection(socket, Identity("alice"), metrics, queue_size=100, writers=writers)
+    await tab.run(backlog, flush_batch=PAGE)
+    assert not writers and tab._idle
+
+    queued = [notification("alice", f"n{i}") for i in range(3)]
+    batch = Batch()
+    socket.hold()  # the socket has no room: write_now refuses, the deliveries queue
+    assert not tab.write_now(queued[0])
+    for n in queued:
+        batch.offer(n, [tab], written=False)
+    assert len(writers) == 1
+    socket.release()
+    await asyncio.gather(*writers)
+    assert writes == [[n.frame for n in queued]]
+    assert batch.unwritten == [] and not writers and tab._idle
