@@ -63,6 +63,9 @@ _LOW_WATER: Final = 16 * 1024
 # before the socket is aborted: a peer that does not read never answers.
 CLOSE_TIMEOUT: Final = 2.0
 
+# Sockets pinged in one turn of the loop; a round of pings goes on in the next turns.
+_PING_SLICE: Final = 1000
+
 # Client messages parsed but not yet taken by ``recv``: past it, reading pauses.
 _INBOX_LIMIT: Final = 16
 
@@ -524,13 +527,20 @@ class Sockets:
             )
 
     def _ping_all(self) -> None:
-        """Ping every socket that answered its last ping; fail those that did not."""
+        """A round of pings: every socket that answered its last ping is pinged again;
+        those that did not are failed by the check of that ping."""
         interval = self.ping_interval
         assert interval
         self._timer = self.loop.call_later(interval, self._ping_all)
-        payload = os.urandom(4)
+        self._ping_slice(list(self._open), 0, os.urandom(4))
+
+    def _ping_slice(self, sockets: list[WireSocket], start: int, payload: bytes) -> None:
+        """Ping ``sockets[start:]``, ``_PING_SLICE`` of them in this turn of the loop and
+        the rest in later turns: a write per socket, and a round over 100,000 sockets in
+        one turn would hold every other socket for half a second."""
+        end = start + _PING_SLICE
         pinged: list[WireSocket] = []
-        for socket in list(self._open):
+        for socket in sockets[start:end]:
             if socket.ping is _NEW:
                 # Opened since the last round: pinged from the next one, so a socket is
                 # first pinged 1-2 intervals after its handshake, never at once.
@@ -542,6 +552,8 @@ class Sockets:
                 pinged.append(socket)
         if pinged and self.ping_timeout is not None:
             self.loop.call_later(self.ping_timeout, _check_pongs, pinged, payload)
+        if end < len(sockets):
+            self.loop.call_soon(self._ping_slice, sockets, end, payload)
 
 
 def _check_pongs(pinged: list[WireSocket], payload: bytes) -> None:
