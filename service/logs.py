@@ -180,6 +180,7 @@ def configure(level: str) -> None:
     logging.getLogger("sanic.access").disabled = True
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
     # httpx logs request URLs, which may carry a token in the query; redis-py
-    # reports its feature probes at debug level.
-    for noisy in ("httpx", "httpcore", "asyncio", "redis"):
+    # reports its feature probes at debug level; websockets logs a refused handshake
+    # (answered 400 or 426) at debug level with its traceback.
+    for noisy in ("httpx", "httpcore", "asyncio", "redis", "websockets"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
