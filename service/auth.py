@@ -522,11 +522,14 @@ class CachedAuthenticator:
     Expired entries are swept on every insert.
 
     A token whose unverified ``exp`` has passed is refused (4401) here, without a
-    remote call. Concurrent checks of one token share a single request, so a reconnect
-    storm is one auth call; at most ``concurrency`` checks run at once, the others wait
-    in turn, and a check that has no answer within ``timeout`` (waiting included) is
-    "unavailable". Any other exception of the inner authenticator is logged by type
-    and answered as "unavailable".
+    remote call. An inner authenticator with ``identify_now`` (the local JWT check) is
+    asked that first: it answers without I/O, so its answer is taken at once, with no
+    task, slot or timeout around it. Checks that need I/O (the auth service, a JWKS
+    fetch) are shared: concurrent checks of one token share a single request, so a
+    reconnect storm is one auth call; at most ``concurrency`` of them run at once, the
+    others wait in turn, and one that has no answer within ``timeout`` (waiting
+    included) is "unavailable". Any other exception of the inner authenticator is
+    logged by type and answered as "unavailable".
     """
 
     def __init__(
@@ -551,11 +554,17 @@ class CachedAuthenticator:
         self._valid: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
         self._refused: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Task[Identity | Refusal]] = {}
+        # An inner authenticator that can answer without I/O says so with identify_now.
+        self._identify_now: Callable[[str], Identity | None] | None = getattr(
+            inner, "identify_now", None
+        )
         # The histogram's children, looked up once rather than on every check.
         self._seconds = {
             outcome: metrics.auth_seconds.labels(outcome)
             for outcome in ("valid", "invalid", "unavailable")
         }
+        self._entries_valid = metrics.auth_cache_entries.labels("valid")
+        self._entries_refused = metrics.auth_cache_entries.labels("refused")
 
     def __len__(self) -> int:
         """Cached answers, valid and refused."""
@@ -576,7 +585,7 @@ class CachedAuthenticator:
 
     async def _identify(self, token: str) -> Identity:
         now = time.time()
-        key = hashlib.sha256(token.encode(errors="surrogatepass")).digest()
+        key = _token_key(token)
         valid = self._valid.get(key)
         if valid is not None:
             # Kept until exp at most (``_remember``): a token found here has not expired.
@@ -595,6 +604,14 @@ class CachedAuthenticator:
                 raise InvalidToken(refused[1])
             del self._refused[key]
         check = self._inflight.get(key)
+        if check is None and self._identify_now is not None:
+            # A check that needs no I/O (a local JWT) runs here and now: no task, no
+            # slot, no timeout, nothing to share. Only when it cannot (a JWKS key set
+            # to fetch) does it take the shared, bounded path below.
+            identity = self._check_now(key, token)
+            if identity is not None:
+                self._remember(key, identity)
+                return identity
         if check is None:
             # The check runs in a task of its own: a client that leaves (its
             # handler cancelled) must not fail the others waiting on it.
@@ -605,6 +622,23 @@ class CachedAuthenticator:
             # A new exception in this frame: the task's result stays a plain value.
             raise answer.exception()
         return answer
+
+    def _check_now(self, key: bytes, token: str) -> Identity | None:
+        """The inner check without I/O, or None if it needs some; raises like ``_check`` answers.
+
+        A refusal is remembered under ``key`` before it is raised; an unexpected error
+        of the check is logged by type and raised as "unavailable", as on the shared path.
+        """
+        assert self._identify_now is not None
+        try:
+            return self._identify_now(token)
+        except InvalidToken as exc:
+            refusal = Refusal(exc.reason, retry=False)
+        except Exception as exc:
+            log.error("auth_check_failed", extra={"error": type(exc).__name__})
+            raise AuthUnavailable("internal error") from None
+        self._remember(key, refusal)
+        raise refusal.exception()
 
     async def _check(self, key: bytes, token: str) -> Identity | Refusal:
         """The inner check's answer as a value; never raises (but CancelledError)."""
@@ -646,13 +680,18 @@ class CachedAuthenticator:
             _insert(self._refused, key, (until, answer.reason), self._refusal_size, now)
         else:
             return
-        self._metrics.auth_cache_entries.labels("valid").set(len(self._valid))
-        self._metrics.auth_cache_entries.labels("refused").set(len(self._refused))
+        self._entries_valid.set(len(self._valid))
+        self._entries_refused.set(len(self._refused))
 
     async def close(self) -> None:
         self._valid.clear()
         self._refused.clear()
         await self._inner.close()
+
+
+def _token_key(token: str) -> bytes:
+    """What the cache keys a token by: its SHA-256, so no entry holds the token."""
+    return hashlib.sha256(token.encode(errors="surrogatepass")).digest()
 
 
 def _insert(
