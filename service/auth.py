@@ -18,8 +18,11 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import math
+import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 import httpx
 import jwt
 import orjson
+from jwt.algorithms import Algorithm
 
 from .config import Settings
 from .metrics import Metrics
@@ -221,19 +225,72 @@ class _KeySet(jwt.PyJWKClient):
         except Exception as exc:
             raise KeySetUnavailable(type(exc).__name__) from None
 
+    def cached_set(self) -> jwt.PyJWKSet | None:
+        """The key set fetched less than its lifespan (5 minutes) ago, else None; no I/O.
+
+        Reads one reference the fetching thread replaces whole, so it is safe to call
+        from the event loop while a fetch runs.
+        """
+        return self.jwk_set_cache.get() if self.jwk_set_cache is not None else None
+
+
+# Seconds of clock difference allowed for ``exp``, ``nbf`` and ``iat``.
+LEEWAY = 5.0
+
+# Three base64url segments, none empty: ``alg: none`` tokens (no signature) stop here.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+# An algorithm and the key it verifies with, prepared once (a PEM parsed, a secret checked).
+_Verifier = tuple[Algorithm, Any]
+
+
+def _segment(text: str) -> Any:
+    """A base64url JSON segment of a JWT, decoded; ValueError if it is neither."""
+    return orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Jws:
+    """A JWT split and its header read, its signature not yet checked."""
+
+    signing_input: bytes
+    signature: bytes
+    payload: str
+    alg: str
+    kid: str | None
+
 
 class JwtAuthenticator:
     """Verifies a JWT locally: signature, ``exp``, and optionally ``iss``, ``aud``, ``type``.
+
+    Only the configured algorithms are accepted (``none`` never): the token's ``alg``
+    picks among them, and each is bound to the key prepared for it at start, so a
+    token cannot make an HMAC check use an RSA public key as its secret. ``exp`` is
+    required; ``exp``, ``nbf`` and ``iat`` are checked with 5 s of leeway, ``iss``
+    and ``aud`` when configured; the claims PyJWT checks for type (``sub``,
+    ``jti``) are checked the same way. The signature is verified by PyJWT's
+    algorithm objects; the token is parsed once, with orjson.
 
     With a JWKS URL, the key set is fetched (at most ``AUTH_TIMEOUT`` per request, one
     at a time in a thread of its own) and kept for 5 minutes; an unknown ``kid``
     refetches it at most every 30 s. An endpoint that fails in any way is
     "unavailable" (4503); a token naming no key of the set, or a key that cannot
     verify it, is invalid (4401).
+
+    :meth:`identify_now` checks a token without I/O when it can (a fixed key, or a
+    JWKS key set already held that names the token's ``kid``); :meth:`identify`
+    fetches the key set first when it must. Both are safe to call concurrently.
     """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._algorithms = frozenset(
+            alg for alg in settings.auth_jwt_algorithms if alg.lower() != "none"
+        )
         self._jwks = (
             _KeySet(settings.auth_jwt_jwks_url, timeout=settings.auth_timeout)
             if settings.auth_jwt_jwks_url
@@ -242,9 +299,107 @@ class JwtAuthenticator:
         # PyJWKClient serialises lookups on a lock; one thread keeps a stuck fetch
         # from tying up the loop's default executor (DNS lookups run there).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jwks")
-        self._key: str = settings.auth_jwt_secret or settings.auth_jwt_public_key
+        # A fixed key, prepared once per algorithm. An algorithm the key does not suit
+        # (an HS* check given a PEM, an RS* check given a secret) has no entry: its
+        # tokens are refused.
+        self._fixed: dict[str, _Verifier] = {}
+        if self._jwks is None:
+            key = settings.auth_jwt_secret or settings.auth_jwt_public_key
+            for alg in self._algorithms:
+                verifier = _prepare(alg, key)
+                if verifier is not None:
+                    self._fixed[alg] = verifier
+        # The verifiers of the key set last seen, by (kid, alg); replaced with the set.
+        self._set: jwt.PyJWKSet | None = None
+        self._set_verifiers: dict[tuple[str, str], _Verifier | None] = {}
+        self._audience = settings.auth_jwt_audience
+        self._issuer = settings.auth_jwt_issuer
 
-    async def _signing_key(self, token: str) -> Any:
+    def identify_now(self, token: str) -> Identity | None:
+        """The identity behind ``token``, or None when the check needs the JWKS endpoint.
+
+        No I/O and no await: the answer for a fixed key, or for a ``kid`` of the key set
+        held. Raises InvalidToken (never with the token in its message).
+        """
+        jws = self._parse(token)
+        verifier = self._verifier(jws)
+        if verifier is None:
+            return None
+        return self._verify(jws, verifier)
+
+    async def identify(self, token: str) -> Identity:
+        jws = self._parse(token)
+        verifier = self._verifier(jws)
+        if verifier is None:
+            found = await self._signing_key(token)
+            verifier = _prepare(jws.alg, found.key)
+            if verifier is None:
+                raise InvalidToken("no usable key for this token")
+        return self._verify(jws, verifier)
+
+    def _parse(self, token: str) -> _Jws:
+        """Split ``token`` and read its header; InvalidToken if it is no JWS we accept."""
+        if not _COMPACT_JWS.fullmatch(token):
+            raise InvalidToken("malformed token")
+        header_text, payload_text, signature_text = token.split(".")
+        try:
+            header = _segment(header_text)
+            signature = base64.urlsafe_b64decode(signature_text + "=" * (-len(signature_text) % 4))
+        except ValueError:
+            raise InvalidToken("malformed token") from None
+        if not isinstance(header, dict):
+            raise InvalidToken("malformed token")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise InvalidToken("invalid token (InvalidAlgorithmError)")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("invalid token (InvalidTokenError)")
+        # No JWS extension is supported: a critical one (or an unencoded payload,
+        # RFC 7797) would change what the signature covers.
+        if "crit" in header or header.get("b64", True) is not True:
+            raise InvalidToken("invalid token (InvalidTokenError)")
+        signing_input = f"{header_text}.{payload_text}".encode()
+        return _Jws(signing_input, signature, payload_text, alg, kid)
+
+    def _verifier(self, jws: _Jws) -> _Verifier | None:
+        """The prepared key for ``jws``; None when the key set must be fetched first.
+
+        Raises InvalidToken when the key held cannot verify this token's algorithm.
+        """
+        if self._jwks is None:
+            verifier = self._fixed.get(jws.alg)
+            if verifier is None:
+                raise InvalidToken("no usable key for this token")
+            return verifier
+        if jws.kid is None:
+            return None
+        key_set = self._jwks.cached_set()
+        if key_set is None:
+            return None
+        if key_set is not self._set:
+            self._set, self._set_verifiers = key_set, {}
+        index = (jws.kid, jws.alg)
+        if index not in self._set_verifiers:
+            # The key set's signing keys, as PyJWKClient chooses them.
+            key = next(
+                (
+                    k
+                    for k in key_set.keys
+                    if k.key_id == jws.kid and k.public_key_use in ("sig", None)
+                ),
+                None,
+            )
+            if key is None:
+                # Unknown here: the fetching path decides (and may refetch the set).
+                return None
+            self._set_verifiers[index] = _prepare(jws.alg, key.key)
+        verifier = self._set_verifiers[index]
+        if verifier is None:
+            raise InvalidToken("no usable key for this token")
+        return verifier
+
+    async def _signing_key(self, token: str) -> jwt.PyJWK:
         assert self._jwks is not None
         loop = asyncio.get_running_loop()
         try:
@@ -261,41 +416,85 @@ class JwtAuthenticator:
             raise InvalidToken("no signing key for this token") from None
         except jwt.PyJWTError:
             raise InvalidToken("malformed token") from None
-        return found.key
+        return found
 
-    async def identify(self, token: str) -> Identity:
-        s = self._settings
-        key: Any = self._key
-        if self._jwks is not None:
-            key = await self._signing_key(token)
+    def _verify(self, jws: _Jws, verifier: _Verifier) -> Identity:
+        """Check the signature, then the claims; InvalidToken naming what failed."""
+        algorithm, key = verifier
         try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=list(s.auth_jwt_algorithms),
-                audience=s.auth_jwt_audience or None,
-                issuer=s.auth_jwt_issuer or None,
-                options={"require": ["exp"], "verify_aud": bool(s.auth_jwt_audience)},
-                leeway=5,
-            )
-        except jwt.ExpiredSignatureError:
-            raise InvalidToken("token expired") from None
-        except jwt.InvalidTokenError as exc:
-            # PyJWT's messages name claims, never the token itself.
-            raise InvalidToken(f"invalid token ({type(exc).__name__})") from None
+            signed = algorithm.verify(jws.signing_input, key, jws.signature)
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
-            # The key cannot verify this token (a key of another type than its alg).
             raise InvalidToken(f"no usable key for this token ({type(exc).__name__})") from None
+        if not signed:
+            raise InvalidToken("invalid token (InvalidSignatureError)")
+        try:
+            claims = _segment(jws.payload)
+        except ValueError:
+            raise InvalidToken("malformed token") from None
+        if not isinstance(claims, dict):
+            raise InvalidToken("malformed token")
+        self._check_claims(claims)
+        s = self._settings
         if s.auth_jwt_require_access_type and claims.get("type") != "access":
             raise InvalidToken("not an access token")
         user_id = _user_id(_lookup(claims, s.auth_jwt_user_id_claim))
         if user_id is None:
             raise InvalidToken(f"token has no usable '{s.auth_jwt_user_id_claim}' claim")
+        return Identity(user_id, float(claims["exp"]))
+
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        """The registered claims, as PyJWT checks them (``exp`` required); InvalidToken."""
+        now = time.time()
         exp = claims.get("exp")
-        return Identity(user_id, float(exp) if isinstance(exp, int | float) else None)
+        if exp is None:
+            raise InvalidToken("invalid token (MissingRequiredClaimError)")
+        if not _number(exp):
+            raise InvalidToken("invalid token (DecodeError)")
+        if exp <= now - LEEWAY:
+            raise InvalidToken("token expired")
+        if "nbf" in claims:
+            nbf = claims["nbf"]
+            if not _number(nbf):
+                raise InvalidToken("invalid token (DecodeError)")
+            if nbf > now + LEEWAY:
+                raise InvalidToken("invalid token (ImmatureSignatureError)")
+        if "iat" in claims:
+            iat = claims["iat"]
+            if not _number(iat):
+                raise InvalidToken("invalid token (InvalidIssuedAtError)")
+            if iat > now + LEEWAY:
+                raise InvalidToken("invalid token (ImmatureSignatureError)")
+        if self._issuer:
+            if "iss" not in claims:
+                raise InvalidToken("invalid token (MissingRequiredClaimError)")
+            if claims["iss"] != self._issuer:
+                raise InvalidToken("invalid token (InvalidIssuerError)")
+        if self._audience:
+            audience = claims.get("aud")
+            if not audience:
+                raise InvalidToken("invalid token (MissingRequiredClaimError)")
+            if isinstance(audience, str):
+                audience = [audience]
+            if not isinstance(audience, list) or not all(isinstance(a, str) for a in audience):
+                raise InvalidToken("invalid token (InvalidAudienceError)")
+            if self._audience not in audience:
+                raise InvalidToken("invalid token (InvalidAudienceError)")
+        if "sub" in claims and not isinstance(claims["sub"], str):
+            raise InvalidToken("invalid token (InvalidSubjectError)")
+        if "jti" in claims and not isinstance(claims["jti"], str):
+            raise InvalidToken("invalid token (InvalidJTIError)")
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _prepare(alg: str, key: Any) -> _Verifier | None:
+    """PyJWT's algorithm ``alg`` with ``key`` prepared for it; None if the key does not suit."""
+    try:
+        algorithm = jwt.get_algorithm_by_name(alg)
+        return algorithm, algorithm.prepare_key(key)
+    except (jwt.PyJWTError, NotImplementedError, ValueError, TypeError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,11 +522,14 @@ class CachedAuthenticator:
     Expired entries are swept on every insert.
 
     A token whose unverified ``exp`` has passed is refused (4401) here, without a
-    remote call. Concurrent checks of one token share a single request, so a reconnect
-    storm is one auth call; at most ``concurrency`` checks run at once, the others wait
-    in turn, and a check that has no answer within ``timeout`` (waiting included) is
-    "unavailable". Any other exception of the inner authenticator is logged by type
-    and answered as "unavailable".
+    remote call. An inner authenticator with ``identify_now`` (the local JWT check) is
+    asked that first: it answers without I/O, so its answer is taken at once, with no
+    task, slot or timeout around it. Checks that need I/O (the auth service, a JWKS
+    fetch) are shared: concurrent checks of one token share a single request, so a
+    reconnect storm is one auth call; at most ``concurrency`` of them run at once, the
+    others wait in turn, and one that has no answer within ``timeout`` (waiting
+    included) is "unavailable". Any other exception of the inner authenticator is
+    logged by type and answered as "unavailable".
     """
 
     def __init__(
@@ -352,11 +554,17 @@ class CachedAuthenticator:
         self._valid: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
         self._refused: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Task[Identity | Refusal]] = {}
+        # An inner authenticator that can answer without I/O says so with identify_now.
+        self._identify_now: Callable[[str], Identity | None] | None = getattr(
+            inner, "identify_now", None
+        )
         # The histogram's children, looked up once rather than on every check.
         self._seconds = {
             outcome: metrics.auth_seconds.labels(outcome)
             for outcome in ("valid", "invalid", "unavailable")
         }
+        self._entries_valid = metrics.auth_cache_entries.labels("valid")
+        self._entries_refused = metrics.auth_cache_entries.labels("refused")
 
     def __len__(self) -> int:
         """Cached answers, valid and refused."""
@@ -377,7 +585,7 @@ class CachedAuthenticator:
 
     async def _identify(self, token: str) -> Identity:
         now = time.time()
-        key = hashlib.sha256(token.encode(errors="surrogatepass")).digest()
+        key = _token_key(token)
         valid = self._valid.get(key)
         if valid is not None:
             # Kept until exp at most (``_remember``): a token found here has not expired.
@@ -396,6 +604,14 @@ class CachedAuthenticator:
                 raise InvalidToken(refused[1])
             del self._refused[key]
         check = self._inflight.get(key)
+        if check is None and self._identify_now is not None:
+            # A check that needs no I/O (a local JWT) runs here and now: no task, no
+            # slot, no timeout, nothing to share. Only when it cannot (a JWKS key set
+            # to fetch) does it take the shared, bounded path below.
+            identity = self._check_now(key, token)
+            if identity is not None:
+                self._remember(key, identity)
+                return identity
         if check is None:
             # The check runs in a task of its own: a client that leaves (its
             # handler cancelled) must not fail the others waiting on it.
@@ -406,6 +622,23 @@ class CachedAuthenticator:
             # A new exception in this frame: the task's result stays a plain value.
             raise answer.exception()
         return answer
+
+    def _check_now(self, key: bytes, token: str) -> Identity | None:
+        """The inner check without I/O, or None if it needs some; raises like ``_check`` answers.
+
+        A refusal is remembered under ``key`` before it is raised; an unexpected error
+        of the check is logged by type and raised as "unavailable", as on the shared path.
+        """
+        assert self._identify_now is not None
+        try:
+            return self._identify_now(token)
+        except InvalidToken as exc:
+            refusal = Refusal(exc.reason, retry=False)
+        except Exception as exc:
+            log.error("auth_check_failed", extra={"error": type(exc).__name__})
+            raise AuthUnavailable("internal error") from None
+        self._remember(key, refusal)
+        raise refusal.exception()
 
     async def _check(self, key: bytes, token: str) -> Identity | Refusal:
         """The inner check's answer as a value; never raises (but CancelledError)."""
@@ -447,13 +680,18 @@ class CachedAuthenticator:
             _insert(self._refused, key, (until, answer.reason), self._refusal_size, now)
         else:
             return
-        self._metrics.auth_cache_entries.labels("valid").set(len(self._valid))
-        self._metrics.auth_cache_entries.labels("refused").set(len(self._refused))
+        self._entries_valid.set(len(self._valid))
+        self._entries_refused.set(len(self._refused))
 
     async def close(self) -> None:
         self._valid.clear()
         self._refused.clear()
         await self._inner.close()
+
+
+def _token_key(token: str) -> bytes:
+    """What the cache keys a token by: its SHA-256, so no entry holds the token."""
+    return hashlib.sha256(token.encode(errors="surrogatepass")).digest()
 
 
 def _insert(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
+import hashlib
+import hmac
 import json
 import time
 import traceback
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -392,6 +396,150 @@ async def test_jwt_rs256_with_a_public_key() -> None:
     await assert_refused(auth, hs_token({"sub": USER}))
 
 
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hmac_token(header: dict[str, Any], claims: dict[str, Any] | str, secret: bytes) -> str:
+    """A token signed with HMAC-SHA256 over any header and claims (or JSON text) it is given."""
+    payload = claims if isinstance(claims, str) else json.dumps(claims)
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(payload.encode())}"
+    digest = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(digest)}"
+
+
+def soon() -> int:
+    return int(time.time()) + 600
+
+
+async def test_jwt_hmac_token_signed_with_the_public_key_is_refused() -> None:
+    """A token that says HS256 and is signed with the RSA public key as secret gets nowhere.
+
+    Even when the algorithm list names both (which the settings refuse), each algorithm
+    verifies only with a key prepared for it: the PEM is never an HMAC secret.
+    """
+    pem = public_pem(rsa_key())
+    forged = hmac_token({"alg": "HS256", "typ": "JWT"}, {"sub": USER, "exp": soon()}, pem.encode())
+    auth = jwt_auth(AUTH_JWT_PUBLIC_KEY=pem, AUTH_JWT_ALGORITHMS="RS256")
+    await assert_refused(auth, forged)
+    both = JwtAuthenticator(replace(auth._settings, auth_jwt_algorithms=("RS256", "HS256")))
+    await assert_refused(both, forged)
+    with pytest.raises(InvalidToken):
+        both.identify_now(forged)
+
+
+async def test_jwt_algorithm_outside_the_configured_list_is_refused() -> None:
+    """A token signed with the right secret under another HMAC algorithm is refused."""
+    secret = SECRET * 2  # long enough for HS512
+    token = jwt.encode({"sub": USER, "exp": soon()}, secret, algorithm="HS512")
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=secret), token)
+    lenient = jwt_auth(AUTH_JWT_SECRET=secret, AUTH_JWT_ALGORITHMS="HS256,HS512")
+    assert (await lenient.identify(token)).user_id == USER
+
+
+async def test_jwt_unsigned_token_is_refused_even_with_none_configured() -> None:
+    """``alg: none`` is never accepted, whatever the algorithm list holds."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET)
+    unsigned = JwtAuthenticator(replace(auth._settings, auth_jwt_algorithms=("HS256", "none")))
+    token = jwt.encode({"sub": USER, "exp": soon()}, None, algorithm="none")
+    await assert_refused(unsigned, token)
+    await assert_refused(unsigned, token + b64(b"x"))
+
+
+async def test_jwt_not_before_in_the_future_is_refused() -> None:
+    """A token not valid yet (``nbf`` past the 5 s leeway) is refused; one valid now is not."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET)
+    now = int(time.time())
+    await assert_refused(auth, hs_token({"sub": USER, "nbf": now + 60}))
+    await assert_refused(auth, hs_token({"sub": USER, "nbf": "soon"}))
+    assert (await auth.identify(hs_token({"sub": USER, "nbf": now - 60}))).user_id == USER
+    assert (await auth.identify(hs_token({"sub": USER, "nbf": now + 2}))).user_id == USER
+
+
+async def test_jwt_issued_in_the_future_is_refused() -> None:
+    """A token whose ``iat`` is past the leeway, or not a number, is refused."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET)
+    await assert_refused(auth, hs_token({"sub": USER, "iat": int(time.time()) + 60}))
+    await assert_refused(auth, hs_token({"sub": USER, "iat": "yesterday"}))
+    assert (await auth.identify(hs_token({"sub": USER, "iat": int(time.time())}))).user_id == USER
+
+
+@pytest.mark.parametrize("exp", ['"2099-01-01"', "true", "null", "[1]", "1e400"])
+async def test_jwt_expiry_that_is_not_a_time_is_refused(exp: str) -> None:
+    """``exp`` must be a finite number: a string, a boolean, null or infinity is refused."""
+    claims = f'{{"sub": "{USER}", "exp": {exp}}}'
+    token = hmac_token({"alg": "HS256"}, claims, SECRET.encode())
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), token)
+
+
+async def test_jwt_expired_within_leeway_is_still_accepted_beyond_is_not() -> None:
+    """Clocks may differ by 5 s: a token expired 2 s ago passes, one expired 10 s ago does not."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET)
+    now = int(time.time())
+    assert (await auth.identify(hs_token({"sub": USER, "exp": now - 2}))).user_id == USER
+    error = await assert_refused(auth, hs_token({"sub": USER, "exp": now - 10}))
+    assert error.reason == "token expired"
+
+
+async def test_jwt_audience_in_a_list_or_missing() -> None:
+    """With AUTH_JWT_AUDIENCE, a token listing it among others passes; one without ``aud`` not."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET, AUTH_JWT_AUDIENCE="notify")
+    assert (await auth.identify(hs_token({"sub": USER, "aud": ["billing", "notify"]}))).user_id
+    await assert_refused(auth, hs_token({"sub": USER}))
+    await assert_refused(auth, hs_token({"sub": USER, "aud": ["billing", 7]}))
+    lenient = jwt_auth(AUTH_JWT_SECRET=SECRET)
+    assert (await lenient.identify(hs_token({"sub": USER, "aud": "billing"}))).user_id == USER
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": "HS256", "crit": ["exp"], "exp": 1},
+        {"alg": "HS256", "b64": False, "crit": ["b64"]},
+        {"alg": "HS256", "kid": 7},
+        {"alg": ["HS256"]},
+        {"typ": "JWT"},
+    ],
+)
+async def test_jwt_header_we_cannot_honour_is_refused(header: dict[str, Any]) -> None:
+    """A critical extension, a non-text ``kid``, or a missing or odd ``alg``: refused."""
+    token = hmac_token(header, {"sub": USER, "exp": soon()}, SECRET.encode())
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), token)
+
+
+@pytest.mark.parametrize("damage", ["pad", "space", "plus", "extra segment", "no signature"])
+async def test_jwt_damaged_encoding_is_refused(damage: str) -> None:
+    """A valid token with characters outside base64url, or the wrong number of parts: refused."""
+    token = hs_token({"sub": USER})
+    head, body, signature = token.split(".")
+    damaged = {
+        "pad": f"{head}.{body}=.{signature}",
+        "space": f"{head}. {body}.{signature}",
+        "plus": f"{head}.{body}.{signature[:-1]}+",
+        "extra segment": f"{token}.{signature}",
+        "no signature": f"{head}.{body}.",
+    }[damage]
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), damaged)
+
+
+@pytest.mark.parametrize("claim", ["sub", "jti"])
+async def test_jwt_subject_or_id_that_is_not_text_is_refused(claim: str) -> None:
+    """``sub`` and ``jti`` must be strings when present, as PyJWT requires."""
+    await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), hs_token({"sub": USER, claim: 42}))
+
+
+async def test_jwt_local_check_needs_no_await() -> None:
+    """With a fixed key, ``identify_now`` answers at once and refuses as ``identify`` does."""
+    auth = jwt_auth(AUTH_JWT_SECRET=SECRET)
+    exp = soon()
+    assert auth.identify_now(hs_token({"sub": USER, "exp": exp})) == Identity(USER, float(exp))
+    expired = hs_token({"sub": USER, "exp": int(time.time()) - 60})
+    with pytest.raises(InvalidToken) as raised:
+        auth.identify_now(expired)
+    assert raised.value.reason == "token expired"
+    assert_secret_free(raised.value, expired)
+
+
 # --- cache -----------------------------------------------------------------------------------
 
 
@@ -697,6 +845,102 @@ async def test_an_unexpected_error_of_the_check_is_unavailable_and_logged(
     assert record.error == "KeyError"  # type: ignore[attr-defined]
     assert TOKEN not in caplog.text
     assert record.exc_info is None
+
+
+class LocalInner(Inner):
+    """An Inner that answers in place (``identify_now``), except for tokens in ``remote``."""
+
+    def __init__(self, result: Identity | Exception) -> None:
+        super().__init__(result)
+        self.now_calls = 0
+        self.remote: set[str] = set()
+
+    def identify_now(self, token: str) -> Identity | None:
+        self.now_calls += 1
+        if token in self.remote:
+            return None
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+async def test_a_local_check_does_not_wait_behind_checks_that_need_io() -> None:
+    """With every slot held by a stuck JWKS fetch, a token checked locally is still answered."""
+    inner = LocalInner(Identity(USER))
+    inner.remote.add("needs-the-key-set")
+    inner.gate = asyncio.Event()
+    auth = CachedAuthenticator(inner, Metrics(), ttl=30, size=100, concurrency=1, timeout=5.0)
+    stuck = asyncio.create_task(auth.identify("needs-the-key-set"))
+    for _ in range(100):
+        if inner.calls:
+            break
+        await asyncio.sleep(0)
+    assert inner.calls == 1  # holds the only slot
+    assert await asyncio.wait_for(auth.identify(TOKEN), 1.0) == Identity(USER)
+    assert inner.calls == 1
+    inner.gate.set()
+    assert await stuck == Identity(USER)
+    await auth.close()
+
+
+async def test_a_local_answer_is_cached_never_past_exp(clock: FakeClock) -> None:
+    """A valid local answer is reused, until its token's ``exp`` at most."""
+    inner = LocalInner(Identity(USER, clock.now + 10))
+    auth = cached(inner, ttl=30)
+    await auth.identify(TOKEN)
+    await auth.identify(TOKEN)
+    assert inner.now_calls == 1
+    clock.now += 11
+    await auth.identify(TOKEN)
+    assert inner.now_calls == 2
+
+
+async def test_a_local_refusal_is_cached_within_its_bound(clock: FakeClock) -> None:
+    """An invalid token refused locally is remembered; with AUTH_CACHE_REFUSALS=0 it is not."""
+    inner = LocalInner(InvalidToken("invalid token (InvalidSignatureError)"))
+    auth = cached(inner)
+    for _ in range(2):
+        with pytest.raises(InvalidToken) as raised:
+            await auth.identify(TOKEN)
+        assert_secret_free(raised.value)
+    assert inner.now_calls == 1
+    assert len(auth) == 1
+    forgetful = CachedAuthenticator(inner, Metrics(), ttl=30, size=100, refusals=0)
+    for _ in range(2):
+        with pytest.raises(InvalidToken):
+            await forgetful.identify(TOKEN)
+    assert inner.now_calls == 3
+    assert len(forgetful) == 0
+
+
+async def test_an_unexpected_error_of_a_local_check_is_unavailable_and_not_cached(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in a local check answers 4503, logs its type only, and is asked again next time."""
+    inner = LocalInner(KeyError(TOKEN))
+    auth = cached(inner)
+    for _ in range(2):
+        with pytest.raises(AuthUnavailable) as raised:
+            await auth.identify(TOKEN)
+        assert_secret_free(raised.value)
+    assert inner.now_calls == 2
+    assert TOKEN not in caplog.text
+    assert {r.error for r in caplog.records if r.name == "notify.auth"} == {"KeyError"}  # type: ignore[attr-defined]
+
+
+async def test_jwt_behind_the_cache_refuses_what_it_refuses_alone() -> None:
+    """The real local check through the cache: valid in, expired and forged out, no token leaks."""
+    settings = Settings.from_env({"AUTH_MODE": "jwt", "AUTH_JWT_SECRET": SECRET})
+    auth = service.auth.build_authenticator(settings, Metrics())
+    exp = soon()
+    assert await auth.identify(hs_token({"sub": USER, "exp": exp})) == Identity(USER, float(exp))
+    forged = hs_token({"sub": USER}, secret="another-secret-that-is-also-long-enough")
+    for token in (forged, hs_token({"sub": USER, "exp": int(time.time()) - 60})):
+        for _ in range(2):  # once checked, once from the cache
+            with pytest.raises(InvalidToken) as raised:
+                await auth.identify(token)
+            assert_secret_free(raised.value, token)
+    await auth.close()
 
 
 # --- sockets waiting for their token check ------------------------------------------------------

@@ -5,16 +5,21 @@ A real HTTP server on loopback serves the key set, or a broken one.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from service.auth import (
@@ -179,4 +184,67 @@ async def test_behind_the_cache_every_failure_is_a_close_code(jwks: KeySetServer
         await auth.identify(token())
     jwks.status, jwks.body = 200, json.dumps({"keys": [jwk(KEY, "k1")]}).encode()
     assert await auth.identify(token()) == Identity(USER, pytest.approx(time.time() + 600, abs=5))
+    await auth.close()
+
+
+async def test_a_key_of_the_set_held_is_used_without_asking_again(jwks: KeySetServer) -> None:
+    """Once the set is fetched, tokens naming its keys are checked in place, with no request."""
+    auth = authenticator(jwks.url)
+    first = token()
+    assert auth.identify_now(first) is None  # nothing held yet: the fetching path decides
+    assert (await auth.identify(first)).user_id == USER
+    for _ in range(3):
+        identity = auth.identify_now(token())
+        assert identity is not None and identity.user_id == USER
+    assert jwks.requests == 1
+    await auth.close()
+
+
+async def test_a_key_dropped_from_the_set_is_refused_once_the_set_held_expires(
+    jwks: KeySetServer,
+) -> None:
+    """A rotated-out key is not trusted from memory past the set's lifespan: 4401 after refetch."""
+    auth = authenticator(jwks.url)
+    assert (await auth.identify(token())).user_id == USER
+    assert auth._jwks is not None and auth._jwks.jwk_set_cache is not None
+    auth._jwks.jwk_set_cache.lifespan = 0.01  # as if its 5 minutes had passed
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks.body = json.dumps({"keys": [jwk(other, "k2")]}).encode()
+    time.sleep(0.05)
+    assert auth.identify_now(token()) is None
+    with pytest.raises(InvalidToken):
+        await auth.identify(token())
+    assert jwks.requests >= 2
+    await auth.close()
+
+
+async def test_an_hmac_token_naming_an_rsa_key_is_refused(jwks: KeySetServer) -> None:
+    """Even with HS256 allowed, the RSA key of a ``kid`` is never used as an HMAC secret."""
+    strict = authenticator(jwks.url)
+    auth = JwtAuthenticator(replace(strict._settings, auth_jwt_algorithms=("RS256", "HS256")))
+    assert (await auth.identify(token())).user_id == USER  # the set is now held
+    pem = KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = {"sub": USER, "exp": int(time.time()) + 600}
+    forged = jwt.encode(claims, "x" * 32, algorithm="HS256", headers={"kid": "k1"})
+    head, body, _ = forged.split(".")
+    digest = hmac.new(pem, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    forged = f"{head}.{body}.{base64.urlsafe_b64encode(digest).rstrip(b'=').decode()}"
+    with pytest.raises(InvalidToken):
+        auth.identify_now(forged)
+    with pytest.raises(InvalidToken):
+        await auth.identify(forged)
+    await auth.close()
+
+
+async def test_a_token_without_kid_takes_the_fetching_path(jwks: KeySetServer) -> None:
+    """A token naming no key is never matched in place; the fetching path refuses it (4401)."""
+    auth = authenticator(jwks.url)
+    assert (await auth.identify(token())).user_id == USER
+    claims = {"sub": USER, "exp": int(time.time()) + 600}
+    anonymous = jwt.encode(claims, KEY, algorithm="RS256")
+    assert auth.identify_now(anonymous) is None
+    with pytest.raises(InvalidToken):
+        await auth.identify(anonymous)
     await auth.close()
