@@ -16,20 +16,20 @@ from collections.abc import Sequence
 
 from service.__main__ import main
 from service.notification import Notification
-from service.router import Router
+from service.router import Router, Settlement
 
 FAULT_TITLE = "planted-fault"
 
-_deliver = Router.deliver
+_dispatch = Router.dispatch
 
 
-async def _deliver_or_fail(self: Router, notifications: Sequence[Notification]) -> None:
+async def _dispatch_or_fail(self: Router, notifications: Sequence[Notification]) -> Settlement:
     if any(n.title == FAULT_TITLE for n in notifications):
         raise RuntimeError("planted fault on the delivery path")
-    await _deliver(self, notifications)
+    return await _dispatch(self, notifications)
 
 
-Router.deliver = _deliver_or_fail  # type: ignore[method-assign]
+Router.dispatch = _dispatch_or_fail  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(main())
