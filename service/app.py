@@ -184,18 +184,21 @@ def _query_token(query: str) -> str | None:
     return None
 
 
-def client_address(request: Request) -> str:
-    """The address the per-address bound counts: the TCP peer's, or, with Sanic's
-    forwarded-address settings (``PROXIES_COUNT``, ``FORWARDED_SECRET``,
-    ``REAL_IP_HEADER``), the one the proxies name (``request.client_ip``).
+def behind_proxies(app: Sanic[Any, Any]) -> bool:
+    """Whether Sanic is told to take client addresses from forwarding headers
+    (``PROXIES_COUNT``, ``FORWARDED_SECRET`` or ``REAL_IP_HEADER``)."""
+    config = app.config
+    return bool(config.PROXIES_COUNT or config.FORWARDED_SECRET or config.REAL_IP_HEADER)
 
-    Without those settings ``request.client_ip`` is the peer's address too, found
-    only after parsing the forwarding headers for nothing.
+
+def client_address(request: Request, proxied: bool) -> str:
+    """The address the per-address bound counts: the TCP peer's, or, when ``proxied``
+    (:func:`behind_proxies`), the one the proxies name (``request.client_ip``).
+
+    Not proxied, ``request.client_ip`` is the peer's address too, found only after
+    parsing the forwarding headers for nothing.
     """
-    config = request.app.config
-    if config.PROXIES_COUNT or config.FORWARDED_SECRET or config.REAL_IP_HEADER:
-        return str(request.client_ip)
-    return str(request.ip)
+    return str(request.client_ip) if proxied else str(request.ip)
 
 
 def create_app(
@@ -231,6 +234,7 @@ def create_app(
     unauthenticated = Unauthenticated(
         settings.max_unauthenticated, settings.max_unauthenticated_per_address, gateway.metrics
     )
+    proxied = behind_proxies(app)
 
     @app.before_server_start
     async def start_node(app: Sanic[Any, Any]) -> None:
@@ -285,7 +289,7 @@ def create_app(
         ws.on_stall(gateway.metrics.slow_closed.inc)
         if ws.subprotocol == SUBPROTOCOL:
             ws.keep_messages()  # an early ack waits for the reader
-        await serve_client(gateway, request, ws, unauthenticated)
+        await serve_client(gateway, request, ws, unauthenticated, proxied=proxied)
 
     # Registered after the WebSocket route on purpose: Sanic runs stop listeners in
     # reverse order, so the node drains and closes its connections with 1001, then
@@ -320,7 +324,12 @@ async def _reject(node: Node, ws: WireSocket, code: CloseCode, reason: str, labe
 
 
 async def serve_client(
-    node: Node, request: Request, ws: WireSocket, unauthenticated: Unauthenticated
+    node: Node,
+    request: Request,
+    ws: WireSocket,
+    unauthenticated: Unauthenticated,
+    *,
+    proxied: bool = False,
 ) -> None:
     """Check the client and plug it into the node; return once it is registered.
 
@@ -336,7 +345,8 @@ async def serve_client(
 
     Before its token is checked a socket is one of ``unauthenticated``: over their
     total, or over their number from its client address, it is closed with 4503 at
-    once (retry later), without asking the auth service.
+    once (retry later), without asking the auth service. Its address is the TCP
+    peer's, or with ``proxied`` the one Sanic finds in the forwarding headers.
     """
     settings = node.settings
     if node.stopping:
@@ -352,7 +362,7 @@ async def serve_client(
     if token is None:
         await _reject(node, ws, CloseCode.UNAUTHORIZED, "missing token", "missing_token")
         return
-    address = client_address(request)
+    address = client_address(request, proxied)
     match unauthenticated.enter(address):
         case "total":
             await _reject(
