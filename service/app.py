@@ -276,7 +276,6 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:
-        gateway.metrics.connections.set(len(gateway.hub))
         return raw(gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
     if settings.demo_page:
