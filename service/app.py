@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_plus
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Request, Sanic
@@ -29,6 +30,7 @@ from .inbound import SUBPROTOCOL, BadFrame
 from .node import Node, is_ready
 from .router import BrokerUnavailable
 from .session import Session, TokenClock, apply_acked
+from .upgrade import accept_head, offered_subprotocols, select_subprotocol
 from .wire import Sockets, WireSocket
 
 log = logging.getLogger("notify.app")
@@ -40,7 +42,9 @@ WS_PATH = "/api/v1/notify/ws"
 class _Gateway(Sanic):  # type: ignore[type-arg]
     """Sanic for routing and the upgrade; the socket itself is ours from the handshake on.
 
-    The handshake is websockets' (``ServerProtocol.accept``), as in Sanic, but the
+    A plainly valid upgrade request is answered from a template
+    (:func:`~service.upgrade.accept_head`); any other gets websockets'
+    ``ServerProtocol.accept``, as in Sanic, with its checks and error answers. The
     socket then becomes a :class:`~service.wire.WireSocket` on the transport instead
     of Sanic's WebSocket: Sanic's protocol lets go of the transport, its handler
     task ends once the client is checked and registered, and an idle connection
@@ -65,27 +69,44 @@ class _Gateway(Sanic):  # type: ignore[type-arg]
             *args, protocol=protocol or HeadDeadlineProtocol, **kwargs
         )
 
+    @staticmethod
+    def _narrowed(request: Request, subprotocols: list[str] | None) -> list[str] | None:
+        """The route's subprotocols that the client offered (None: none of them)."""
+        asked = request.headers.getall("sec-websocket-protocol", None)
+        if not asked or not subprotocols:  # most clients (v1) offer none
+            return None
+        offered = {name.strip() for header in asked for name in header.split(",")}
+        return [name for name in subprotocols if name in offered] or None
+
     async def _websocket_handler(  # type: ignore[no-untyped-def]
         self, handler, request, *args, subprotocols=None, **kwargs
     ):
-        chosen = None
-        asked = request.headers.getall("sec-websocket-protocol", None)
-        if asked and subprotocols:  # most clients (v1) offer none: nothing to compare
-            offered = {name.strip() for header in asked for name in header.split(",")}
-            chosen = [name for name in subprotocols if name in offered] or None
         sockets: Sockets = self.ctx.sockets
-        parser = sockets.parser(chosen)
-        answer = parser.accept(
-            HandshakeRequest(path=request.path, headers=Headers(request.headers))
-        )
-        if answer.status_code != 101:
-            raise SanicException(bytes(answer.body), status_code=answer.status_code)
+        offered = offered_subprotocols(request.headers)
+        head = None
+        if offered is not None:
+            chosen = select_subprotocol(subprotocols or (), offered)
+            head = accept_head(request.method, request.version, request.headers, chosen)
+        if head is not None:
+            # A plainly valid request (service/upgrade.py): answered from a template.
+            parser = sockets.parser([chosen] if chosen else None)
+            parser.subprotocol = chosen  # type: ignore[assignment]
+        else:
+            # Anything else gets websockets' checks and its error answers.
+            parser = sockets.parser(self._narrowed(request, subprotocols))
+            answer = parser.accept(
+                HandshakeRequest(path=request.path, headers=Headers(request.headers))
+            )
+            if answer.status_code != 101:
+                raise SanicException(bytes(answer.body), status_code=answer.status_code)
+            head = (
+                f"HTTP/1.1 101 {answer.reason_phrase}\r\n"
+                + "".join(f"{name}: {value}\r\n" for name, value in answer.headers.raw_items())
+                + "\r\n"
+            ).encode()
         transport = request.transport
         sanic_side = transport.get_protocol()
-        head = f"HTTP/1.1 101 {answer.reason_phrase}\r\n" + "".join(
-            f"{name}: {value}\r\n" for name, value in answer.headers.raw_items()
-        )
-        transport.write(head.encode() + b"\r\n")
+        transport.write(head)
         socket = sockets.adopt(transport, parser)
         # Sanic's protocol no longer owns the socket: its connection task ends with
         # the handler without closing the transport, and its graceful shutdown does
@@ -135,14 +156,49 @@ async def _authenticate(node: Node, ws: WireSocket, token: str) -> Identity | No
 
 def token_of(request: Request) -> str | None:
     """The client's token: ``?token=`` first, else ``Authorization: Bearer``."""
-    token = request.args.get("token")
+    token = _query_token(request.query_string)
     if token:
-        return str(token)
+        return token
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return None
+
+
+def _query_token(query: str) -> str | None:
+    """The first non-empty ``token`` of a query string, decoded as ``request.args`` would.
+
+    ``request.args`` (``urllib.parse.parse_qs``) decodes and keeps every parameter of
+    every request; the endpoint needs one. Same rules: ``&``-separated, ``+`` a space,
+    percent-escapes decoded as UTF-8 (bad bytes replaced), empty values skipped.
+    """
+    for part in query.split("&"):
+        name, equals, value = part.partition("=")
+        if not equals or not value:
+            continue
+        if "%" in name or "+" in name:
+            name = unquote_plus(name, errors="replace")
+        if name == "token":
+            return unquote_plus(value, errors="replace")
+    return None
+
+
+def behind_proxies(app: Sanic[Any, Any]) -> bool:
+    """Whether Sanic is told to take client addresses from forwarding headers
+    (``PROXIES_COUNT``, ``FORWARDED_SECRET`` or ``REAL_IP_HEADER``)."""
+    config = app.config
+    return bool(config.PROXIES_COUNT or config.FORWARDED_SECRET or config.REAL_IP_HEADER)
+
+
+def client_address(request: Request, proxied: bool) -> str:
+    """The address the per-address bound counts: the TCP peer's, or, when ``proxied``
+    (:func:`behind_proxies`), the one the proxies name (``request.client_ip``).
+
+    Not proxied, ``request.client_ip`` is the peer's address too, found only after
+    parsing the forwarding headers for nothing.
+    """
+    return str(request.client_ip) if proxied else str(request.ip)
 
 
 def create_app(
@@ -178,6 +234,7 @@ def create_app(
     unauthenticated = Unauthenticated(
         settings.max_unauthenticated, settings.max_unauthenticated_per_address, gateway.metrics
     )
+    proxied = behind_proxies(app)
 
     @app.before_server_start
     async def start_node(app: Sanic[Any, Any]) -> None:
@@ -219,7 +276,6 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:
-        gateway.metrics.connections.set(len(gateway.hub))
         return raw(gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
     if settings.demo_page:
@@ -232,7 +288,7 @@ def create_app(
         ws.on_stall(gateway.metrics.slow_closed.inc)
         if ws.subprotocol == SUBPROTOCOL:
             ws.keep_messages()  # an early ack waits for the reader
-        await serve_client(gateway, request, ws, unauthenticated)
+        await serve_client(gateway, request, ws, unauthenticated, proxied=proxied)
 
     # Registered after the WebSocket route on purpose: Sanic runs stop listeners in
     # reverse order, so the node drains and closes its connections with 1001, then
@@ -267,7 +323,12 @@ async def _reject(node: Node, ws: WireSocket, code: CloseCode, reason: str, labe
 
 
 async def serve_client(
-    node: Node, request: Request, ws: WireSocket, unauthenticated: Unauthenticated
+    node: Node,
+    request: Request,
+    ws: WireSocket,
+    unauthenticated: Unauthenticated,
+    *,
+    proxied: bool = False,
 ) -> None:
     """Check the client and plug it into the node; return once it is registered.
 
@@ -283,7 +344,8 @@ async def serve_client(
 
     Before its token is checked a socket is one of ``unauthenticated``: over their
     total, or over their number from its client address, it is closed with 4503 at
-    once (retry later), without asking the auth service.
+    once (retry later), without asking the auth service. Its address is the TCP
+    peer's, or with ``proxied`` the one Sanic finds in the forwarding headers.
     """
     settings = node.settings
     if node.stopping:
@@ -299,7 +361,7 @@ async def serve_client(
     if token is None:
         await _reject(node, ws, CloseCode.UNAUTHORIZED, "missing token", "missing_token")
         return
-    address = request.client_ip
+    address = client_address(request, proxied)
     match unauthenticated.enter(address):
         case "total":
             await _reject(

@@ -255,6 +255,8 @@ class Node:
         self.consumer = parts.consumer
         self.status = parts.status
         self.acked_rows = parts.acked_rows
+        # Read when scraped, not set on every connect and disconnect.
+        self.metrics.connections.set_function(self.hub.__len__)
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._writers: set[asyncio.Task[None]] = set()
@@ -365,7 +367,6 @@ class Node:
             raise
         socket.on_stall(connection.stalled)
         self.metrics.connections_opened.inc()
-        self.metrics.connections.set(len(self.hub))
         writer = connection.run(self.store, flush_batch=self.settings.flush_batch)
         task = asyncio.create_task(writer, name="ws-writer")
         self._writers.add(task)
@@ -385,7 +386,6 @@ class Node:
             return  # already disconnected: its subscription was given back then
         self.hub.unregister(connection)
         self.broker.unsubscribe(connection.user_id)
-        self.metrics.connections.set(len(self.hub))
 
     async def readiness(self) -> dict[str, bool]:
         """Each readiness check by name; the node is ready when all but ``ADVISORY`` are true."""

@@ -47,6 +47,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 log = logging.getLogger("notify.wire")
+# The logger websockets' protocol would look up for each socket (the same one).
+_WEBSOCKETS_LOG: Final = logging.getLogger("websockets.server")
 
 # A read is parsed at most this much per turn of the loop: uvloop reads up to 256 kB
 # at once, and parsing that many empty pings (and writing their pongs) would hold
@@ -490,6 +492,8 @@ class Sockets:
             max_size=self.max_size,
             subprotocols=subprotocols,  # type: ignore[arg-type]
             state=State.OPEN,
+            # Given, not looked up: logging.getLogger takes a lock on every call.
+            logger=_WEBSOCKETS_LOG,
         )
 
     def adopt(self, transport: asyncio.Transport, parser: ServerProtocol) -> WireSocket:

@@ -116,3 +116,44 @@ async def test_auth_service_down_is_unavailable(
 
     gateway = gateway_factory(AUTH_VERIFY_URL=f"http://127.0.0.1:{free_port()}/api/v1/users/me")
     assert (await close_code(gateway.ws_url(auth_server.issue("frank"))))[0] == 4503
+
+
+async def _upgrade(gateway: Gateway, token: str, *headers: str) -> tuple[int, dict[str, str]]:
+    """Send an upgrade request by hand; the answer's status and header fields."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        lines = [f"GET /api/v1/notify/ws?token={token} HTTP/1.1", "Host: 127.0.0.1", *headers]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    status, *fields = head.decode("latin-1").split("\r\n")[:-2]
+    return int(status.split()[1]), {
+        name.lower(): value for name, _, value in (f.partition(": ") for f in fields)
+    }
+
+
+async def test_upgrade_answers_follow_rfc_6455(gateway: Gateway, auth_server: AuthStandIn) -> None:
+    """A valid upgrade gets 101 with the RFC's accept value and notify.v2 only when offered;
+    a broken one an HTTP error (400, 426), never a socket."""
+    token = auth_server.issue("raw-upgrade")
+    plain = (
+        "Upgrade: websocket",
+        "Connection: keep-alive, Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    )
+    status, fields = await _upgrade(gateway, token, *plain)
+    assert status == 101
+    assert fields["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert fields["upgrade"] == "websocket" and "date" in fields
+    assert "sec-websocket-protocol" not in fields
+    status, fields = await _upgrade(gateway, token, *plain, "Sec-WebSocket-Protocol: x, notify.v2")
+    assert status == 101 and fields["sec-websocket-protocol"] == "notify.v2"
+    status, fields = await _upgrade(gateway, token, *plain, "Sec-WebSocket-Protocol: x")
+    assert status == 101 and "sec-websocket-protocol" not in fields
+
+    bad_key = (*plain[:2], "Sec-WebSocket-Key: AAAA", plain[3])
+    assert (await _upgrade(gateway, token, *bad_key))[0] == 400
+    assert (await _upgrade(gateway, token, *plain[1:]))[0] == 426  # no Upgrade header
+    assert (await _upgrade(gateway, token, *plain[:3], "Sec-WebSocket-Version: 8"))[0] == 400
