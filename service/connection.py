@@ -124,6 +124,16 @@ class StoredRows(Protocol):
         ...
 
 
+class RowDeletes(AckedSink, Protocol):
+    """Where stored rows are deleted in batches (``service.acked.AckedRows``)."""
+
+    def add_written(self, user_id: str, message_ids: Sequence[str]) -> asyncio.Future[None]:
+        """Delete these rows of ``user_id``, which a v1 flush wrote, soon; the future
+        completes (never with an error) once the statement that takes them ran or failed.
+        Never raises nor blocks."""
+        ...
+
+
 class _Flush:
     """Queue marker: re-read the store before the next live frame."""
 
@@ -154,6 +164,7 @@ class Connection:
         "_acks",
         "_backlog",
         "_closed",
+        "_deleting",
         "_flush_batch",
         "_flush_pending",
         "_idle",
@@ -185,13 +196,14 @@ class Connection:
         acks: bool = False,
         v2_open: Callable[[], bool] | None = None,
         status: StatusSink = NO_STATUS,
-        acked_rows: AckedSink | None = None,
+        acked_rows: RowDeletes | None = None,
         writers: set[asyncio.Task[None]] | None = None,
     ) -> None:
         """``acks``: the client speaks protocol v2. ``v2_open``: whether a v2 connection
         of the user is open (a v1 connection's flush then deletes no row).
-        ``acked_rows``: where acknowledged stored rows are deleted in batches (without
-        it, each ack frame deletes its rows in a statement of its own). ``writers``:
+        ``acked_rows``: where acknowledged stored rows, and the rows a v1 flush wrote,
+        are deleted in batches (without it, each ack frame and each page of a flush
+        deletes its rows in a statement of its own). ``writers``:
         where the writer tasks started on demand are kept (and awaited on shutdown)."""
         self._socket = socket
         self._acked_rows = acked_rows
@@ -214,6 +226,8 @@ class Connection:
         # every writer task (the node waits for them on shutdown).
         self._backlog: StoredRows | None = None
         self._flush_batch = 0
+        # The batched delete of the rows the last flush wrote: a later flush waits for it.
+        self._deleting: asyncio.Future[None] | None = None
         self._writers = writers if writers is not None else set()
         self._closed = False
         self._flush_pending = False
@@ -421,19 +435,26 @@ class Connection:
 
         A row is deleted (by user and message id) only after its frame was handed to
         the socket; one this connection already wrote is deleted without being sent
-        again. Only the writer calls this (or a test, before the writer runs), so
-        stored and live frames never interleave. Returns how many frames were
-        written. If the store is unavailable it logs, stops and leaves the rows for
-        a later flush.
+        again. With ``acked_rows`` the deletes are queued there (a statement for many
+        pages and users, off the flush's path: the next page is read at once), and a
+        later flush of this connection first waits until they ran, so it never reads
+        them again; without it, each page's rows are deleted before the next is read.
+        Only the writer calls this (or a test, before the writer runs), so stored and
+        live frames never interleave. Returns how many frames were written. If the
+        store is unavailable it logs, stops and leaves the rows for a later flush.
 
         Each page's frames are written in one write. Raises whatever the socket's
         ``send`` raises when the connection fails; the rows of the pages written until
-        then are deleted first.
+        then are deleted (or queued to be) first.
         """
         written = 0
         cursor: tuple[datetime, int] | None = None
         # v2, or v1 beside a v2 connection of the user: only an ack deletes a row.
         keep = self._acks or (self._v2_open is not None and self._v2_open())
+        deleting, self._deleting = self._deleting, None
+        if deleting is not None and not deleting.done():
+            # Shielded: cancelling this writer must not cancel the batcher's future.
+            await asyncio.shield(deleting)
         while True:
             try:
                 rows = await backlog.fetch(self.user_id, cursor, page)
@@ -467,7 +488,10 @@ class Connection:
                 if not self._acks:
                     self._status.written(page_notifications)
             if done and not keep:
-                await self._delete_quietly(backlog, done)
+                if self._acked_rows is not None:
+                    self._deleting = self._acked_rows.add_written(self.user_id, done)
+                else:
+                    await self._delete_quietly(backlog, done)
             if len(rows) < page:
                 return written
             cursor = rows[-1].cursor
