@@ -116,3 +116,33 @@ async def test_auth_service_down_is_unavailable(
 
     gateway = gateway_factory(AUTH_VERIFY_URL=f"http://127.0.0.1:{free_port()}/api/v1/users/me")
     assert (await close_code(gateway.ws_url(auth_server.issue("frank"))))[0] == 4503
+
+
+async def test_a_backlog_of_several_pages_arrives_whole_in_order_once(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn, db: asyncpg.Connection
+) -> None:
+    """2,500 stored notifications (under a cap of 5,000), pages of 1,000: every one arrives,
+    oldest first, once;
+    the store is empty afterwards and a second connection gets nothing."""
+    user = "long-offline-user"
+    await db.execute(
+        """
+        INSERT INTO undelivered_notification (message_id, user_id, title, body, created_at)
+        SELECT gen_random_uuid(), $1, 'n' || i, 'b', now() - make_interval(secs => 3000 - i)
+        FROM generate_series(1, 2500) AS i
+        """,
+        user,
+    )
+    gateway = gateway_factory(FLUSH_BATCH="1000", BACKLOG_MAX_PER_USER="5000")
+    token = auth_server.issue(user)
+    async with connect(gateway.ws_url(token), max_queue=None) as ws:
+        frames = await receive(ws, 2500, timeout=60)
+        assert [f["title"] for f in frames] == [f"n{i}" for i in range(1, 2501)]
+        assert await silent(ws, 0.5)
+    async with asyncio.timeout(20):
+        while await db.fetchval(
+            "SELECT count(*) FROM undelivered_notification WHERE user_id = $1", user
+        ):
+            await asyncio.sleep(0.1)
+    async with connect(gateway.ws_url(token)) as ws:
+        assert await silent(ws, 1.0), "a second connection does not get them again"
