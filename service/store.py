@@ -205,15 +205,11 @@ def _count(status: str) -> int:
 
 
 def _stored(row: Any) -> Stored:
-    return Stored(
-        Notification.build(
-            row["message_id"],  # as text: read as ``message_id::text``, no UUID object
-            row["user_id"],
-            row["title"],
-            row["body"],
-            int(row["created_at"].timestamp() * 1000),
-        ),
-        (row["created_at"], row["seq"]),
+    """A row of the fetch statements, in their column order; ``message_id`` read as text
+    (``message_id::text``: no UUID object to make and format)."""
+    message_id, user_id, title, body, created_at, seq = row
+    return Stored.from_row(
+        message_id, user_id, title, body, int(created_at.timestamp() * 1000), (created_at, seq)
     )
 
 

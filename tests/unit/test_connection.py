@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 
 from service.acked import AckedRows
 from service.auth import Identity
+from service.closecode import CloseCode
 from service.connection import _SEEN_LIMIT, Connection, Stored
 from service.delivery import Batch
 from service.metrics import Metrics
@@ -304,3 +305,32 @@ async def test_a_v1_flush_beside_a_v2_connection_deletes_nothing_with_the_batche
     assert backlog.stored_ids == [n.message_id for n in stored]
     assert backlog.pair_statements == 0
     await deletes.close()
+
+
+async def test_flushed_frames_still_in_the_socket_buffer_are_stored_again_on_abort(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A connection aborted while its flushed frames sit unsent in the socket's buffer hands
+    those notifications back, whole, to be stored again."""
+    stored = [notification("alice", f"n{i}") for i in range(4)]
+    backlog.put(*stored)
+    handed_back: list[Notification] = []
+    socket = FakeSocket()
+    socket.buffered_bytes = len(stored[2].wire) + len(stored[3].wire)
+    tab = Connection(
+        socket, Identity("alice"), metrics, queue_size=100, on_unsent=handed_back.extend
+    )
+    assert await tab.flush_backlog(backlog, PAGE) == 4
+    tab.abort(CloseCode.TRY_AGAIN_LATER)
+    assert handed_back == stored[2:]
+
+
+def test_a_rows_frame_is_the_notifications_frame_byte_for_byte() -> None:
+    """What a flush writes for a stored row is exactly the live frame of the notification,
+    quotes, control characters and non-ASCII text included."""
+    title = 'Новый "фильм" \\ \n\t\x01 \u2028 😀'
+    live = Notification.build(str(uuid.uuid4()), "alice", title, "<b>\x7f</b>", 1_700_000_000_123)
+    cursor = (datetime(2026, 1, 1, tzinfo=UTC), 1)
+    row = Stored.from_row(live.message_id, "alice", title, "<b>\x7f</b>", live.created_ms, cursor)
+    assert row.wire == live.wire
+    assert row.notification == live

@@ -75,7 +75,7 @@ class Rows:
         pages: dict[str, list[Stored]] = {}
         for row in self.rows:
             if row["user_id"] in users and len(pages.get(row["user_id"], ())) < limit:
-                pages.setdefault(row["user_id"], []).append(_stored(row))
+                pages.setdefault(row["user_id"], []).append(_stored(tuple(row.values())))
         return pages
 
 
