@@ -105,7 +105,7 @@ class Stored:
         self.cursor = cursor
         self.message_id = notification.message_id
         self._notification: Notification | None = notification
-        self._fields: tuple[str, str, str, int] | None = None
+        self._fields: tuple[str, str, str] | None = None
 
     @classmethod
     def from_row(
@@ -114,15 +114,15 @@ class Stored:
         user_id: str,
         title: str,
         body: str,
-        created_ms: int,
         cursor: tuple[datetime, int],
     ) -> Stored:
-        """A stored notification whose Notification is built on first use."""
+        """A stored notification whose Notification is built on first use; its
+        ``created_ms`` is the cursor's ``created_at`` in milliseconds."""
         stored = cls.__new__(cls)
         stored.cursor = cursor
         stored.message_id = message_id
         stored._notification = None
-        stored._fields = (user_id, title, body, created_ms)
+        stored._fields = (user_id, title, body)
         return stored
 
     @property
@@ -130,7 +130,8 @@ class Stored:
         notification = self._notification
         if notification is None:
             assert self._fields is not None
-            user_id, title, body, created_ms = self._fields
+            user_id, title, body = self._fields
+            created_ms = int(self.cursor[0].timestamp() * 1000)
             notification = Notification.build(self.message_id, user_id, title, body, created_ms)
             self._notification = notification
         return notification
@@ -142,7 +143,7 @@ class Stored:
         if notification is not None:
             return notification.wire
         assert self._fields is not None
-        _, title, body, _ = self._fields
+        _, title, body = self._fields
         return text_frame(orjson.dumps({"title": title, "body": body}))
 
     def __repr__(self) -> str:

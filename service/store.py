@@ -208,9 +208,7 @@ def _stored(row: Any) -> Stored:
     """A row of the fetch statements, in their column order; ``message_id`` read as text
     (``message_id::text``: no UUID object to make and format)."""
     message_id, user_id, title, body, created_at, seq = row
-    return Stored.from_row(
-        message_id, user_id, title, body, int(created_at.timestamp() * 1000), (created_at, seq)
-    )
+    return Stored.from_row(message_id, user_id, title, body, (created_at, seq))
 
 
 class _Together(Generic[_Answer]):

@@ -330,7 +330,7 @@ def test_a_rows_frame_is_the_notifications_frame_byte_for_byte() -> None:
     quotes, control characters and non-ASCII text included."""
     title = 'Новый "фильм" \\ \n\t\x01 \u2028 😀'
     live = Notification.build(str(uuid.uuid4()), "alice", title, "<b>\x7f</b>", 1_700_000_000_123)
-    cursor = (datetime(2026, 1, 1, tzinfo=UTC), 1)
-    row = Stored.from_row(live.message_id, "alice", title, "<b>\x7f</b>", live.created_ms, cursor)
+    cursor = (datetime.fromtimestamp(1_700_000_000.123, UTC), 1)
+    row = Stored.from_row(live.message_id, "alice", title, "<b>\x7f</b>", cursor)
     assert row.wire == live.wire
     assert row.notification == live
