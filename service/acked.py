@@ -8,7 +8,8 @@ connections and users used to cost a statement (a transaction) of its own; here
 they are queued and deleted together, one statement per window of
 :data:`WINDOW` seconds or :data:`MAX_IDS` ids, whichever comes first:
 
-``DELETE ... USING unnest($1::varchar[], $2::uuid[]) ... RETURNING user_id, message_id``
+``DELETE ... WHERE ctid = ANY(ARRAY(<each pair of unnest($1::varchar[], $2::uuid[])
+looked up by the key's index>)) RETURNING user_id, message_id``
 
 The ``acked`` status events are reported for what that statement deleted (a row
 already gone, deleted by another path or by retention, reports nothing).

@@ -93,12 +93,21 @@ DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2:
 RETURNING message_id
 """
 
-# Rows of many users at once (``service.acked``): one statement per window of acks.
+# Rows of many users at once (``service.acked``): one statement per window of acks and
+# flushed pages. Each pair is looked up through the key's index (the LATERAL with OFFSET 0
+# is not flattened into a join), then deleted by its physical address: a join of the
+# pairs with the table is planned as a hash join over a sequential scan of the whole
+# table once a batch has a thousand pairs, 4x slower at 50,000 rows and growing with it.
 _DELETE_PAIRS = """
-DELETE FROM undelivered_notification AS u
-USING unnest($1::varchar[], $2::uuid[]) AS a(user_id, message_id)
-WHERE u.user_id = a.user_id AND u.message_id = a.message_id
-RETURNING u.user_id, u.message_id
+DELETE FROM undelivered_notification
+WHERE ctid = ANY(ARRAY(
+    SELECT n.ctid FROM unnest($1::varchar[], $2::uuid[]) AS a(user_id, message_id)
+    CROSS JOIN LATERAL (
+        SELECT ctid FROM undelivered_notification AS t
+        WHERE t.user_id = a.user_id AND t.message_id = a.message_id OFFSET 0
+    ) AS n
+))
+RETURNING user_id, message_id
 """
 
 _TAKE_GAPS = """
