@@ -8,20 +8,28 @@ connections and users used to cost a statement (a transaction) of its own; here
 they are queued and deleted together, one statement per window of
 :data:`WINDOW` seconds or :data:`MAX_IDS` ids, whichever comes first:
 
-``DELETE ... USING unnest($1::varchar[], $2::uuid[]) ... RETURNING user_id, message_id``
+``DELETE ... WHERE ctid = ANY(ARRAY(<each pair of unnest($1::varchar[], $2::uuid[])
+looked up by the key's index>)) RETURNING user_id, message_id``
 
 The ``acked`` status events are reported for what that statement deleted (a row
 already gone, deleted by another path or by retention, reports nothing).
 
+The rows a protocol v1 flush wrote (:meth:`AckedRows.add_written`) go the same way:
+the flush hands a page's frames to the socket, queues the page's rows here and reads
+its next page at once, instead of waiting for a DELETE per page. Those report no
+status event (``written`` was reported when the frames were written).
+
 What is lost if it fails: nothing. A row whose delete failed (PostgreSQL down) or
 was dropped (more than :data:`MAX_PENDING` waiting) is sent again on the user's next
-connection, and the client drops it by id.
+connection, and the client drops it by id (a v1 client may show it twice: at least
+once, as after a crash between the write and the delete).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Final, Protocol
 
@@ -52,9 +60,10 @@ class Rows(Protocol):
 class AckedRows:
     """Queues the rows to delete and deletes them, one statement per window.
 
-    :meth:`add` is synchronous, never raises nor blocks, and may be called from any
-    task of the loop. ``start()`` launches the named task ``acked-deletes``;
-    ``close()`` deletes what is queued (bounded) and stops it, idempotent.
+    :meth:`add` and :meth:`add_written` are synchronous, never raise nor block, and may
+    be called from any task of the loop. ``start()`` launches the named task
+    ``acked-deletes``; ``close()`` deletes what is queued (bounded) and stops it,
+    idempotent.
     """
 
     def __init__(
@@ -72,6 +81,13 @@ class AckedRows:
         self._max_ids = max_ids
         self._max_pending = max_pending
         self._pending: list[tuple[str, str]] = []
+        # Of the pending pairs, those a v1 flush wrote: deleted, not reported as acked.
+        self._quiet: set[tuple[str, str]] = set()
+        # Pairs ever queued, and ever taken by a statement (done or failed): a waiter
+        # of add_written is told once the second reaches its mark.
+        self._queued = 0
+        self._taken = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -85,12 +101,40 @@ class AckedRows:
 
     def add(self, user_id: str, message_ids: Iterable[str]) -> None:
         """Delete these rows of ``user_id`` soon (another user's rows are never touched)."""
+        self._queue(user_id, message_ids, None)
+
+    def add_written(self, user_id: str, message_ids: Iterable[str]) -> asyncio.Future[None]:
+        """Delete these rows of ``user_id``, whose frames a v1 flush handed to the socket,
+        soon, with no status event.
+
+        Returns a future that completes once the statement that takes them ran or
+        failed (never with an error): a later flush of the same connection waits for
+        it, so it does not read these rows again. While no task runs (not started, or
+        closed) the rows wait for ``flush()`` or ``close()``, and the future is done
+        at once.
+        """
+        quiet = self._quiet
+        self._queue(user_id, message_ids, quiet)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._task is None or self._queued <= self._taken:
+            done.set_result(None)
+        else:
+            self._waiters.append((self._queued, done))
+        return done
+
+    def _queue(
+        self, user_id: str, message_ids: Iterable[str], quiet: set[tuple[str, str]] | None
+    ) -> None:
         pending = self._pending
         for message_id in message_ids:
             if len(pending) >= self._max_pending:
                 log.warning("acked_deletes_dropped", extra={"pending": len(pending)})
                 break
-            pending.append((user_id, message_id))
+            pair = (user_id, message_id)
+            pending.append(pair)
+            if quiet is not None:
+                quiet.add(pair)
+            self._queued += 1
         if pending:
             self._idle.clear()
             self._wakeup.set()
@@ -119,6 +163,8 @@ class AckedRows:
             await asyncio.wait_for(self._delete_all(), grace)
         except TimeoutError:
             log.warning("acked_deletes_unfinished", extra={"pending": len(self._pending)})
+        finally:
+            self._tell_waiters(everyone=True)
 
     async def _run(self) -> None:
         while True:
@@ -132,11 +178,26 @@ class AckedRows:
         while self._pending:
             chunk = self._pending[: self._max_ids]
             del self._pending[: self._max_ids]
-            await self._delete(chunk)
+            try:
+                await self._delete(chunk)
+            finally:
+                self._taken += len(chunk)
+                self._tell_waiters()
         if not self._pending:
             self._idle.set()
 
+    def _tell_waiters(self, *, everyone: bool = False) -> None:
+        """Complete the add_written futures whose rows a statement took (all: closing)."""
+        waiters = self._waiters
+        while waiters and (everyone or waiters[0][0] <= self._taken):
+            _, done = waiters.popleft()
+            if not done.done():
+                done.set_result(None)
+
     async def _delete(self, pairs: list[tuple[str, str]]) -> None:
+        quiet = self._quiet
+        silent = {pair for pair in pairs if pair in quiet} if quiet else set()
+        quiet.difference_update(silent)
         try:
             deleted = await self._rows.delete_pairs(pairs)
         except StoreUnavailable as exc:
@@ -149,7 +210,8 @@ class AckedRows:
         finally:
             self.statements += 1
         by_user: dict[str, list[str]] = {}
-        for user_id, message_id in deleted:
-            by_user.setdefault(user_id, []).append(message_id)
+        for pair in deleted:
+            if pair not in silent:
+                by_user.setdefault(pair[0], []).append(pair[1])
         for user_id, message_ids in by_user.items():
             self._status.acked(user_id, message_ids)

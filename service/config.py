@@ -79,7 +79,8 @@ class Settings:
     backlog_max_per_user: int = 1000
     backlog_cleanup_interval: float = 60.0
     retention_batch: int = 10_000
-    flush_batch: int = 200
+    # The per-user cap: a whole capped backlog is one page, one statement.
+    flush_batch: int = 1000
 
     max_connections_per_user: int = 10
     max_connections: int = 100_000

@@ -28,9 +28,10 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Protocol
+
+import orjson
 
 from .auth import Identity
 from .closecode import CloseCode
@@ -90,12 +91,63 @@ class Socket(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
 class Stored:
-    """A notification read back from the store, with its place in the user's backlog."""
+    """A notification read back from the store, with its place in the user's backlog.
 
-    notification: Notification
-    cursor: tuple[datetime, int]
+    Made from a row (:meth:`from_row`), it builds its :class:`Notification` only when
+    one is asked for: a v1 flush needs the id and the frame (``wire``), and a thousand
+    rows are a thousand objects fewer to make on the way to the socket.
+    """
+
+    __slots__ = ("_fields", "_notification", "cursor", "message_id")
+
+    def __init__(self, notification: Notification, cursor: tuple[datetime, int]) -> None:
+        self.cursor = cursor
+        self.message_id = notification.message_id
+        self._notification: Notification | None = notification
+        self._fields: tuple[str, str, str] | None = None
+
+    @classmethod
+    def from_row(
+        cls,
+        message_id: str,
+        user_id: str,
+        title: str,
+        body: str,
+        cursor: tuple[datetime, int],
+    ) -> Stored:
+        """A stored notification whose Notification is built on first use; its
+        ``created_ms`` is the cursor's ``created_at`` in milliseconds."""
+        stored = cls.__new__(cls)
+        stored.cursor = cursor
+        stored.message_id = message_id
+        stored._notification = None
+        stored._fields = (user_id, title, body)
+        return stored
+
+    @property
+    def notification(self) -> Notification:
+        notification = self._notification
+        if notification is None:
+            assert self._fields is not None
+            user_id, title, body = self._fields
+            created_ms = int(self.cursor[0].timestamp() * 1000)
+            notification = Notification.build(self.message_id, user_id, title, body, created_ms)
+            self._notification = notification
+        return notification
+
+    @property
+    def wire(self) -> bytes:
+        """The v1 frame, the bytes of ``notification.wire``, without building the Notification."""
+        notification = self._notification
+        if notification is not None:
+            return notification.wire
+        assert self._fields is not None
+        _, title, body = self._fields
+        return text_frame(orjson.dumps({"title": title, "body": body}))
+
+    def __repr__(self) -> str:
+        return f"Stored({self.message_id!r}, {self.cursor!r})"
 
 
 class StoredRows(Protocol):
@@ -121,6 +173,16 @@ class StoredRows(Protocol):
     async def take_gap(self, user_id: str) -> int:
         """How many of the user's rows retention dropped since the last call; resets it.
         Raises StoreUnavailable."""
+        ...
+
+
+class RowDeletes(AckedSink, Protocol):
+    """Where stored rows are deleted in batches (``service.acked.AckedRows``)."""
+
+    def add_written(self, user_id: str, message_ids: Sequence[str]) -> asyncio.Future[None]:
+        """Delete these rows of ``user_id``, which a v1 flush wrote, soon; the future
+        completes (never with an error) once the statement that takes them ran or failed.
+        Never raises nor blocks."""
         ...
 
 
@@ -154,6 +216,7 @@ class Connection:
         "_acks",
         "_backlog",
         "_closed",
+        "_deleting",
         "_flush_batch",
         "_flush_pending",
         "_idle",
@@ -185,13 +248,14 @@ class Connection:
         acks: bool = False,
         v2_open: Callable[[], bool] | None = None,
         status: StatusSink = NO_STATUS,
-        acked_rows: AckedSink | None = None,
+        acked_rows: RowDeletes | None = None,
         writers: set[asyncio.Task[None]] | None = None,
     ) -> None:
         """``acks``: the client speaks protocol v2. ``v2_open``: whether a v2 connection
         of the user is open (a v1 connection's flush then deletes no row).
-        ``acked_rows``: where acknowledged stored rows are deleted in batches (without
-        it, each ack frame deletes its rows in a statement of its own). ``writers``:
+        ``acked_rows``: where acknowledged stored rows, and the rows a v1 flush wrote,
+        are deleted in batches (without it, each ack frame and each page of a flush
+        deletes its rows in a statement of its own). ``writers``:
         where the writer tasks started on demand are kept (and awaited on shutdown)."""
         self._socket = socket
         self._acked_rows = acked_rows
@@ -203,7 +267,7 @@ class Connection:
         self._on_unsent = on_unsent
         # The deliveries of the write under way.
         self._inflight: list[Delivery] | None = None
-        self._unsent: deque[Notification] | None = None
+        self._unsent: deque[Notification | Stored] | None = None
         # Kept: in Python 3.11 get_running_loop() costs a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self.identity = identity
@@ -214,6 +278,8 @@ class Connection:
         # every writer task (the node waits for them on shutdown).
         self._backlog: StoredRows | None = None
         self._flush_batch = 0
+        # The batched delete of the rows the last flush wrote: a later flush waits for it.
+        self._deleting: asyncio.Future[None] | None = None
         self._writers = writers if writers is not None else set()
         self._closed = False
         self._flush_pending = False
@@ -297,9 +363,10 @@ class Connection:
         if not pending or not self._unsent or self._on_unsent is None:
             return
         reclaimed: list[Notification] = []
-        for notification in reversed(self._unsent):
+        for unsent in reversed(self._unsent):
             if pending <= 0:
                 break
+            notification = unsent.notification if isinstance(unsent, Stored) else unsent
             reclaimed.append(notification)
             pending -= len(self._frame(notification))
         self._unsent.clear()
@@ -401,7 +468,11 @@ class Connection:
         socket's buffer is not empty the frame is remembered too, to be stored
         again if the connection is aborted before it leaves.
         """
-        message_id = notification.message_id
+        self._remember(notification.message_id)
+        self._keep_while_buffered((notification,))
+
+    def _remember(self, message_id: str) -> None:
+        """Add ``message_id`` to the recent ids this connection wrote."""
         if self._seen is None or self._seen_order is None:
             self._seen = set()
             self._seen_order = deque()
@@ -409,10 +480,13 @@ class Connection:
         self._seen_order.append(message_id)
         if len(self._seen_order) > _SEEN_LIMIT:
             self._seen.discard(self._seen_order.popleft())
+
+    def _keep_while_buffered(self, written: Sequence[Notification | Stored]) -> None:
+        """Remember frames just handed to the socket while its buffer is not empty."""
         if self._socket.buffered():
             if self._unsent is None:
                 self._unsent = deque(maxlen=_UNSENT_LIMIT)
-            self._unsent.append(notification)
+            self._unsent.extend(written)
         elif self._unsent:
             self._unsent.clear()
 
@@ -421,19 +495,26 @@ class Connection:
 
         A row is deleted (by user and message id) only after its frame was handed to
         the socket; one this connection already wrote is deleted without being sent
-        again. Only the writer calls this (or a test, before the writer runs), so
-        stored and live frames never interleave. Returns how many frames were
-        written. If the store is unavailable it logs, stops and leaves the rows for
-        a later flush.
+        again. With ``acked_rows`` the deletes are queued there (a statement for many
+        pages and users, off the flush's path: the next page is read at once), and a
+        later flush of this connection first waits until they ran, so it never reads
+        them again; without it, each page's rows are deleted before the next is read.
+        Only the writer calls this (or a test, before the writer runs), so stored and
+        live frames never interleave. Returns how many frames were written. If the
+        store is unavailable it logs, stops and leaves the rows for a later flush.
 
         Each page's frames are written in one write. Raises whatever the socket's
         ``send`` raises when the connection fails; the rows of the pages written until
-        then are deleted first.
+        then are deleted (or queued to be) first.
         """
         written = 0
         cursor: tuple[datetime, int] | None = None
         # v2, or v1 beside a v2 connection of the user: only an ack deletes a row.
         keep = self._acks or (self._v2_open is not None and self._v2_open())
+        deleting, self._deleting = self._deleting, None
+        if deleting is not None and not deleting.done():
+            # Shielded: cancelling this writer must not cancel the batcher's future.
+            await asyncio.shield(deleting)
         while True:
             try:
                 rows = await backlog.fetch(self.user_id, cursor, page)
@@ -446,28 +527,32 @@ class Connection:
             # The page's frames go out in one write: a flush of a thousand rows is a
             # few writes, not a thousand.
             page_frames: list[bytes] = []
-            page_notifications: list[Notification] = []
+            page_sent: list[Stored] = []
+            acks = self._acks
             for stored in rows:
-                notification = stored.notification
-                message_id = notification.message_id
+                message_id = stored.message_id
                 if not self._wrote(message_id) and message_id not in self._unacked:
-                    page_frames.append(self._frame(notification))
-                    page_notifications.append(notification)
+                    page_frames.append(stored.notification.wire_v2 if acks else stored.wire)
+                    page_sent.append(stored)
                 done.append(message_id)
             if page_frames:
                 # A socket with no room for WRITE_TIMEOUT is cut off (``service.wire``),
                 # which ends this wait with an error: the page's rows stay stored.
                 await self._socket.send(b"".join(page_frames))
-                for notification in page_notifications:
-                    self._mark_written(notification)
-                    if self._acks:
-                        self._pend(notification.message_id, None)
-                written += len(page_notifications)
-                self._metrics.flushed.inc(len(page_notifications))
-                if not self._acks:
-                    self._status.written(page_notifications)
+                for stored in page_sent:
+                    self._remember(stored.message_id)
+                    if acks:
+                        self._pend(stored.message_id, None)
+                self._keep_while_buffered(page_sent)
+                written += len(page_sent)
+                self._metrics.flushed.inc(len(page_sent))
+                if not acks and self._status is not NO_STATUS:
+                    self._status.written([stored.notification for stored in page_sent])
             if done and not keep:
-                await self._delete_quietly(backlog, done)
+                if self._acked_rows is not None:
+                    self._deleting = self._acked_rows.add_written(self.user_id, done)
+                else:
+                    await self._delete_quietly(backlog, done)
             if len(rows) < page:
                 return written
             cursor = rows[-1].cursor

@@ -57,7 +57,7 @@ ON CONFLICT (user_id, message_id) DO NOTHING
 """
 
 _FETCH_FIRST = """
-SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification
+SELECT message_id::text, user_id, title, body, created_at, seq FROM undelivered_notification
 WHERE user_id = $1 ORDER BY created_at, seq LIMIT $2
 """
 
@@ -65,7 +65,7 @@ WHERE user_id = $1 ORDER BY created_at, seq LIMIT $2
 # statement (``_Together``). Each user's rows through the (user_id, created_at, seq)
 # index, at most $2; the caller orders each user's rows by cursor.
 _FETCH_FIRST_MANY = """
-SELECT t.message_id, t.user_id, t.title, t.body, t.created_at, t.seq
+SELECT t.message_id::text, t.user_id, t.title, t.body, t.created_at, t.seq
 FROM unnest($1::varchar[]) AS u(user_id)
 CROSS JOIN LATERAL (
     SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification AS n
@@ -73,13 +73,14 @@ CROSS JOIN LATERAL (
 ) AS t
 """
 
-# Users one statement reads for, at most.
+# Users one statement reads for, at most, and rows (users times the page) it may return.
 _USERS_PER_FETCH = 500
+_ROWS_PER_FETCH = 100_000
 
 _Answer = TypeVar("_Answer")
 
 _FETCH_AFTER = """
-SELECT message_id, user_id, title, body, created_at, seq FROM undelivered_notification
+SELECT message_id::text, user_id, title, body, created_at, seq FROM undelivered_notification
 WHERE user_id = $1 AND (created_at, seq) > ($3, $4) ORDER BY created_at, seq LIMIT $2
 """
 
@@ -92,12 +93,21 @@ DELETE FROM undelivered_notification WHERE user_id = $1 AND message_id = ANY($2:
 RETURNING message_id
 """
 
-# Rows of many users at once (``service.acked``): one statement per window of acks.
+# Rows of many users at once (``service.acked``): one statement per window of acks and
+# flushed pages. Each pair is looked up through the key's index (the LATERAL with OFFSET 0
+# is not flattened into a join), then deleted by its physical address: a join of the
+# pairs with the table is planned as a hash join over a sequential scan of the whole
+# table once a batch has a thousand pairs, 4x slower at 50,000 rows and growing with it.
 _DELETE_PAIRS = """
-DELETE FROM undelivered_notification AS u
-USING unnest($1::varchar[], $2::uuid[]) AS a(user_id, message_id)
-WHERE u.user_id = a.user_id AND u.message_id = a.message_id
-RETURNING u.user_id, u.message_id
+DELETE FROM undelivered_notification
+WHERE ctid = ANY(ARRAY(
+    SELECT n.ctid FROM unnest($1::varchar[], $2::uuid[]) AS a(user_id, message_id)
+    CROSS JOIN LATERAL (
+        SELECT ctid FROM undelivered_notification AS t
+        WHERE t.user_id = a.user_id AND t.message_id = a.message_id OFFSET 0
+    ) AS n
+))
+RETURNING user_id, message_id
 """
 
 _TAKE_GAPS = """
@@ -204,16 +214,10 @@ def _count(status: str) -> int:
 
 
 def _stored(row: Any) -> Stored:
-    return Stored(
-        Notification.build(
-            str(row["message_id"]),
-            row["user_id"],
-            row["title"],
-            row["body"],
-            int(row["created_at"].timestamp() * 1000),
-        ),
-        (row["created_at"], row["seq"]),
-    )
+    """A row of the fetch statements, in their column order; ``message_id`` read as text
+    (``message_id::text``: no UUID object to make and format)."""
+    message_id, user_id, title, body, created_at, seq = row
+    return Stored.from_row(message_id, user_id, title, body, (created_at, seq))
 
 
 class _Together(Generic[_Answer]):
@@ -223,7 +227,8 @@ class _Together(Generic[_Answer]):
     A read asked for while no statement runs starts one at once (on the next turn of
     the loop, with whatever else was asked in that turn); reads asked for while one
     runs wait for it and then go together in the next, up to ``_USERS_PER_FETCH``
-    users per statement, grouped by ``limit``. Each statement runs after every read in
+    users per statement and, for a ``limit`` of rows per user, no more users than keep
+    it under ``_ROWS_PER_FETCH`` rows, grouped by ``limit``. Each statement runs after every read in
     it was asked for, so it sees every row written before its read was asked for: the
     same guarantee as a statement of its own. ``run(users, limit)`` answers per user
     (a user it leaves out is given ``share(None, n)``); ``share(answer, n)`` is what each
@@ -257,7 +262,8 @@ class _Together(Generic[_Answer]):
             while self._asked:
                 limit = next(iter(self._asked))
                 asked = self._asked[limit]
-                users = list(itertools.islice(asked, _USERS_PER_FETCH))
+                per_statement = min(_USERS_PER_FETCH, max(1, _ROWS_PER_FETCH // max(1, limit)))
+                users = list(itertools.islice(asked, per_statement))
                 waiting = {user: asked.pop(user) for user in users}
                 if not asked:
                     del self._asked[limit]

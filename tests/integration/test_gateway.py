@@ -157,3 +157,33 @@ async def test_upgrade_answers_follow_rfc_6455(gateway: Gateway, auth_server: Au
     assert (await _upgrade(gateway, token, *bad_key))[0] == 400
     assert (await _upgrade(gateway, token, *plain[1:]))[0] == 426  # no Upgrade header
     assert (await _upgrade(gateway, token, *plain[:3], "Sec-WebSocket-Version: 8"))[0] == 400
+
+
+async def test_a_backlog_of_several_pages_arrives_whole_in_order_once(
+    gateway_factory: GatewayFactory, auth_server: AuthStandIn, db: asyncpg.Connection
+) -> None:
+    """2,500 stored notifications (under a cap of 5,000), pages of 1,000: every one arrives,
+    oldest first, once;
+    the store is empty afterwards and a second connection gets nothing."""
+    user = "long-offline-user"
+    await db.execute(
+        """
+        INSERT INTO undelivered_notification (message_id, user_id, title, body, created_at)
+        SELECT gen_random_uuid(), $1, 'n' || i, 'b', now() - make_interval(secs => 3000 - i)
+        FROM generate_series(1, 2500) AS i
+        """,
+        user,
+    )
+    gateway = gateway_factory(FLUSH_BATCH="1000", BACKLOG_MAX_PER_USER="5000")
+    token = auth_server.issue(user)
+    async with connect(gateway.ws_url(token), max_queue=None) as ws:
+        frames = await receive(ws, 2500, timeout=60)
+        assert [f["title"] for f in frames] == [f"n{i}" for i in range(1, 2501)]
+        assert await silent(ws, 0.5)
+    async with asyncio.timeout(20):
+        while await db.fetchval(
+            "SELECT count(*) FROM undelivered_notification WHERE user_id = $1", user
+        ):
+            await asyncio.sleep(0.1)
+    async with connect(gateway.ws_url(token)) as ws:
+        assert await silent(ws, 1.0), "a second connection does not get them again"

@@ -92,3 +92,47 @@ async def test_close_deletes_what_is_still_queued() -> None:
     acked.add("alice", ["a1"])
     await asyncio.wait_for(acked.close(grace=1.0), 2.0)
     assert rows.rows == set()
+
+
+async def test_rows_a_v1_flush_wrote_go_with_the_acks_and_are_not_told_as_acked() -> None:
+    """Flushed rows and acked rows share a statement; only the acked ones are reported,
+    and the flush's future completes once its rows are gone."""
+    rows = Rows(("alice", "a1"), ("bob", "b1"), ("bob", "b2"))
+    status = Acked()
+    acked = AckedRows(rows, status, window=0.05)  # type: ignore[arg-type]
+    await acked.start()
+    done = acked.add_written("bob", ["b1", "b2"])
+    acked.add("alice", ["a1"])
+    assert not done.done()
+    await asyncio.wait_for(done, 2.0)
+    assert rows.rows == set()
+    assert len(rows.statements) == 1
+    assert status.events == [("alice", "a1")]
+    await acked.close()
+
+
+async def test_a_flushs_future_completes_when_the_store_is_down_and_the_rows_stay() -> None:
+    """A failed delete does not leave a later flush waiting; the rows are sent again later."""
+    rows = Rows(("bob", "b1"))
+    rows.unavailable = True
+    acked = AckedRows(rows, window=0.01)  # type: ignore[arg-type]
+    await acked.start()
+    await asyncio.wait_for(acked.add_written("bob", ["b1"]), 2.0)
+    assert rows.rows == {("bob", "b1")}
+    await acked.close()
+
+
+async def test_close_completes_the_flushs_future_it_could_not_delete_in_time() -> None:
+    """Shutting down never leaves a writer waiting on a delete."""
+
+    class Hanging(Rows):
+        async def delete_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+            await asyncio.sleep(60)
+            return []
+
+    acked = AckedRows(Hanging(("bob", "b1")), window=0.01)  # type: ignore[arg-type]
+    await acked.start()
+    done = acked.add_written("bob", ["b1"])
+    await asyncio.sleep(0.05)  # the statement is under way
+    await asyncio.wait_for(acked.close(grace=0.1), 2.0)
+    assert done.done()

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 import pytest
 
+from service.acked import AckedRows
 from service.auth import Identity
-from service.connection import Connection
+from service.closecode import CloseCode
+from service.connection import _SEEN_LIMIT, Connection, Stored
 from service.delivery import Batch
 from service.metrics import Metrics
 from service.notification import Notification
@@ -186,3 +190,147 @@ async def test_an_idle_connection_holds_no_writer_task_and_queued_frames_go_in_o
     await asyncio.gather(*writers)
     assert writes == [[n.frame for n in queued]]
     assert batch.unwritten == [] and not writers and tab._idle
+
+
+class AckedEvents:
+    """A status sink that records the ``acked`` and ``written`` events it is told."""
+
+    def __init__(self) -> None:
+        self.acked_ids: list[str] = []
+        self.written_ids: list[str] = []
+
+    def acked(self, user_id: str, message_ids: Iterable[str]) -> None:
+        self.acked_ids += list(message_ids)
+
+    def written(self, notifications: Sequence[Notification]) -> None:
+        self.written_ids += [n.message_id for n in notifications]
+
+
+def batched(
+    user_id: str, metrics: Metrics, deletes: AckedRows, *, v2_open: bool = False
+) -> tuple[Connection, FakeSocket]:
+    """A v1 connection whose flushed rows go to the batched deleter ``deletes``."""
+    socket = FakeSocket()
+    connection = Connection(
+        socket,
+        Identity(user_id),
+        metrics,
+        queue_size=100,
+        acked_rows=deletes,
+        v2_open=lambda: v2_open,
+    )
+    return connection, socket
+
+
+async def test_flushed_rows_go_to_the_batched_deleter_without_an_acked_event(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A v1 flush of several pages empties the backlog in one batched statement, told as
+    written and never as acknowledged."""
+    stored = [notification("alice", f"n{i}") for i in range(5)]
+    backlog.put(*stored)
+    status = AckedEvents()
+    deletes = AckedRows(backlog, status, window=0.05)  # type: ignore[arg-type]
+    await deletes.start()
+    tab, socket = batched("alice", metrics, deletes)
+    assert await tab.flush_backlog(backlog, PAGE) == 5
+    assert socket.frames == [n.frame for n in stored]
+    await deletes.flush()
+    assert backlog.rows == {}
+    assert backlog.pair_statements == 1
+    assert status.acked_ids == []
+    await deletes.close()
+
+
+async def test_a_second_flush_waits_for_the_first_ones_deletes_and_resends_nothing(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A flush asked for right after a long one sends none of the rows already sent, even
+    past the ids the connection remembers."""
+    stored = [notification("alice", f"n{i}") for i in range(_SEEN_LIMIT + 100)]
+    backlog.put(*stored)
+    deletes = AckedRows(backlog, window=0.05)  # type: ignore[arg-type]
+    await deletes.start()
+    tab, socket = batched("alice", metrics, deletes)
+    assert await tab.flush_backlog(backlog, 200) == len(stored)
+    fresh = notification("alice", "stored meanwhile")
+    backlog.put(fresh)
+    assert await tab.flush_backlog(backlog, 200) == 1
+    assert socket.frames == [n.frame for n in [*stored, fresh]]
+    await deletes.flush()
+    assert backlog.rows == {}
+    await deletes.close()
+
+
+async def test_a_batched_delete_that_fails_keeps_the_rows(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """With PostgreSQL gone after the read, the frames are delivered and the rows kept."""
+    stored = [notification("alice", f"n{i}") for i in range(3)]
+    backlog.put(*stored)
+    deletes = AckedRows(backlog, window=0.05)  # type: ignore[arg-type]
+    await deletes.start()
+    tab, socket = batched("alice", metrics, deletes)
+    fetch = backlog.fetch
+
+    async def then_down(
+        user_id: str, after: tuple[datetime, int] | None, limit: int
+    ) -> list[Stored]:
+        rows = await fetch(user_id, after, limit)
+        backlog.unavailable = True
+        return rows
+
+    backlog.fetch = then_down  # type: ignore[method-assign]
+    assert await tab.flush_backlog(backlog, 10) == 3
+    await deletes.flush()
+    assert socket.frames == [n.frame for n in stored]
+    backlog.unavailable = False
+    assert backlog.stored_ids == [n.message_id for n in stored]
+    await deletes.close()
+
+
+async def test_a_v1_flush_beside_a_v2_connection_deletes_nothing_with_the_batched_deleter(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """While the user has a v2 connection, a v1 flush sends the rows and leaves them for
+    the v2 client's acks."""
+    stored = [notification("alice", f"n{i}") for i in range(3)]
+    backlog.put(*stored)
+    deletes = AckedRows(backlog, window=0.01)  # type: ignore[arg-type]
+    await deletes.start()
+    tab, socket = batched("alice", metrics, deletes, v2_open=True)
+    assert await tab.flush_backlog(backlog, PAGE) == 3
+    await deletes.flush()
+    assert socket.frames == [n.frame for n in stored]
+    assert backlog.stored_ids == [n.message_id for n in stored]
+    assert backlog.pair_statements == 0
+    await deletes.close()
+
+
+async def test_flushed_frames_still_in_the_socket_buffer_are_stored_again_on_abort(
+    backlog: FakeBacklog, metrics: Metrics
+) -> None:
+    """A connection aborted while its flushed frames sit unsent in the socket's buffer hands
+    those notifications back, whole, to be stored again."""
+    stored = [notification("alice", f"n{i}") for i in range(4)]
+    backlog.put(*stored)
+    handed_back: list[Notification] = []
+    socket = FakeSocket()
+    socket.buffered_bytes = len(stored[2].wire) + len(stored[3].wire)
+    tab = Connection(
+        socket, Identity("alice"), metrics, queue_size=100, on_unsent=handed_back.extend
+    )
+    assert await tab.flush_backlog(backlog, PAGE) == 4
+    tab.abort(CloseCode.TRY_AGAIN_LATER)
+    assert handed_back == stored[2:]
+
+
+def test_a_rows_frame_is_the_notifications_frame_byte_for_byte() -> None:
+    """What a flush writes for a stored row is exactly the live frame of the notification,
+    quotes, control characters and non-ASCII text included."""
+    title = 'Новый "фильм" \\ \n\t\x01 \u2028 😀'
+    live = Notification.build(str(uuid.uuid4()), "alice", title, "<b>\x7f</b>", 1_700_000_000_123)
+    cursor = (datetime.fromtimestamp(1_700_000_000.123, UTC), 1)
+    row = Stored.from_row(live.message_id, "alice", title, "<b>\x7f</b>", cursor)
+    assert row.wire == live.wire
+    assert row.notification == live

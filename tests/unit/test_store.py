@@ -54,7 +54,7 @@ class Rows:
                 seq += 1
                 self.rows.append(
                     {
-                        "message_id": uuid.uuid4(),
+                        "message_id": str(uuid.uuid4()),  # read as text
                         "user_id": user,
                         "title": f"{user} {i}",
                         "body": "",
@@ -75,7 +75,7 @@ class Rows:
         pages: dict[str, list[Stored]] = {}
         for row in self.rows:
             if row["user_id"] in users and len(pages.get(row["user_id"], ())) < limit:
-                pages.setdefault(row["user_id"], []).append(_stored(row))
+                pages.setdefault(row["user_id"], []).append(_stored(tuple(row.values())))
         return pages
 
 
@@ -155,6 +155,17 @@ async def test_a_page_larger_than_one_statement_takes_is_read_in_several() -> No
     got = await asyncio.gather(*(pages.read(user, 10) for user in users))
     assert [titles(page) for page in got] == [[f"{user} 0"] for user in users]
     assert [len(users) for users in rows.statements] == [500, 500, 200]
+
+
+async def test_connects_with_large_pages_share_statements_of_bounded_size() -> None:
+    """With pages of 1,000 rows, a statement reads for at most 100 users (100,000 rows), so a
+    connect storm never asks PostgreSQL for one answer of millions of rows."""
+    users = [f"user-{i:04d}" for i in range(250)]
+    rows = Rows(dict.fromkeys(users, 2))
+    pages = first_pages(rows)
+    got = await asyncio.gather(*(pages.read(user, 1000) for user in users))
+    assert [titles(page) for page in got] == [[f"{user} 0", f"{user} 1"] for user in users]
+    assert [len(users) for users in rows.statements] == [100, 100, 50]
 
 
 async def test_two_v2_connects_of_one_user_in_one_statement_are_told_its_gap_once() -> None:
