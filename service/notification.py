@@ -43,9 +43,16 @@ class Skip:
         self.delivery_method = delivery_method
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Notification:
-    """One push notification for one user.
+    """One push notification for one user; never changed once made.
+
+    Shared by every connection and batch it goes through, so no field is assigned
+    after construction (only the frames below are filled in, once, on first use).
+    Not a frozen dataclass: its ``__init__`` sets each field through
+    ``object.__setattr__``, which cost ~1.5 µs a record (a plain one ~0.3 µs), three
+    times the ``orjson`` parse of the record. Equality and hash are the frozen
+    dataclass's: by the six fields, not the frames.
 
     ``frame`` is the text frame sent to every connection of the user, encoded once.
     ``created_ms`` is when the notification was made, in milliseconds since the epoch:
@@ -73,7 +80,7 @@ class Notification:
         wire = self._wire
         if wire is None:
             wire = text_frame(self.frame.encode())
-            object.__setattr__(self, "_wire", wire)
+            self._wire = wire
         return wire
 
     @property
@@ -82,7 +89,7 @@ class Notification:
         wire = self._wire_v2
         if wire is None:
             wire = text_frame(self.frame_v2.encode())
-            object.__setattr__(self, "_wire_v2", wire)
+            self._wire_v2 = wire
         return wire
 
     @property
@@ -100,7 +107,7 @@ class Notification:
                     "created_at": iso_time(self.created_ms),
                 }
             ).decode()
-            object.__setattr__(self, "_frame_v2", frame)
+            self._frame_v2 = frame
         return frame
 
     @classmethod
