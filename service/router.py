@@ -347,10 +347,19 @@ class Router:
         """
         batch = Batch()
         offline: list[Notification] = []
+        connections = self._hub.connections
         for notification in notifications:
-            outlets = self._hub.connections(notification.user_id)
+            outlets = connections(notification.user_id)
             if not outlets:
                 offline.append(notification)
+                continue
+            if len(outlets) == 1:
+                # The common case, one connection: no generator, no list per notification.
+                outlet = outlets[0]
+                if outlet.acks:
+                    batch.offer(notification, outlets, written=False, needs_ack=True)
+                elif not outlet.write_now(notification):
+                    batch.offer(notification, outlets, written=False)
                 continue
             if any(outlet.acks for outlet in outlets):
                 # A v2 client is there: delivered once one acknowledges it, or stored.
