@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -150,6 +151,10 @@ def iso_time(created_ms: int) -> str:
     return f"{text}.{millis:03d}Z"
 
 
+# How JSON spells a NUL character (the only way it can be in a string: orjson rejects a
+# raw one).
+_NUL_ESCAPE: Final = b"\\u0000"
+
 _UUID_FORM = re.compile(r"\{?[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}\}?")
 
 
@@ -232,27 +237,48 @@ def parse(value: bytes | None, timestamp_ms: int, now_ms: int | None = None) -> 
     if not isinstance(document, dict):
         raise PoisonMessage("not_an_object", type(document).__name__)
 
-    method = _string(document, "delivery_method")
+    # The common record: the five fields are strings and no string can hold a NUL
+    # (JSON spells one ``\\u0000``; a raw NUL is invalid JSON). Then they are read at
+    # once; otherwise one by one, each check saying which field is wrong and why, in
+    # the order below (the first fault found is the one reported).
+    get: Callable[[str], Any] = document.get
+    method, raw_id, raw_user_id = get("delivery_method"), get("message_id"), get("user_id")
+    title, body = get("subject"), get("content")
+    checked = not (
+        type(method) is str
+        and type(raw_id) is str
+        and type(raw_user_id) is str
+        and type(title) is str
+        and type(body) is str
+        and _NUL_ESCAPE not in value
+    )
+
+    if checked:
+        method = _string(document, "delivery_method")
     if method != PUSH:
         return Skip(method)
 
-    raw_id = _string(document, "message_id")
+    if checked:
+        raw_id = _string(document, "message_id")
     message_id = as_uuid(raw_id)
     if message_id is None:
         raise PoisonMessage("invalid_message_id", "not a UUID")
 
-    raw_user_id = _string(document, "user_id")
+    if checked:
+        raw_user_id = _string(document, "user_id")
     user_id = normalise_user_id(raw_user_id)
     if user_id is None:
         raise PoisonMessage("invalid_user_id", _why_not_a_user_id(raw_user_id))
 
+    if checked:
+        title, body = _string(document, "subject"), _string(document, "content")
     if now_ms is None:
         now_ms = int(time.time() * 1000)
     return Notification.build(
         message_id,
         user_id,
-        _string(document, "subject"),
-        _string(document, "content"),
+        title,
+        body,
         created_time(timestamp_ms, min(now_ms, MAX_TIMESTAMP_MS)),
     )
 
