@@ -323,6 +323,17 @@ class Router:
             waiting = awaiting.get(key)
             if not waiting:
                 continue  # late: already timed out and stored
+            if len(waiting) == 1:
+                published = waiting[0]
+                left = published.left
+                if published.counted and left[key] == 1:
+                    # The common case, once per notification: the last acknowledgement
+                    # the one batch waiting for the id needs (``_forget``, inline).
+                    del left[key]
+                    del awaiting[key]
+                    if not left and not published.done.done():
+                        published.done.set_result(None)
+                    continue
             for published in waiting:
                 if published.left[key] > 0 or not published.counted:
                     break
