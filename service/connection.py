@@ -321,18 +321,23 @@ class Connection:
         """
         if not self._idle or self._closed or self._acks:
             return False
-        if self._wrote(notification.message_id):
+        # The path of every live frame: ``_wrote`` and ``_written`` inlined, v1 only.
+        seen = self._seen
+        if seen is not None and notification.message_id in seen:
             return True
         if not self._socket.send_now(notification.wire):
             return False
-        self._written(notification)
+        self._mark_written(notification)
+        self._metrics.observe_delivery(notification.created_ms)
+        if self._status is not NO_STATUS:
+            self._status.written((notification,))
         return True
 
     def _written(self, notification: Notification) -> None:
         """Book a live frame handed to the socket."""
         self._mark_written(notification)
         self._metrics.observe_delivery(notification.created_ms)
-        if not self._acks:
+        if not self._acks and self._status is not NO_STATUS:
             self._status.written((notification,))
 
     def _settle_written(self, delivery: Delivery) -> None:
@@ -473,22 +478,23 @@ class Connection:
 
     def _remember(self, message_id: str) -> None:
         """Add ``message_id`` to the recent ids this connection wrote."""
-        if self._seen is None or self._seen_order is None:
-            self._seen = set()
-            self._seen_order = deque()
-        self._seen.add(message_id)
-        self._seen_order.append(message_id)
-        if len(self._seen_order) > _SEEN_LIMIT:
-            self._seen.discard(self._seen_order.popleft())
+        seen, order = self._seen, self._seen_order
+        if seen is None or order is None:
+            seen, order = self._seen, self._seen_order = set(), deque()
+        seen.add(message_id)
+        order.append(message_id)
+        if len(order) > _SEEN_LIMIT:
+            seen.discard(order.popleft())
 
     def _keep_while_buffered(self, written: Sequence[Notification | Stored]) -> None:
         """Remember frames just handed to the socket while its buffer is not empty."""
+        unsent = self._unsent
         if self._socket.buffered():
-            if self._unsent is None:
-                self._unsent = deque(maxlen=_UNSENT_LIMIT)
-            self._unsent.extend(written)
-        elif self._unsent:
-            self._unsent.clear()
+            if unsent is None:
+                unsent = self._unsent = deque(maxlen=_UNSENT_LIMIT)
+            unsent.extend(written)
+        elif unsent:
+            unsent.clear()
 
     async def flush_backlog(self, backlog: StoredRows, page: int) -> int:
         """Write the user's stored notifications, oldest first, in pages of ``page`` rows.

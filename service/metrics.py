@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -153,13 +153,13 @@ class Metrics:
         )
         self._frames = _FrameStats(_LATENCY_BUCKETS)
         r.register(self._frames)
+        # Count one live frame written and its end-to-end latency (``created_ms``, the
+        # Kafka timestamp). Called for every frame: the collector's own method, bound
+        # once, rather than a method of this class calling it.
+        self.observe_delivery: Callable[[int], None] = self._frames.observe
         self.store_failures = Counter(
             "notify_store_failures", "Failed attempts to save to PostgreSQL.", registry=r
         )
-
-    def observe_delivery(self, created_ms: int) -> None:
-        """Count one live frame written and its end-to-end latency."""
-        self._frames.observe(created_ms)
 
     def render(self) -> bytes:
         """The text exposition format for ``GET /metrics``."""
@@ -182,9 +182,12 @@ class _FrameStats(Collector):
         self._frames = 0
 
     def observe(self, created_ms: int) -> None:
+        """One live frame written now, of a notification made at ``created_ms``."""
         self._frames += 1
         if created_ms > 0:
-            seconds = max(0.0, time.time() - created_ms / 1000)
+            seconds = time.time() - created_ms / 1000
+            if seconds < 0.0:
+                seconds = 0.0  # a producer clock ahead of ours
             self._counts[bisect_left(self._bounds, seconds)] += 1
             self._sum += seconds
 

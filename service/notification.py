@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -43,9 +44,16 @@ class Skip:
         self.delivery_method = delivery_method
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Notification:
-    """One push notification for one user.
+    """One push notification for one user; never changed once made.
+
+    Shared by every connection and batch it goes through, so no field is assigned
+    after construction (only the frames below are filled in, once, on first use).
+    Not a frozen dataclass: its ``__init__`` sets each field through
+    ``object.__setattr__``, which cost ~1.5 µs a record (a plain one ~0.3 µs), three
+    times the ``orjson`` parse of the record. Equality and hash are the frozen
+    dataclass's: by the six fields, not the frames.
 
     ``frame`` is the text frame sent to every connection of the user, encoded once.
     ``created_ms`` is when the notification was made, in milliseconds since the epoch:
@@ -73,7 +81,7 @@ class Notification:
         wire = self._wire
         if wire is None:
             wire = text_frame(self.frame.encode())
-            object.__setattr__(self, "_wire", wire)
+            self._wire = wire
         return wire
 
     @property
@@ -82,7 +90,7 @@ class Notification:
         wire = self._wire_v2
         if wire is None:
             wire = text_frame(self.frame_v2.encode())
-            object.__setattr__(self, "_wire_v2", wire)
+            self._wire_v2 = wire
         return wire
 
     @property
@@ -100,7 +108,7 @@ class Notification:
                     "created_at": iso_time(self.created_ms),
                 }
             ).decode()
-            object.__setattr__(self, "_frame_v2", frame)
+            self._frame_v2 = frame
         return frame
 
     @classmethod
@@ -142,6 +150,10 @@ def iso_time(created_ms: int) -> str:
         _last_second = (seconds, text)
     return f"{text}.{millis:03d}Z"
 
+
+# How JSON spells a NUL character (the only way it can be in a string: orjson rejects a
+# raw one).
+_NUL_ESCAPE: Final = b"\\u0000"
 
 _UUID_FORM = re.compile(r"\{?[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}\}?")
 
@@ -225,27 +237,48 @@ def parse(value: bytes | None, timestamp_ms: int, now_ms: int | None = None) -> 
     if not isinstance(document, dict):
         raise PoisonMessage("not_an_object", type(document).__name__)
 
-    method = _string(document, "delivery_method")
+    # The common record: the five fields are strings and no string can hold a NUL
+    # (JSON spells one ``\\u0000``; a raw NUL is invalid JSON). Then they are read at
+    # once; otherwise one by one, each check saying which field is wrong and why, in
+    # the order below (the first fault found is the one reported).
+    get: Callable[[str], Any] = document.get
+    method, raw_id, raw_user_id = get("delivery_method"), get("message_id"), get("user_id")
+    title, body = get("subject"), get("content")
+    checked = not (
+        type(method) is str
+        and type(raw_id) is str
+        and type(raw_user_id) is str
+        and type(title) is str
+        and type(body) is str
+        and _NUL_ESCAPE not in value
+    )
+
+    if checked:
+        method = _string(document, "delivery_method")
     if method != PUSH:
         return Skip(method)
 
-    raw_id = _string(document, "message_id")
+    if checked:
+        raw_id = _string(document, "message_id")
     message_id = as_uuid(raw_id)
     if message_id is None:
         raise PoisonMessage("invalid_message_id", "not a UUID")
 
-    raw_user_id = _string(document, "user_id")
+    if checked:
+        raw_user_id = _string(document, "user_id")
     user_id = normalise_user_id(raw_user_id)
     if user_id is None:
         raise PoisonMessage("invalid_user_id", _why_not_a_user_id(raw_user_id))
 
+    if checked:
+        title, body = _string(document, "subject"), _string(document, "content")
     if now_ms is None:
         now_ms = int(time.time() * 1000)
     return Notification.build(
         message_id,
         user_id,
-        _string(document, "subject"),
-        _string(document, "content"),
+        title,
+        body,
         created_time(timestamp_ms, min(now_ms, MAX_TIMESTAMP_MS)),
     )
 

@@ -323,6 +323,17 @@ class Router:
             waiting = awaiting.get(key)
             if not waiting:
                 continue  # late: already timed out and stored
+            if len(waiting) == 1:
+                published = waiting[0]
+                left = published.left
+                if published.counted and left[key] == 1:
+                    # The common case, once per notification: the last acknowledgement
+                    # the one batch waiting for the id needs (``_forget``, inline).
+                    del left[key]
+                    del awaiting[key]
+                    if not left and not published.done.done():
+                        published.done.set_result(None)
+                    continue
             for published in waiting:
                 if published.left[key] > 0 or not published.counted:
                     break
@@ -347,10 +358,19 @@ class Router:
         """
         batch = Batch()
         offline: list[Notification] = []
+        connections = self._hub.connections
         for notification in notifications:
-            outlets = self._hub.connections(notification.user_id)
+            outlets = connections(notification.user_id)
             if not outlets:
                 offline.append(notification)
+                continue
+            if len(outlets) == 1:
+                # The common case, one connection: no generator, no list per notification.
+                outlet = outlets[0]
+                if outlet.acks:
+                    batch.offer(notification, outlets, written=False, needs_ack=True)
+                elif not outlet.write_now(notification):
+                    batch.offer(notification, outlets, written=False)
                 continue
             if any(outlet.acks for outlet in outlets):
                 # A v2 client is there: delivered once one acknowledges it, or stored.

@@ -125,6 +125,11 @@ def test_unknown_fields_are_ignored() -> None:
         (value(content={"text": "x"}), "invalid_content"),
         (value(content=1.5), "invalid_content"),
         (value(content="x" * (64 * 1024)), "too_large"),
+        (value(subject="a\x00b"), "invalid_subject"),
+        (value(content="\x00"), "invalid_content"),
+        (value(user_id="al\x00ice"), "invalid_user_id"),
+        (value(delivery_method="push\x00"), "invalid_delivery_method"),
+        (value(message_id="\x00"), "invalid_message_id"),
     ],
 )
 def test_poison_messages_are_refused_with_their_reason(raw: bytes | None, reason: str) -> None:
@@ -132,6 +137,15 @@ def test_poison_messages_are_refused_with_their_reason(raw: bytes | None, reason
     with pytest.raises(PoisonMessage) as raised:
         parse(raw, 0)
     assert raised.value.reason == reason
+
+
+def test_a_nul_outside_the_five_fields_refuses_nothing() -> None:
+    """A NUL in another field, or a backslash before ``u0000``, is no NUL in a field of ours."""
+    extra = json.dumps({**GOOD, "meta": "\x00"}).encode()
+    assert isinstance(parse(extra, 0), Notification)
+    escaped = parse(value(subject="C:\\u0000"), 0)
+    assert isinstance(escaped, Notification)
+    assert escaped.title == "C:\\u0000"
 
 
 def test_user_id_of_255_characters_is_accepted() -> None:
