@@ -46,6 +46,11 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
 log = logging.getLogger("notify.wire")
 
 # A read is parsed at most this much per turn of the loop: uvloop reads up to 256 kB
@@ -63,8 +68,15 @@ _LOW_WATER: Final = 16 * 1024
 # before the socket is aborted: a peer that does not read never answers.
 CLOSE_TIMEOUT: Final = 2.0
 
-# Client messages parsed but not yet taken by ``recv``: past it, reading pauses.
+# Client messages parsed but not yet taken by ``recv`` (or held from the listener):
+# past it, reading pauses.
 _INBOX_LIMIT: Final = 16
+
+# The longest frame header: 2 bytes, 8 of extended length, 4 of mask.
+_MAX_HEAD: Final = 14
+
+# What a listener of the client's messages is given, one complete message at a time.
+Listener = Callable[[str | bytes], object]
 
 
 class SocketClosed(ConnectionError):
@@ -92,12 +104,16 @@ class WireSocket(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_drain",
+        "_head",
+        "_held",
         "_inbox",
         "_keep",
+        "_listener",
         "_loop",
         "_lost",
         "_message",
         "_on_stall",
+        "_owed",
         "_owner",
         "_parser",
         "_rest",
@@ -127,6 +143,13 @@ class WireSocket(asyncio.Protocol):
         self._keep = False
         self._inbox: deque[str | bytes] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._listener: Listener | None = None
+        self._held = False
+        # Where the bytes handed to websockets' parser stand against frame boundaries:
+        # ``_owed`` more bytes end the frame it is reading; ``_head`` is the start of a
+        # header whose frame's length is not known yet. Both empty: at a boundary.
+        self._owed = 0
+        self._head = b""
         self.writing_paused = False
         self.ping: bytes | None = _NEW
         """The payload of the ping this socket has not answered yet; ``_NEW`` until the
@@ -152,6 +175,40 @@ class WireSocket(asyncio.Protocol):
     def keep_messages(self) -> None:
         """From now on, keep the client's messages for :meth:`recv` (else they are dropped)."""
         self._keep = True
+
+    def listen(self, listener: Listener) -> None:
+        """From now on, give every complete message to ``listener``, synchronously, in order.
+
+        Messages kept so far (``keep_messages``) are given first, at once. ``listener`` runs
+        inside the socket's ``data_received``: it must not block; it may close the socket
+        (the messages behind are then dropped by the closing handshake), or :meth:`hold`.
+        Replaces ``recv``: one or the other.
+        """
+        self._keep = True
+        self._listener = listener
+        self.release()
+
+    def hold(self) -> None:
+        """Keep the next messages from the listener until :meth:`release` (at most
+        ``_INBOX_LIMIT`` of them: then reading pauses). For a message the listener must
+        answer asynchronously before it takes the next one."""
+        self._held = True
+
+    def release(self) -> None:
+        """Give the held messages to the listener, in order, then the next ones as they come.
+
+        A message the listener holds again stops the handing over. Idempotent.
+        """
+        self._held = False
+        inbox = self._inbox
+        listener = self._listener
+        if not inbox or listener is None:
+            return
+        full = len(inbox) >= _INBOX_LIMIT
+        while inbox and not self._held and not self._lost:
+            listener(inbox.popleft())
+        if full and len(inbox) < _INBOX_LIMIT:
+            self._proceed()
 
     # Sending.
 
@@ -353,13 +410,69 @@ class WireSocket(asyncio.Protocol):
         """Parse the next slice of the last read; the rest waits for the next turn."""
         rest = self._rest
         self._rest = rest[_SLICE:]
+        self._parse(bytes(rest[:_SLICE]))
+        self._flush_parser()
+        self._loop.call_soon(self._proceed)
+
+    def _parse(self, data: bytes) -> None:
+        """Take the frames in ``data``: the common one here, every other through websockets.
+
+        A v2 client's frame is nearly always an ack: a complete, masked, final text frame
+        within the size limit. Such a frame is unmasked and delivered here, if the stream
+        is at a frame boundary, the socket open and no fragmented message under way.
+        Everything else (control frames, fragments, frames over the limit or cut by the
+        end of a read, unmasked frames, reserved bits, a closing socket) goes to websockets'
+        parser, whole or in pieces, exactly as the bytes came; the two paths hand over at
+        frame boundaries, so messages keep their order.
+        """
+        n = len(data)
+        pos = 0
+        if self._head:
+            head = self._head + data[:_MAX_HEAD]
+            start, end = _extent(head, 0)
+            if start < 0:
+                self._head = head
+                self._to_parser(data)
+                return
+            self._owed = end - len(self._head)
+            self._head = b""
+        if self._owed:
+            pos = min(self._owed, n)
+            self._owed -= pos
         parser = self._parser
-        parser.receive_data(bytes(rest[:_SLICE]))
+        limit = parser.max_message_size
+        slow = 0  # data[slow:pos] is websockets' to parse
+        while pos < n:
+            start, end = _extent(data, pos)
+            if start < 0:
+                self._head = data[pos:]
+                break
+            if end > n:
+                self._owed = end - n
+                break
+            if (
+                data[pos] == 0x81  # final text frame, no reserved bit
+                and data[pos + 1] & 0x80  # masked
+                and (limit is None or end - start <= limit)
+            ):
+                if slow < pos:
+                    self._to_parser(data[slow:pos])
+                slow = end
+                if parser.state is State.OPEN and not parser.expect_continuation_frame:
+                    self._deliver(True, apply_mask(data[start:end], data[start - 4 : start]))
+                else:
+                    self._to_parser(data[pos:end])
+            pos = end
+        if slow < n:
+            self._to_parser(data[slow:])
+
+    def _to_parser(self, data: bytes) -> None:
+        """Parse ``data`` with websockets' parser and take the frames it completes."""
+        parser = self._parser
+        parser.receive_data(data)
         for event in parser.events_received():
             if isinstance(event, Frame):
                 self._take(event)
-        self._flush_parser()
-        self._loop.call_soon(self._proceed)
 
     def _proceed(self) -> None:
         """Go on with the last read, or read again, unless something holds the socket back:
@@ -407,6 +520,10 @@ class WireSocket(asyncio.Protocol):
                 return
         if not self._keep:
             return
+        listener = self._listener
+        if listener is not None and not self._held and not self._inbox:
+            listener(message)
+            return
         if self._inbox is None:
             self._inbox = deque()
         self._inbox.append(message)
@@ -431,6 +548,30 @@ class WireSocket(asyncio.Protocol):
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+
+
+def _extent(data: bytes, pos: int) -> tuple[int, int]:
+    """Where the payload of the frame at ``data[pos]`` starts and where the frame ends;
+    (-1, -1) while its header is incomplete."""
+    n = len(data)
+    if n - pos < 2:
+        return -1, -1
+    second = data[pos + 1]
+    length = second & 0x7F
+    start = pos + 2
+    if length == 126:
+        if n - pos < 4:
+            return -1, -1
+        length = int.from_bytes(data[pos + 2 : pos + 4])
+        start += 2
+    elif length == 127:
+        if n - pos < 10:
+            return -1, -1
+        length = int.from_bytes(data[pos + 2 : pos + 10])
+        start += 8
+    if second & 0x80:
+        start += 4
+    return start, start + length
 
 
 class Sockets:
