@@ -107,6 +107,7 @@ class WireSocket(asyncio.Protocol):
         "_head",
         "_held",
         "_inbox",
+        "_invalid",
         "_keep",
         "_listener",
         "_loop",
@@ -141,6 +142,8 @@ class WireSocket(asyncio.Protocol):
         self._message: list[bytes] | None = None
         self._text = False
         self._keep = False
+        # Failed with 1007: messages parsed behind the bad one are not delivered.
+        self._invalid = False
         self._inbox: deque[str | bytes] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._listener: Listener | None = None
@@ -458,7 +461,7 @@ class WireSocket(asyncio.Protocol):
                 if slow < pos:
                     self._to_parser(data[slow:pos])
                 slow = end
-                if parser.state is State.OPEN and not parser.expect_continuation_frame:
+                if parser.state is State.OPEN and parser.current_size is None:
                     self._deliver(True, apply_mask(data[start:end], data[start - 4 : start]))
                 else:
                     self._to_parser(data[pos:end])
@@ -512,10 +515,13 @@ class WireSocket(asyncio.Protocol):
     def _deliver(self, text: bool, data: bytes) -> None:
         """A complete message: decoded (text: bad UTF-8 fails with 1007), kept or dropped."""
         message: str | bytes = data
+        if self._invalid:
+            return
         if text:
             try:
                 message = data.decode()
             except UnicodeDecodeError as exc:
+                self._invalid = True
                 self._parser.fail(1007, f"{exc.reason} at position {exc.start}")
                 return
         if not self._keep:
