@@ -5,7 +5,9 @@ Sanic routes the request and answers the upgrade; from then on the socket is a
 behind (no handler task, request or keepalive task per connection). Client bytes
 go to websockets' sans-I/O ``ServerProtocol``, which parses frames, answers pings,
 runs the closing handshake and enforces the size limit (1009); text messages are
-assembled and decoded here (bad UTF-8: 1007).
+assembled and decoded here (bad UTF-8: 1007). The common client frame (complete,
+masked, final, text, within the limit) is taken here without the parser
+(``WireSocket._parse``); the two hand over at frame boundaries.
 
 A server frame is unmasked and the gateway negotiates no extension, so a frame's
 bytes do not depend on the socket: :func:`~service.notification.text_frame` builds
@@ -17,7 +19,10 @@ Hostile clients are bounded, registered or not:
 * **One read at a time, in slices.** After each read the transport stops
   reading; the read is parsed ``_SLICE`` bytes per turn of the loop (pongs
   written as they come), then reading resumes. A flood of pings holds the loop
-  for one slice at a time, and the gateway owes pongs for one read at most.
+  for one slice at a time, and the gateway owes pongs for one read at most. One
+  exception, the common read of a v2 client (its acks): a read of one slice at
+  most, on a socket whose messages go to a listener, that needs no answer, is
+  parsed at once and reading goes on (the session's frame rate limit bounds it).
 * **Reads pause while writes are paused** (the transport's buffer is over its
   high-water mark): a client that sends and never reads fills its own buffers,
   not the gateway's memory. So do messages nobody reads yet (``_INBOX_LIMIT``).
@@ -346,6 +351,17 @@ class WireSocket(asyncio.Protocol):
     # asyncio.Protocol: what the transport calls.
 
     def data_received(self, data: bytes) -> None:
+        if self._listener is not None and len(data) <= _SLICE and not self._rest:
+            # A small read of a listened socket (acks, mostly) is parsed at once; reading
+            # goes on unless the read made the socket answer (pongs, a close) or filled
+            # the held messages: then it waits for the next turn, as any other read.
+            self._parse(data)
+            if self._flush_parser() or self._parser.state is not State.OPEN:
+                self.transport.pause_reading()
+                self._loop.call_soon(self._proceed)
+            elif self._inbox is not None and len(self._inbox) >= _INBOX_LIMIT:
+                self.transport.pause_reading()
+            return
         # Read no more until this read is parsed, a slice per turn of the loop.
         self.transport.pause_reading()
         self._rest = memoryview(data)
@@ -537,12 +553,13 @@ class WireSocket(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _flush_parser(self) -> None:
+    def _flush_parser(self) -> bool:
         """Write what the parser has to send (pongs, closes); close the TCP connection
-        when it says the stream ends."""
+        when it says the stream ends. Whether there was anything."""
         parser = self._parser
         transport = self.transport
-        for data in parser.data_to_send():
+        sent = parser.data_to_send()
+        for data in sent:
             if data:
                 transport.write(data)
             elif not transport.is_closing():
@@ -554,6 +571,7 @@ class WireSocket(asyncio.Protocol):
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        return bool(sent)
 
 
 def _extent(data: bytes, pos: int) -> tuple[int, int]:
