@@ -179,3 +179,46 @@ async def test_acks_behind_a_ping_and_a_fragment_keep_their_order() -> None:
     messages, written, _, _ = await run(WireSocket, 1009, [stream])
     assert messages == ["one", "two", "three"]
     assert written == b"\x8a\x01x"  # the pong for the ping
+
+
+def listened() -> tuple[WireSocket, FakeTransport, list[str | bytes]]:
+    sockets = Sockets(write_timeout=5, ping_interval=None, ping_timeout=None, max_size=1009)
+    transport = FakeTransport()
+    socket = sockets.adopt(transport, sockets.parser(None))
+    messages: list[str | bytes] = []
+    socket.listen(messages.append)
+    return socket, transport, messages
+
+
+async def test_a_small_read_of_acks_is_taken_at_once_and_reading_goes_on() -> None:
+    """Acks need no answer: taken inside the read, and the socket keeps reading."""
+    socket, transport, messages = listened()
+    socket.data_received(frame(TEXT, b'{"type":"ack"}', mask=b"abcd") * 3)
+    assert messages == ['{"type":"ack"}'] * 3
+    assert transport.reading and transport.written == []
+
+
+async def test_a_read_that_needs_an_answer_waits_a_turn_before_the_next_read() -> None:
+    """A ping is answered, and the socket reads again only a turn of the loop later."""
+    socket, transport, messages = listened()
+    socket.data_received(frame(TEXT, b"one", mask=b"abcd") + frame(PING, b"p"))
+    assert messages == ["one"] and transport.written == [b"\x8a\x01p"]
+    assert not transport.reading
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert transport.reading
+
+
+async def test_held_messages_past_the_limit_pause_reading_until_released() -> None:
+    """While the listener holds (a refresh under way), a few messages wait, then reading
+    pauses; released, they come in order and reading resumes."""
+    socket, transport, messages = listened()
+    socket.hold()
+    for i in range(20):
+        socket.data_received(frame(TEXT, b"%d" % i, mask=b"abcd"))
+        if not transport.reading:
+            break
+    assert messages == [] and not transport.reading
+    socket.release()
+    await asyncio.sleep(0)
+    assert messages == [str(i) for i in range(16)] and transport.reading
