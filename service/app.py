@@ -229,7 +229,7 @@ def create_app(
         # WRITE_TIMEOUT is cut off (``service.wire``); counted as a slow client.
         ws.on_stall(gateway.metrics.slow_closed.inc)
         if ws.subprotocol == SUBPROTOCOL:
-            ws.keep_messages()  # an early ack waits for the reader
+            ws.keep_messages()  # an early ack waits for the session to listen
         await serve_client(gateway, request, ws, unauthenticated)
 
     # Registered after the WebSocket route on purpose: Sanic runs stop listeners in
