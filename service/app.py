@@ -6,10 +6,8 @@ everything else (routing, storing, flushing) lives in the node's parts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -287,7 +285,7 @@ def create_app(
         # WRITE_TIMEOUT is cut off (``service.wire``); counted as a slow client.
         ws.on_stall(gateway.metrics.slow_closed.inc)
         if ws.subprotocol == SUBPROTOCOL:
-            ws.keep_messages()  # an early ack waits for the reader
+            ws.keep_messages()  # an early ack waits for the session to listen
         await serve_client(gateway, request, ws, unauthenticated, proxied=proxied)
 
     # Registered after the WebSocket route on purpose: Sanic runs stop listeners in
@@ -334,9 +332,9 @@ async def serve_client(
 
     From then on a v1 connection needs no task: the socket parses and drops what
     the client sends and calls ``Node.disconnect`` when it is lost; only its token's
-    clock (:class:`~service.session.TokenClock`) is armed. A v2 client is read by
-    its :class:`~service.session.Session` in a reader task, which disconnects it
-    when the read ends.
+    clock (:class:`~service.session.TokenClock`) is armed. Nor does a v2 client: its
+    socket hands each message to its :class:`~service.session.Session` as it parses
+    it; the socket's end disconnects it.
 
     The checks (origin, token, identity, a v2 client's ``acked``) are this adapter's;
     what happens on connect (subscribe, register, flush) and on disconnect is
@@ -417,6 +415,8 @@ async def serve_client(
         access.info("ws_close", extra={"connections": len(node.hub)})
 
     if v2:
+        # v2: no task either; the socket hands each client message to the session
+        # as it parses it (``Session.take``).
         session = Session(
             connection,
             auth=node.auth,
@@ -425,11 +425,16 @@ async def serve_client(
             frame_rate=settings.client_frame_rate,
             close_on_expiry=settings.auth_close_on_expiry,
         )
-        reader = asyncio.get_running_loop().create_task(
-            _serve_v2(session, ws, gone), name="v2-reader"
-        )
-        _readers.add(reader)
-        reader.add_done_callback(_readers.discard)
+
+        def gone_v2() -> None:
+            session.close()
+            gone()
+
+        if ws.closed:
+            gone_v2()
+            return
+        ws.on_lost = gone_v2
+        session.start(ws)
         return
     # v1: the server only sends, and the socket parses and drops what the client sends
     # (over MAX_CLIENT_FRAME: 1009): no task, only the token's clock and the socket's
@@ -445,21 +450,6 @@ async def serve_client(
         gone_v1()
     else:
         ws.on_lost = gone_v1
-
-
-# The v2 reader tasks, kept referenced until they end.
-_readers: set[asyncio.Task[None]] = set()
-
-
-async def _serve_v2(session: Session, ws: WireSocket, gone: Callable[[], None]) -> None:
-    """Read a v2 client until it goes away (its Session), then disconnect it."""
-    try:
-        await session.read(ws.recv)
-    finally:
-        gone()
-        if not ws.closed:
-            # The read stopped on its own (a refused frame closed the connection).
-            ws.fail_connection(CloseCode.NORMAL_CLOSURE, "")
 
 
 _STATUS_TEXT = {

@@ -418,17 +418,34 @@ class Connection:
         self._wake()
 
     async def acknowledge(self, message_ids: Sequence[str], backlog: StoredRows) -> None:
-        """The client has these notifications (a v2 ``ack``).
+        """The client has these notifications (a v2 ``ack``): :meth:`settle_acks`, and
+        without ``acked_rows`` the delete of the rest from ``backlog``, here.
+
+        Raises StoreUnavailable only without ``acked_rows`` (nothing is lost: the rows
+        are sent again on a later connection).
+        """
+        rest = self.settle_acks(message_ids)
+        if rest:
+            await self.delete_acked(rest, backlog)
+
+    async def delete_acked(self, message_ids: Sequence[str], backlog: StoredRows) -> None:
+        """Delete acknowledged rows of this user from ``backlog`` in one statement, and
+        report ``acked`` for those deleted. Raises StoreUnavailable."""
+        deleted = await backlog.delete_acked(self.user_id, message_ids)
+        if deleted:
+            self._status.acked(self.user_id, deleted)
+
+    def settle_acks(self, message_ids: Sequence[str]) -> list[str]:
+        """The client has these notifications (a v2 ``ack``); synchronous, never raises.
 
         A delivery still waited for settles as delivered: it will not be stored, and
         the store is not touched. Every other id (stored by then, or sent from the
-        store, or acknowledged again after a reconnect) is deleted from this user's
-        stored rows: queued to ``acked_rows``, which deletes the rows of every
+        store, or acknowledged again after a reconnect) is to be deleted from this
+        user's stored rows: queued to ``acked_rows``, which deletes the rows of every
         connection in one statement per short window and reports ``acked`` for those
-        it deleted (without it, in one statement here). Ids of other users, or
-        unknown, change nothing. Called by the connection's reader, one frame at a
-        time. Raises StoreUnavailable only without ``acked_rows`` (nothing is lost:
-        the rows are sent again on a later connection).
+        it deleted. Without ``acked_rows``, those ids are returned, for the caller to
+        delete (else the list is empty). Ids of other users, or unknown, change
+        nothing. Called by the connection's session, one frame at a time.
         """
         unacked = self._unacked
         settled: list[str] = []
@@ -449,10 +466,8 @@ class Connection:
             self._status.acked(self.user_id, settled)
         if rest and self._acked_rows is not None:
             self._acked_rows.add(self.user_id, rest)
-        elif rest:
-            deleted = await backlog.delete_acked(self.user_id, rest)
-            if deleted:
-                self._status.acked(self.user_id, deleted)
+            return []
+        return rest
 
     def request_flush(self) -> None:
         """Ask the writer to re-read the user's stored notifications."""

@@ -40,9 +40,26 @@ class Refresh:
         return "Refresh(token=<hidden>)"
 
 
+_CANONICAL_CHARS: Final = frozenset("0123456789abcdef-")
+
+
+def _canonical(value: object) -> bool:
+    """Whether ``value`` is a UUID in canonical form (lower-case hex, four dashes in place):
+    the form the gateway writes, so the form of nearly every acknowledged id."""
+    return (
+        type(value) is str
+        and len(value) == 36
+        and value[8] == value[13] == value[18] == value[23] == "-"
+        and value.count("-") == 4
+        and _CANONICAL_CHARS.issuperset(value)
+    )
+
+
 def _ids(values: object, limit: int) -> tuple[str, ...]:
     if not isinstance(values, list) or not values or len(values) > limit:
         raise BadFrame(f"ids: a list of 1 to {limit} ids")
+    if all(map(_canonical, values)):
+        return tuple(dict.fromkeys(values))  # the common case: no UUID parsed, no copy made
     ids: dict[str, None] = {}
     for value in values:
         if not isinstance(value, str):

@@ -1,13 +1,19 @@
 """A connected client: what it says, and its token's clock.
 
-Once ``Node.connect`` registered a client, a :class:`Session` reads it until it
-goes away: a v1 client's frames are read and dropped; a v2 client's (``docs/protocol.md``,
-"Client frames (v2)") are acks, which settle or delete its notifications, and
-refreshes, which move the connection onto a new token. A :class:`TokenClock` holds the
-token's timers: ``expiring`` (v2) before ``exp``, and the 4401 close at it.
+Once ``Node.connect`` registered a v2 client, a :class:`Session` takes what it says
+until it goes away (``docs/protocol.md``, "Client frames (v2)"): acks, which settle
+or delete its notifications, and refreshes, which move the connection onto a new
+token. A :class:`TokenClock` holds the token's timers: ``expiring`` (v2) before
+``exp``, and the 4401 close at it.
 
-Nothing here knows the web framework: a session reads through a ``receive``
-callable and writes only through its :class:`~service.connection.Connection`.
+A client frame costs no task and no future: its socket hands each complete message
+to :meth:`Session.take` synchronously, as it parses it. An ack is settled there and
+then. A refresh waits for the auth service: the session holds the socket's next
+messages meanwhile (reading pauses once a few wait) and takes them, in order, when
+the refresh is answered.
+
+Nothing here knows the web framework: a session reads from a :class:`Source` and
+writes only through its :class:`~service.connection.Connection`.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -41,8 +47,21 @@ log = logging.getLogger("notify.session")
 # The longest warning ``expiring`` gives before a token's exp, in seconds.
 EXPIRING_NOTICE: Final = 60.0
 
-# What a client sent: text, bytes, or None once the connection is gone.
-Receive = Callable[[], Awaitable[str | bytes | None]]
+
+class Source(Protocol):
+    """Where a session's client messages come from (``service.wire.WireSocket``)."""
+
+    def listen(self, listener: Callable[[str | bytes], object]) -> None:
+        """Give every complete message to ``listener``, synchronously, in order."""
+        ...
+
+    def hold(self) -> None:
+        """Keep the next messages from the listener until ``release``."""
+        ...
+
+    def release(self) -> None:
+        """Give the held messages, in order, then the next ones as they come."""
+        ...
 
 
 def control(kind: str, **fields: object) -> str:
@@ -135,21 +154,24 @@ async def apply_acked(raw: str, user_id: str, store: StoredRows, status: StatusS
 
 
 class Session:
-    """One registered client, read until it goes away.
+    """One registered client, taken frame by frame until it goes away.
 
-    ``read`` arms the token's clock, reads (v1: drops every frame; v2: acks and
-    refreshes within the limits) and cancels the clock when it returns, however it
-    ends. It never waits on anything but the client, the authenticator (a refresh)
-    and the store (an ack).
+    ``start`` arms the token's clock and, for a v2 client, listens to its socket;
+    ``close`` (the socket is lost) cancels the clock and any refresh under way,
+    idempotent. A v1 client's frames are parsed and dropped by its socket (the size
+    limit closes with 1009 there): its session is only the clock. Everything runs on
+    the connection's event loop.
     """
 
     __slots__ = (
+        "_answering",
         "_auth",
         "_clock",
         "_close_on_expiry",
         "_connection",
         "_metrics",
         "_rate",
+        "_source",
         "_store",
     )
 
@@ -170,64 +192,90 @@ class Session:
         self._rate = FrameRate(frame_rate, 2 * frame_rate)
         self._close_on_expiry = close_on_expiry
         self._clock = TokenClock(connection, v2=connection.acks)
+        self._source: Source | None = None
+        # The frame being answered asynchronously (a refresh), while the source holds.
+        self._answering: asyncio.Task[None] | None = None
 
-    async def read(self, receive: Receive) -> None:
-        """Read the client until it goes away or the connection closes.
-
-        An error of the socket ends the read (logged at debug level: a client that
-        leaves mid-frame is no fault of the gateway). Cancelling the task cancels the
-        token's timers too.
-        """
+    def start(self, source: Source) -> None:
+        """Arm the token's clock; take a v2 client's messages from ``source`` from now on
+        (those it kept so far first)."""
         connection = self._connection
         self._clock.arm(connection.identity.expires_at, close=self._close_on_expiry)
-        try:
-            if connection.acks:
-                await self._read_v2(receive)
-            else:
-                # v1: the server only sends; client frames are read and dropped (the
-                # size limit closes with 1009 in the socket's layer).
-                while not connection.closed:
-                    if await receive() is None:
-                        return
-        except Exception as exc:
-            log.debug("ws_read_stopped", extra={"error": type(exc).__name__})
-        finally:
-            self._clock.cancel()
+        if connection.acks:
+            self._source = source
+            source.listen(self.take)
 
-    async def _read_v2(self, receive: Receive) -> None:
-        """Read a v2 client's frames: acks and refreshes, within the limits.
+    def close(self) -> None:
+        """The client went away: stop the clock and any answer under way. Idempotent."""
+        self._clock.cancel()
+        self._source = None
+        answering, self._answering = self._answering, None
+        if answering is not None:
+            answering.cancel()
 
-        A binary frame or a rate over ``CLIENT_FRAME_RATE`` closes with 1008; a frame
-        that is not the protocol's gets an ``error`` frame and changes nothing; a
-        refresh with another user's token closes with 4403.
+    def take(self, message: str | bytes) -> None:
+        """One complete message of a v2 client: an ack or a refresh, within the limits.
+
+        The worst a client can send: a binary frame, or a rate over
+        ``CLIENT_FRAME_RATE``, closes with 1008; a frame that is not the protocol's
+        (not JSON, unknown type, over 500 ids, an id that is no UUID) gets an ``error``
+        frame and changes nothing; ids of other users settle nothing; a refresh with
+        another user's token closes with 4403. Never raises; synchronous (a refresh
+        is answered by a task, the source holding the next messages meanwhile).
         """
         connection = self._connection
-        while not connection.closed:
-            message = await receive()
-            if message is None:
-                return
-            if not self._rate.allow():
-                self._metrics.connections_rejected.labels("client_frame_rate").inc()
-                connection.abort(CloseCode.POLICY_VIOLATION, "too many client frames")
-                return
-            if not isinstance(message, str):
-                connection.abort(CloseCode.POLICY_VIOLATION, "binary frames are not accepted")
-                return
-            try:
-                frame = parse_client_frame(message)
-            except BadFrame as exc:
-                connection.send_control(control("error", code="bad_frame", message=str(exc)))
-                continue
-            if isinstance(frame, Ack):
-                try:
-                    await connection.acknowledge(frame.ids, self._store)
-                except StoreUnavailable as exc:
-                    # The rows stay, and are sent again on a later connection.
-                    log.warning("ack_delete_failed", extra={"error": str(exc)})
-                continue
-            assert isinstance(frame, Refresh)
-            if not await self._refresh(frame.token):
-                return
+        if connection.closed:
+            return
+        if not self._rate.allow():
+            self._metrics.connections_rejected.labels("client_frame_rate").inc()
+            connection.abort(CloseCode.POLICY_VIOLATION, "too many client frames")
+            return
+        if not isinstance(message, str):
+            connection.abort(CloseCode.POLICY_VIOLATION, "binary frames are not accepted")
+            return
+        try:
+            frame = parse_client_frame(message)
+        except BadFrame as exc:
+            connection.send_control(control("error", code="bad_frame", message=str(exc)))
+            return
+        if isinstance(frame, Ack):
+            rest = connection.settle_acks(frame.ids)
+            if rest:  # no batched deletes: one statement of its own, in turn
+                self._answer(self._delete(rest))
+            return
+        assert isinstance(frame, Refresh)
+        self._answer(self._refresh(frame.token))
+
+    def _answer(self, answer: Coroutine[Any, Any, bool]) -> None:
+        """Answer a frame asynchronously; the client's next frames wait for the answer."""
+        source = self._source
+        if source is None:
+            answer.close()
+            return
+        source.hold()
+        self._answering = asyncio.get_running_loop().create_task(
+            self._answered(answer, source), name="v2-answer"
+        )
+
+    async def _answered(self, answer: Coroutine[Any, Any, bool], source: Source) -> None:
+        try:
+            go_on = await answer
+        except Exception as exc:
+            log.error("client_frame_answer_failed", exc_info=exc)
+            go_on = True
+        if self._answering is asyncio.current_task():
+            self._answering = None
+        if go_on and not self._connection.closed and self._source is source:
+            source.release()
+
+    async def _delete(self, message_ids: list[str]) -> bool:
+        """Delete acknowledged stored rows here (without batched deletes)."""
+        try:
+            await self._connection.delete_acked(message_ids, self._store)
+        except StoreUnavailable as exc:
+            # The rows stay, and are sent again on a later connection.
+            log.warning("ack_delete_failed", extra={"error": str(exc)})
+        return True
 
     async def _refresh(self, token: str) -> bool:
         """Move the connection onto ``token``; False once it was closed (another user's).

@@ -5,7 +5,9 @@ Sanic routes the request and answers the upgrade; from then on the socket is a
 behind (no handler task, request or keepalive task per connection). Client bytes
 go to websockets' sans-I/O ``ServerProtocol``, which parses frames, answers pings,
 runs the closing handshake and enforces the size limit (1009); text messages are
-assembled and decoded here (bad UTF-8: 1007).
+assembled and decoded here (bad UTF-8: 1007). The common client frame (complete,
+masked, final, text, within the limit) is taken here without the parser
+(``WireSocket._parse``); the two hand over at frame boundaries.
 
 A server frame is unmasked and the gateway negotiates no extension, so a frame's
 bytes do not depend on the socket: :func:`~service.notification.text_frame` builds
@@ -17,7 +19,10 @@ Hostile clients are bounded, registered or not:
 * **One read at a time, in slices.** After each read the transport stops
   reading; the read is parsed ``_SLICE`` bytes per turn of the loop (pongs
   written as they come), then reading resumes. A flood of pings holds the loop
-  for one slice at a time, and the gateway owes pongs for one read at most.
+  for one slice at a time, and the gateway owes pongs for one read at most. One
+  exception, the common read of a v2 client (its acks): a read of one slice at
+  most, on a socket whose messages go to a listener, that needs no answer, is
+  parsed at once and reading goes on (the session's frame rate limit bounds it).
 * **Reads pause while writes are paused** (the transport's buffer is over its
   high-water mark): a client that sends and never reads fills its own buffers,
   not the gateway's memory. So do messages nobody reads yet (``_INBOX_LIMIT``).
@@ -46,6 +51,11 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
 log = logging.getLogger("notify.wire")
 # The logger websockets' protocol would look up for each socket (the same one).
 _WEBSOCKETS_LOG: Final = logging.getLogger("websockets.server")
@@ -68,8 +78,15 @@ CLOSE_TIMEOUT: Final = 2.0
 # Sockets pinged in one turn of the loop; a round of pings goes on in the next turns.
 _PING_SLICE: Final = 1000
 
-# Client messages parsed but not yet taken by ``recv``: past it, reading pauses.
+# Client messages parsed but not yet taken by ``recv`` (or held from the listener):
+# past it, reading pauses.
 _INBOX_LIMIT: Final = 16
+
+# The longest frame header: 2 bytes, 8 of extended length, 4 of mask.
+_MAX_HEAD: Final = 14
+
+# What a listener of the client's messages is given, one complete message at a time.
+Listener = Callable[[str | bytes], object]
 
 
 class SocketClosed(ConnectionError):
@@ -97,12 +114,17 @@ class WireSocket(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_drain",
+        "_head",
+        "_held",
         "_inbox",
+        "_invalid",
         "_keep",
+        "_listener",
         "_loop",
         "_lost",
         "_message",
         "_on_stall",
+        "_owed",
         "_owner",
         "_parser",
         "_rest",
@@ -130,8 +152,17 @@ class WireSocket(asyncio.Protocol):
         self._message: list[bytes] | None = None
         self._text = False
         self._keep = False
+        # Failed with 1007: messages parsed behind the bad one are not delivered.
+        self._invalid = False
         self._inbox: deque[str | bytes] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._listener: Listener | None = None
+        self._held = False
+        # Where the bytes handed to websockets' parser stand against frame boundaries:
+        # ``_owed`` more bytes end the frame it is reading; ``_head`` is the start of a
+        # header whose frame's length is not known yet. Both empty: at a boundary.
+        self._owed = 0
+        self._head = b""
         self.writing_paused = False
         self.ping: bytes | None = _NEW
         """The payload of the ping this socket has not answered yet; ``_NEW`` until the
@@ -157,6 +188,40 @@ class WireSocket(asyncio.Protocol):
     def keep_messages(self) -> None:
         """From now on, keep the client's messages for :meth:`recv` (else they are dropped)."""
         self._keep = True
+
+    def listen(self, listener: Listener) -> None:
+        """From now on, give every complete message to ``listener``, synchronously, in order.
+
+        Messages kept so far (``keep_messages``) are given first, at once. ``listener`` runs
+        inside the socket's ``data_received``: it must not block; it may close the socket
+        (the messages behind are then dropped by the closing handshake), or :meth:`hold`.
+        Replaces ``recv``: one or the other.
+        """
+        self._keep = True
+        self._listener = listener
+        self.release()
+
+    def hold(self) -> None:
+        """Keep the next messages from the listener until :meth:`release` (at most
+        ``_INBOX_LIMIT`` of them: then reading pauses). For a message the listener must
+        answer asynchronously before it takes the next one."""
+        self._held = True
+
+    def release(self) -> None:
+        """Give the held messages to the listener, in order, then the next ones as they come.
+
+        A message the listener holds again stops the handing over. Idempotent.
+        """
+        self._held = False
+        inbox = self._inbox
+        listener = self._listener
+        if not inbox or listener is None:
+            return
+        full = len(inbox) >= _INBOX_LIMIT
+        while inbox and not self._held and not self._lost:
+            listener(inbox.popleft())
+        if full and len(inbox) < _INBOX_LIMIT:
+            self._proceed()
 
     # Sending.
 
@@ -291,6 +356,17 @@ class WireSocket(asyncio.Protocol):
     # asyncio.Protocol: what the transport calls.
 
     def data_received(self, data: bytes) -> None:
+        if self._listener is not None and len(data) <= _SLICE and not self._rest:
+            # A small read of a listened socket (acks, mostly) is parsed at once; reading
+            # goes on unless the read made the socket answer (pongs, a close) or filled
+            # the held messages: then it waits for the next turn, as any other read.
+            self._parse(data)
+            if self._flush_parser() or self._parser.state is not State.OPEN:
+                self.transport.pause_reading()
+                self._loop.call_soon(self._proceed)
+            elif self._inbox is not None and len(self._inbox) >= _INBOX_LIMIT:
+                self.transport.pause_reading()
+            return
         # Read no more until this read is parsed, a slice per turn of the loop.
         self.transport.pause_reading()
         self._rest = memoryview(data)
@@ -358,13 +434,69 @@ class WireSocket(asyncio.Protocol):
         """Parse the next slice of the last read; the rest waits for the next turn."""
         rest = self._rest
         self._rest = rest[_SLICE:]
+        self._parse(bytes(rest[:_SLICE]))
+        self._flush_parser()
+        self._loop.call_soon(self._proceed)
+
+    def _parse(self, data: bytes) -> None:
+        """Take the frames in ``data``: the common one here, every other through websockets.
+
+        A v2 client's frame is nearly always an ack: a complete, masked, final text frame
+        within the size limit. Such a frame is unmasked and delivered here, if the stream
+        is at a frame boundary, the socket open and no fragmented message under way.
+        Everything else (control frames, fragments, frames over the limit or cut by the
+        end of a read, unmasked frames, reserved bits, a closing socket) goes to websockets'
+        parser, whole or in pieces, exactly as the bytes came; the two paths hand over at
+        frame boundaries, so messages keep their order.
+        """
+        n = len(data)
+        pos = 0
+        if self._head:
+            head = self._head + data[:_MAX_HEAD]
+            start, end = _extent(head, 0)
+            if start < 0:
+                self._head = head
+                self._to_parser(data)
+                return
+            self._owed = end - len(self._head)
+            self._head = b""
+        if self._owed:
+            pos = min(self._owed, n)
+            self._owed -= pos
         parser = self._parser
-        parser.receive_data(bytes(rest[:_SLICE]))
+        limit = parser.max_message_size
+        slow = 0  # data[slow:pos] is websockets' to parse
+        while pos < n:
+            start, end = _extent(data, pos)
+            if start < 0:
+                self._head = data[pos:]
+                break
+            if end > n:
+                self._owed = end - n
+                break
+            if (
+                data[pos] == 0x81  # final text frame, no reserved bit
+                and data[pos + 1] & 0x80  # masked
+                and (limit is None or end - start <= limit)
+            ):
+                if slow < pos:
+                    self._to_parser(data[slow:pos])
+                slow = end
+                if parser.state is State.OPEN and parser.current_size is None:
+                    self._deliver(True, apply_mask(data[start:end], data[start - 4 : start]))
+                else:
+                    self._to_parser(data[pos:end])
+            pos = end
+        if slow < n:
+            self._to_parser(data[slow:])
+
+    def _to_parser(self, data: bytes) -> None:
+        """Parse ``data`` with websockets' parser and take the frames it completes."""
+        parser = self._parser
+        parser.receive_data(data)
         for event in parser.events_received():
             if isinstance(event, Frame):
                 self._take(event)
-        self._flush_parser()
-        self._loop.call_soon(self._proceed)
 
     def _proceed(self) -> None:
         """Go on with the last read, or read again, unless something holds the socket back:
@@ -404,13 +536,20 @@ class WireSocket(asyncio.Protocol):
     def _deliver(self, text: bool, data: bytes) -> None:
         """A complete message: decoded (text: bad UTF-8 fails with 1007), kept or dropped."""
         message: str | bytes = data
+        if self._invalid:
+            return
         if text:
             try:
                 message = data.decode()
             except UnicodeDecodeError as exc:
+                self._invalid = True
                 self._parser.fail(1007, f"{exc.reason} at position {exc.start}")
                 return
         if not self._keep:
+            return
+        listener = self._listener
+        if listener is not None and not self._held and not self._inbox:
+            listener(message)
             return
         if self._inbox is None:
             self._inbox = deque()
@@ -419,12 +558,13 @@ class WireSocket(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _flush_parser(self) -> None:
+    def _flush_parser(self) -> bool:
         """Write what the parser has to send (pongs, closes); close the TCP connection
-        when it says the stream ends."""
+        when it says the stream ends. Whether there was anything."""
         parser = self._parser
         transport = self.transport
-        for data in parser.data_to_send():
+        sent = parser.data_to_send()
+        for data in sent:
             if data:
                 transport.write(data)
             elif not transport.is_closing():
@@ -436,6 +576,31 @@ class WireSocket(asyncio.Protocol):
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        return bool(sent)
+
+
+def _extent(data: bytes, pos: int) -> tuple[int, int]:
+    """Where the payload of the frame at ``data[pos]`` starts and where the frame ends;
+    (-1, -1) while its header is incomplete."""
+    n = len(data)
+    if n - pos < 2:
+        return -1, -1
+    second = data[pos + 1]
+    length = second & 0x7F
+    start = pos + 2
+    if length == 126:
+        if n - pos < 4:
+            return -1, -1
+        length = int.from_bytes(data[pos + 2 : pos + 4])
+        start += 2
+    elif length == 127:
+        if n - pos < 10:
+            return -1, -1
+        length = int.from_bytes(data[pos + 2 : pos + 10])
+        start += 8
+    if second & 0x80:
+        start += 4
+    return start, start + length
 
 
 class Sockets:

@@ -205,10 +205,12 @@ async def test_bad_client_frames_are_refused_without_effect_on_others(
         async with connect(gateway.ws_url(token), subprotocols=V2) as ws:  # type: ignore[list-item]
             # The flood in one burst, all of it on the wire before the server reacts: a
             # client still writing when the server closes would be reset (1006), not told.
+            # One write, not one per frame: the server takes each read as it comes, and
+            # may close between two of them.
             for _ in range(200):
                 frame = json.dumps({"type": "ack", "ids": [str(uuid.uuid4())]})
                 ws.protocol.send_text(frame.encode())
-            ws.send_data()
+            ws.transport.write(b"".join(ws.protocol.data_to_send()))
             assert await closed_with(ws) == 1008
         sent = message(bystander_user, "still here")
         await produce(producer, topics[0], sent)
@@ -325,3 +327,51 @@ async def test_an_ack_within_ack_wait_stores_nothing_and_holds_up_no_other_user(
         await asyncio.sleep(0.5)
         assert await stored_ids(db, slow_user) == set()
         assert metric(gateway, "notify_notifications_stored_total") == 0
+
+
+async def test_frames_behind_a_refresh_are_taken_after_it_in_order(
+    gateway: Gateway,
+    auth_server: AuthStandIn,
+    topics: tuple[str, str],
+    producer: AIOKafkaProducer,
+    db: asyncpg.Connection,
+) -> None:
+    """A refresh, an ack in fragments with a ping between them, and a bad frame, written
+    at once, are answered in that order, and the ack deletes its stored row."""
+    user = f"order-{uuid.uuid4().hex[:6]}"
+    sent = [message(user, f"n{i}") for i in range(2)]
+    await produce_in_order(producer, topics[0], *sent)
+
+    async def stored() -> bool:
+        return await stored_ids(db, user) == {m["message_id"] for m in sent}
+
+    await until(stored, 30, "both stored while the user is offline")
+    async with connect(
+        gateway.ws_url(auth_server.issue(user)),
+        subprotocols=V2,  # type: ignore[list-item]
+    ) as ws:
+        frames = await receive(ws, 2)
+        assert [f["id"] for f in frames] == [m["message_id"] for m in sent]
+        acked = json.dumps({"type": "ack", "ids": [sent[0]["message_id"]]}).encode()
+        ws.protocol.send_text(
+            json.dumps({"type": "refresh", "token": auth_server.issue(user, ttl=600)}).encode()
+        )
+        ws.protocol.send_text(acked[:10], fin=False)
+        ws.protocol.send_ping(b"between")
+        ws.protocol.send_continuation(acked[10:], fin=True)
+        ws.protocol.send_text(b"hello")
+        ws.send_data()
+        refreshed, error = await receive(ws, 2)
+        assert refreshed["type"] == "refreshed"
+        assert (error["type"], error["code"]) == ("error", "bad_frame")
+
+        async def first_acked() -> bool:
+            return await stored_ids(db, user) == {sent[1]["message_id"]}
+
+        await until(first_acked, 10, "the fragmented ack deleted its row, and only its row")
+        await ack(ws, [sent[1]["message_id"]])
+
+        async def all_acked() -> bool:
+            return not await stored_ids(db, user)
+
+        await until(all_acked, 10, "the plain ack deleted the other row")

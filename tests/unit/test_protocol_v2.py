@@ -26,7 +26,7 @@ from service.inbound import (
     parse_client_frame,
 )
 from service.metrics import Metrics
-from service.notification import Notification
+from service.notification import Notification, as_uuid
 from service.router import Outlet, Router
 
 from .fakes import FakeBacklog, FakeSocket, local_router, notification, until
@@ -39,6 +39,46 @@ def test_an_ack_frame_gives_canonical_unique_ids() -> None:
     one = str(uuid.uuid4())
     frame = parse_client_frame(orjson.dumps({"type": "ack", "ids": [one.upper(), one]}).decode())
     assert frame == Ack((one,))
+
+
+def near_uuids() -> list[str]:
+    """Canonical UUIDs, and texts one step from canonical: case, dashes, digits, length."""
+    one = str(uuid.uuid4())
+    shifted = one.replace("-", "")
+    return [
+        one,
+        one.upper(),
+        "{" + one + "}",
+        shifted,
+        shifted[:7]
+        + "-"
+        + shifted[7:11]
+        + "-"
+        + shifted[11:15]
+        + "-"
+        + shifted[15:19]
+        + "-"
+        + shifted[19:],
+        one[:-1] + "g",
+        one[:-1] + "\u0661",  # an Arabic-Indic digit one
+        one[:-1] + "_",
+        one + "0",
+        one[:-1],
+        one[:8] + "+" + one[9:],
+        " " + one[1:],
+    ]
+
+
+@pytest.mark.parametrize("text", near_uuids())
+def test_an_acked_id_is_taken_exactly_when_it_is_a_uuid(text: str) -> None:
+    """The quick check of canonical ids agrees with the full one on near misses."""
+    frame = orjson.dumps({"type": "ack", "ids": [text]}).decode()
+    canonical = as_uuid(text)
+    if canonical is None:
+        with pytest.raises(BadFrame):
+            parse_client_frame(frame)
+    else:
+        assert parse_client_frame(frame) == Ack((canonical,))
 
 
 def test_a_refresh_frame_keeps_its_token_out_of_its_repr() -> None:

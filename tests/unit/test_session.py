@@ -1,8 +1,8 @@
 """A connected client without a network: its token's clock, and what a v1 or v2 client says.
 
-The clock runs against a fake connection that records what it was told; a session reads
-from a queue of client frames into a real ``Connection`` over a fake socket and an
-in-memory backlog.
+The clock runs against a fake connection that records what it was told; a session takes
+client frames from a fake source (which holds them as a socket does) into a real
+``Connection`` over a fake socket and an in-memory backlog.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import orjson
 import pytest
@@ -112,23 +113,57 @@ class Auth:
         return None
 
 
+class Source:
+    """A socket's side of a session: hands messages to its listener unless held."""
+
+    def __init__(self) -> None:
+        self.listener: Callable[[str | bytes], object] | None = None
+        self.held = False
+        self.waiting: deque[str | bytes] = deque()
+
+    def listen(self, listener: Callable[[str | bytes], object]) -> None:
+        self.listener = listener
+        self.release()
+
+    def hold(self) -> None:
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        while self.waiting and not self.held and self.listener is not None:
+            self.listener(self.waiting.popleft())
+
+
 class Client:
-    """One client: its frames go into a queue the session reads; what it gets is recorded."""
+    """One client: its frames go to the session through a source; what it gets is recorded."""
 
     def __init__(self, connection: Connection, socket: FakeSocket, session: Session) -> None:
         self.connection = connection
         self.socket = socket
         self.session = session
-        self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.source = Source()
+        self.left = False
         self.reading: asyncio.Task[None] | None = None
         self.writer: asyncio.Task[None] | None = None
 
     def says(self, *messages: str | bytes | None) -> None:
+        """Send ``messages``; None: leave (the socket is lost, the session closed)."""
         for message in messages:
-            self.inbox.put_nowait(message)
+            if message is None:
+                self.left = True
+                self.session.close()
+                return
+            self.source.waiting.append(message)
+            if not self.source.held:
+                self.source.release()
 
     def frames(self) -> list[dict[str, object]]:
         return [orjson.loads(f) for f in self.socket.frames]
+
+    async def gone(self) -> None:
+        """Until the client left or the connection closed (as a socket's loss ends it)."""
+        await until(lambda: self.left or self.connection.closed, timeout=5)
+        self.session.close()
 
 
 @pytest.fixture
@@ -167,7 +202,8 @@ def open_client(
     client = Client(connection, socket, session)
     client.writer = writer
     clients.append(client)
-    client.reading = asyncio.create_task(session.read(client.inbox.get))
+    session.start(client.source)
+    client.reading = asyncio.create_task(client.gone())
     return client, client.reading
 
 
@@ -274,6 +310,18 @@ async def test_a_refresh_with_another_users_token_closes_with_4403(
     client.says('{"type":"refresh","token":"mallory"}')
     await asyncio.wait_for(reading, 5)
     assert client.socket.failed_with == (4403, "token of another user")
+
+
+async def test_frames_behind_a_refresh_wait_for_its_answer_and_keep_their_order(
+    opened: list[Client], metrics: Metrics, backlog: FakeBacklog
+) -> None:
+    """A frame sent right behind a refresh is answered after the refresh, not before."""
+    client, reading = open_client(opened, metrics, backlog, v2=True)
+    client.says('{"type":"refresh","token":"alice"}', '{"type":"subscribe"}')
+    await until(lambda: len(client.socket.frames) == 2)
+    assert [f["type"] for f in client.frames()] == ["refreshed", "error"]
+    client.says(None)
+    await asyncio.wait_for(reading, 5)
 
 
 async def test_leaving_stops_the_tokens_clock(
