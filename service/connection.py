@@ -149,6 +149,15 @@ class Stored:
     def __repr__(self) -> str:
         return f"Stored({self.message_id!r}, {self.cursor!r})"
 
+    def __eq__(self, other: object) -> bool:
+        """The same row read twice is equal: the same place and the same notification."""
+        if not isinstance(other, Stored):
+            return NotImplemented
+        return self.cursor == other.cursor and self.notification == other.notification
+
+    def __hash__(self) -> int:
+        return hash((self.message_id, self.cursor))
+
 
 class StoredRows(Protocol):
     """What a connection needs of the backlog store (``service.store``) to flush it."""
