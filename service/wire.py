@@ -75,8 +75,8 @@ _LOW_WATER: Final = 16 * 1024
 # before the socket is aborted: a peer that does not read never answers.
 CLOSE_TIMEOUT: Final = 2.0
 
-# Sockets pinged in one turn of the loop; a round of pings goes on in the next turns.
-_PING_SLICE: Final = 1000
+# Sockets pinged at a time; a round of pings is spread over half the ping interval.
+_PING_SLICE: Final = 100
 
 # Client messages parsed but not yet taken by ``recv`` (or held from the listener):
 # past it, reading pauses.
@@ -697,32 +697,41 @@ class Sockets:
 
     def _ping_all(self) -> None:
         """A round of pings: every socket that answered its last ping is pinged again;
-        those that did not are failed by the check of that ping."""
+        those that did not are failed by the check of that ping.
+
+        The round is spread over the first half of the interval, ``_PING_SLICE`` sockets
+        at a time: each ping is a write and each pong a read to parse, and 10,000 of
+        them at once would hold every notification of the process for a few hundred
+        milliseconds.
+        """
         interval = self.ping_interval
         assert interval
         self._timer = self.loop.call_later(interval, self._ping_all)
-        self._ping_slice(list(self._open), 0, os.urandom(4))
+        sockets = list(self._open)
+        slices = -(-len(sockets) // _PING_SLICE)
+        payload = os.urandom(4)
+        self._ping_slice(sockets, 0, payload)
+        step = interval / 2 / max(slices, 1)
+        for index in range(1, slices):
+            self.loop.call_later(
+                index * step, self._ping_slice, sockets, index * _PING_SLICE, payload
+            )
 
     def _ping_slice(self, sockets: list[WireSocket], start: int, payload: bytes) -> None:
-        """Ping ``sockets[start:]``, ``_PING_SLICE`` of them in this turn of the loop and
-        the rest in later turns: a write per socket, and a round over 100,000 sockets in
-        one turn would hold every other socket for half a second."""
-        end = start + _PING_SLICE
+        """Ping ``sockets[start:start + _PING_SLICE]`` (those still open)."""
         pinged: list[WireSocket] = []
-        for socket in sockets[start:end]:
+        for socket in sockets[start : start + _PING_SLICE]:
             if socket.ping is _NEW:
                 # Opened since the last round: pinged from the next one, so a socket is
                 # first pinged 1-2 intervals after its handshake, never at once.
                 socket.ping = None
                 continue
-            if socket.ping is not None:
-                continue  # still waiting: its own check fails it
+            if socket.ping is not None or socket.closed:
+                continue  # still waiting (its own check fails it), or gone
             if socket.send_ping(payload):
                 pinged.append(socket)
         if pinged and self.ping_timeout is not None:
             self.loop.call_later(self.ping_timeout, _check_pongs, pinged, payload)
-        if end < len(sockets):
-            self.loop.call_soon(self._ping_slice, sockets, end, payload)
 
 
 def _check_pongs(pinged: list[WireSocket], payload: bytes) -> None:

@@ -429,21 +429,26 @@ async def test_a_new_socket_is_first_pinged_a_round_later(
         await sockets.close(1000, "")
 
 
-async def test_a_round_of_pings_is_written_a_slice_per_turn_of_the_loop() -> None:
-    """A round pings at most a slice of the sockets in one turn of the loop (each ping is
-    a write), and every socket in the turns after it."""
-    sockets = Sockets(write_timeout=1, ping_interval=3600.0, ping_timeout=3600.0, max_size=None)
+async def test_a_round_of_pings_is_spread_over_half_the_interval() -> None:
+    """A round pings a slice of the sockets at once and the others over the first half of
+    the interval (each ping a write, each pong a read): every socket once a round."""
+    sockets = Sockets(write_timeout=1, ping_interval=0.4, ping_timeout=3600.0, max_size=None)
     transports = [FakeTransport() for _ in range(wire._PING_SLICE * 2 + 10)]
     for transport in transports:
         sockets.adopt(transport, sockets.parser(None))
-    try:
-        sockets._ping_all()  # the round that passes over new sockets
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+
+    def round_by_hand() -> None:
         sockets._ping_all()
+        assert sockets._timer is not None
+        sockets._timer.cancel()  # no next round: this test starts each one
+
+    try:
+        round_by_hand()  # the round that passes over new sockets
+        await asyncio.sleep(0.3)
+        assert not any(t.written for t in transports)
+        round_by_hand()
         assert sum(1 for t in transports if t.written) == wire._PING_SLICE
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert all(t.written for t in transports)
+        await asyncio.sleep(0.25)  # past half the interval
+        assert all(len(t.written) == 1 for t in transports)
     finally:
         await sockets.close(1000, "")
