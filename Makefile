@@ -46,7 +46,7 @@ lint: venv
 	scripts/lint-docker.sh
 	$(BIN)/ruff check service migrations tests dev bench
 	$(BIN)/ruff format --check service migrations tests dev bench
-	$(BIN)/mypy service bench tests/support
+	$(BIN)/mypy service bench tests/support tests/unit
 
 test: venv up lint browser
 	$(BIN)/pytest -q tests

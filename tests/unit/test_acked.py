@@ -58,7 +58,7 @@ async def test_acks_of_many_users_in_one_window_are_one_statement() -> None:
 async def test_another_users_row_with_the_same_id_is_not_deleted() -> None:
     """An ack deletes the acking user's row only."""
     rows = Rows(("alice", "shared"), ("bob", "shared"))
-    acked = AckedRows(rows, window=0.01)  # type: ignore[arg-type]
+    acked = AckedRows(rows, window=0.01)
     await acked.start()
     acked.add("alice", ["shared"])
     await until(lambda: len(rows.statements) == 1)
@@ -70,7 +70,7 @@ async def test_a_store_that_is_down_costs_a_resend_and_does_not_stop_the_deletes
     """While PostgreSQL is down the rows stay (sent again later); afterwards deletes go on."""
     rows = Rows(("alice", "a1"), ("alice", "a2"))
     rows.unavailable = True
-    acked = AckedRows(rows, window=0.01)  # type: ignore[arg-type]
+    acked = AckedRows(rows, window=0.01)
     await acked.start()
     acked.add("alice", ["a1"])
     await acked.flush()
@@ -87,7 +87,7 @@ async def test_a_store_that_is_down_costs_a_resend_and_does_not_stop_the_deletes
 async def test_close_deletes_what_is_still_queued() -> None:
     """At shutdown the queued acks are deleted, not forgotten."""
     rows = Rows(("alice", "a1"))
-    acked = AckedRows(rows, window=10.0)  # type: ignore[arg-type]
+    acked = AckedRows(rows, window=10.0)
     await acked.start()
     acked.add("alice", ["a1"])
     await asyncio.wait_for(acked.close(grace=1.0), 2.0)
@@ -115,7 +115,7 @@ async def test_a_flushs_future_completes_when_the_store_is_down_and_the_rows_sta
     """A failed delete does not leave a later flush waiting; the rows are sent again later."""
     rows = Rows(("bob", "b1"))
     rows.unavailable = True
-    acked = AckedRows(rows, window=0.01)  # type: ignore[arg-type]
+    acked = AckedRows(rows, window=0.01)
     await acked.start()
     await asyncio.wait_for(acked.add_written("bob", ["b1"]), 2.0)
     assert rows.rows == {("bob", "b1")}
@@ -130,7 +130,7 @@ async def test_close_completes_the_flushs_future_it_could_not_delete_in_time() -
             await asyncio.sleep(60)
             return []
 
-    acked = AckedRows(Hanging(("bob", "b1")), window=0.01)  # type: ignore[arg-type]
+    acked = AckedRows(Hanging(("bob", "b1")), window=0.01)
     await acked.start()
     done = acked.add_written("bob", ["b1"])
     await asyncio.sleep(0.05)  # the statement is under way

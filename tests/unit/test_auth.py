@@ -334,7 +334,11 @@ async def test_jwt_garbage_is_refused(token: str) -> None:
 
 async def test_jwt_unsigned_token_is_refused() -> None:
     """A token with ``alg: none`` is refused."""
-    token = jwt.encode({"sub": USER, "exp": int(time.time()) + 600}, None, algorithm="none")
+    token = jwt.encode(
+        {"sub": USER, "exp": int(time.time()) + 600},
+        None,  # type: ignore[arg-type]  # an unsigned token, on purpose
+        algorithm="none",
+    )
     await assert_refused(jwt_auth(AUTH_JWT_SECRET=SECRET), token)
 
 
@@ -441,7 +445,11 @@ async def test_jwt_unsigned_token_is_refused_even_with_none_configured() -> None
     """``alg: none`` is never accepted, whatever the algorithm list holds."""
     auth = jwt_auth(AUTH_JWT_SECRET=SECRET)
     unsigned = JwtAuthenticator(replace(auth._settings, auth_jwt_algorithms=("HS256", "none")))
-    token = jwt.encode({"sub": USER, "exp": soon()}, None, algorithm="none")
+    token = jwt.encode(
+        {"sub": USER, "exp": soon()},
+        None,  # type: ignore[arg-type]  # an unsigned token, on purpose
+        algorithm="none",
+    )
     await assert_refused(unsigned, token)
     await assert_refused(unsigned, token + b64(b"x"))
 

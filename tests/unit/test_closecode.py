@@ -43,7 +43,7 @@ def test_the_retry_advice_matches_the_doc() -> None:
             if "longer wait" in text
             else Retry.RECONNECT
         )
-        assert CloseCode(code).retry is expected, code
+        assert CloseCode(code).retry is expected, code  # type: ignore[call-arg]
 
 
 def test_every_code_has_a_short_reason() -> None:

@@ -249,7 +249,7 @@ async def test_a_second_flush_waits_for_the_first_ones_deletes_and_resends_nothi
     past the ids the connection remembers."""
     stored = [notification("alice", f"n{i}") for i in range(_SEEN_LIMIT + 100)]
     backlog.put(*stored)
-    deletes = AckedRows(backlog, window=0.05)  # type: ignore[arg-type]
+    deletes = AckedRows(backlog, window=0.05)
     await deletes.start()
     tab, socket = batched("alice", metrics, deletes)
     assert await tab.flush_backlog(backlog, 200) == len(stored)
@@ -268,7 +268,7 @@ async def test_a_batched_delete_that_fails_keeps_the_rows(
     """With PostgreSQL gone after the read, the frames are delivered and the rows kept."""
     stored = [notification("alice", f"n{i}") for i in range(3)]
     backlog.put(*stored)
-    deletes = AckedRows(backlog, window=0.05)  # type: ignore[arg-type]
+    deletes = AckedRows(backlog, window=0.05)
     await deletes.start()
     tab, socket = batched("alice", metrics, deletes)
     fetch = backlog.fetch
@@ -296,7 +296,7 @@ async def test_a_v1_flush_beside_a_v2_connection_deletes_nothing_with_the_batche
     the v2 client's acks."""
     stored = [notification("alice", f"n{i}") for i in range(3)]
     backlog.put(*stored)
-    deletes = AckedRows(backlog, window=0.01)  # type: ignore[arg-type]
+    deletes = AckedRows(backlog, window=0.01)
     await deletes.start()
     tab, socket = batched("alice", metrics, deletes, v2_open=True)
     assert await tab.flush_backlog(backlog, PAGE) == 3

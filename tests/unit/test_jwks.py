@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from service.auth import (
     AuthUnavailable,
     CachedAuthenticator,
-    Identity,
     InvalidToken,
     JwtAuthenticator,
 )
@@ -183,7 +182,9 @@ async def test_behind_the_cache_every_failure_is_a_close_code(jwks: KeySetServer
     with pytest.raises(AuthUnavailable):
         await auth.identify(token())
     jwks.status, jwks.body = 200, json.dumps({"keys": [jwk(KEY, "k1")]}).encode()
-    assert await auth.identify(token()) == Identity(USER, pytest.approx(time.time() + 600, abs=5))
+    identity = await auth.identify(token())
+    assert identity.user_id == USER
+    assert identity.expires_at == pytest.approx(time.time() + 600, abs=5)
     await auth.close()
 
 

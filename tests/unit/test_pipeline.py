@@ -96,7 +96,7 @@ def pipeline(
     dispatcher = Dispatcher()
     consumer = Consumer(settings, dispatcher, Metrics())
     kafka = FakeKafka(batches)
-    consumer._consumer = kafka  # type: ignore[assignment]
+    consumer._consumer = kafka
     return consumer, kafka, dispatcher
 
 

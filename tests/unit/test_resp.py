@@ -39,5 +39,5 @@ def test_the_password_is_not_in_the_repr() -> None:
 
 
 def test_packed_commands_are_resp_as_redis_reads_them() -> None:
-    assert pack("PUBLISH", b"user:1", 42) == hiredis.pack_command(("PUBLISH", b"user:1", 42))
+    assert pack("PUBLISH", b"user:1", 42) == hiredis.pack_command(("PUBLISH", b"user:1", 42))  # type: ignore[arg-type]
     assert pack("SUBSCRIBE", "a", "b") == b"*3\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n$1\r\nb\r\n"

@@ -79,8 +79,9 @@ async def running() -> AsyncIterator[Server]:
         host="127.0.0.1", port=0, return_asyncio_server=True
     )
     assert asyncio_server is not None
-    await asyncio_server.startup()
-    await asyncio_server.start_serving()
+    await asyncio_server.startup()  # type: ignore[no-untyped-call]
+    await asyncio_server.start_serving()  # type: ignore[no-untyped-call]
+    assert asyncio_server.server is not None
     served.port = asyncio_server.server.sockets[0].getsockname()[1]
     yield served
     asyncio_server.close()

@@ -384,7 +384,7 @@ async def test_the_consumer_reports_poison_and_late_records_and_flushes_before_c
     def stop() -> None:
         consumer._stopping = True
 
-    consumer._consumer = OneBatch(journal, records, stop)  # type: ignore[assignment]
+    consumer._consumer = OneBatch(journal, records, stop)
     await consumer._consume()
 
     assert journal == [
