@@ -31,13 +31,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
-import orjson
-
 from .auth import Identity
 from .closecode import CloseCode
 from .delivery import Delivery
 from .metrics import Metrics
-from .notification import Notification, text_frame
+from .notification import Notification, text_frame, v1_payload
 from .router import AckedSink, StoreUnavailable
 from .status import NO_STATUS, StatusSink
 
@@ -144,7 +142,7 @@ class Stored:
             return notification.wire
         assert self._fields is not None
         _, title, body = self._fields
-        return text_frame(orjson.dumps({"title": title, "body": body}))
+        return text_frame(v1_payload(title, body))
 
     def __repr__(self) -> str:
         return f"Stored({self.message_id!r}, {self.cursor!r})"

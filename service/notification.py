@@ -116,8 +116,12 @@ class Notification:
         cls, message_id: str, user_id: str, title: str, body: str, created_ms: int
     ) -> Notification:
         """Make a notification and its frame ``{"title": ..., "body": ...}`` (UTF-8, unescaped)."""
-        frame = orjson.dumps({"title": title, "body": body}).decode()
-        return cls(message_id, user_id, title, body, created_ms, frame)
+        return cls(message_id, user_id, title, body, created_ms, v1_payload(title, body).decode())
+
+
+def v1_payload(title: str, body: str) -> bytes:
+    """The v1 frame's text, ``{"title": ..., "body": ...}``: UTF-8, non-ASCII unescaped."""
+    return orjson.dumps({"title": title, "body": body})
 
 
 def text_frame(payload: bytes) -> bytes:
